@@ -1,0 +1,284 @@
+"""Every training setting in one dataclass, and the command line built from it.
+
+`TrainConfig` is the single source of truth: `train.py --help`, the defaults, validation
+and `training_config.json` all come from its fields. Flag names and defaults follow the
+original project (see README) so its users' command lines keep working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting, or a combination of settings, that cannot work; the message says which."""
+
+
+def _arg(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
+    metadata = {"help": help, "group": group, "argparse": argparse_kwargs}
+    return field(default=default, metadata=metadata)
+
+
+MODEL, LORA, DATA, TRAIN, LOSS, LOG = (
+    "model",
+    "LoRA",
+    "data",
+    "optimisation",
+    "loss",
+    "logging, evaluation and checkpoints",
+)
+
+
+@dataclass
+class TrainConfig:
+    # -- model ------------------------------------------------------------------------------
+    model_name: str = _arg(
+        "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "Hub id or local directory of the base model.", MODEL
+    )
+    quantization: str = _arg(
+        "auto",
+        "Base weights: 'auto' = 4-bit NF4 QLoRA when CUDA is present, none on CPU; '4bit' "
+        "forces QLoRA (bitsandbytes also runs it on CPU); 'none' trains on full-precision weights.",
+        MODEL,
+        choices=["auto", "4bit", "none"],
+    )
+    no_quantization: bool = _arg(False, "Same as --quantization none (original flag).", MODEL)
+    dtype: str = _arg(
+        "auto",
+        "Compute dtype: 'auto' = bfloat16 on GPUs that support it, float16 on older GPUs, "
+        "float32 on CPU.",
+        MODEL,
+        choices=["auto", "float32", "bfloat16", "float16"],
+    )
+    gradient_checkpointing: bool = _arg(
+        True, "Recompute activations in the backward pass to save memory.", MODEL
+    )
+    attn_implementation: str = _arg(
+        "sdpa", "Attention kernel passed to transformers (sdpa, eager, ...).", MODEL
+    )
+    trust_remote_code: bool = _arg(
+        False, "Run modelling code shipped with the model repository (off unless asked).", MODEL
+    )
+    disable_dropout: bool = _arg(
+        True,
+        "Zero every dropout (LoRA's included) so the policy and reference passes see the same "
+        "network, as the original DPO code does.",
+        MODEL,
+    )
+    # -- LoRA -------------------------------------------------------------------------------
+    lora_r: int = _arg(16, "LoRA rank.", LORA)
+    lora_alpha: int = _arg(32, "LoRA scaling numerator (scale = alpha / r).", LORA)
+    lora_dropout: float = _arg(0.05, "LoRA dropout (inactive while --disable_dropout).", LORA)
+    lora_target_modules: str = _arg(
+        "q_proj,k_proj,v_proj,o_proj",
+        "Comma-separated module names to adapt, or 'all-linear'.",
+        LORA,
+    )
+    # -- data -------------------------------------------------------------------------------
+    dataset_name: str = _arg(
+        "argilla/ultrafeedback-binarized-preferences-cleaned",
+        "Hub dataset id, a local .json/.jsonl/.csv/.parquet file, or a save_to_disk directory.",
+        DATA,
+    )
+    dataset_split: str = _arg("train", "Split of --dataset_name to read.", DATA)
+    eval_dataset: str | None = _arg(
+        None,
+        "Separate evaluation data (same formats). Without it, --eval_fraction of the sampled "
+        "rows is held out.",
+        DATA,
+    )
+    num_samples: int = _arg(
+        500, "Rows to use after a seeded shuffle (0 = all rows).", DATA
+    )
+    eval_fraction: float = _arg(0.1, "Fraction of the sampled rows held out for evaluation.", DATA)
+    seed: int = _arg(42, "Seed for shuffling, the eval split, LoRA init and data order.", DATA)
+    max_length: int = _arg(1024, "Longest prompt + response, in tokens.", DATA)
+    max_prompt_length: int = _arg(
+        512, "Longest prompt, in tokens; longer prompts keep their end.", DATA
+    )
+    chat_template: str = _arg(
+        "auto",
+        "'auto' renders prompts with the tokenizer's chat template when it has one; 'none' "
+        "uses plain text.",
+        DATA,
+        choices=["auto", "none"],
+    )
+    skip_bad_rows: bool = _arg(
+        False, "Drop malformed rows (and print how many and why) instead of stopping.", DATA
+    )
+    # -- optimisation -----------------------------------------------------------------------
+    epochs: float = _arg(1, "Passes over the training pairs (fractions allowed).", TRAIN)
+    max_steps: int = _arg(0, "Stop after this many optimizer steps (0 = use --epochs).", TRAIN)
+    batch_size: int = _arg(2, "Pairs per device per micro-batch.", TRAIN)
+    eval_batch_size: int = _arg(0, "Pairs per device for evaluation (0 = --batch_size).", TRAIN)
+    gradient_accumulation_steps: int = _arg(4, "Micro-batches per optimizer step.", TRAIN)
+    learning_rate: float = _arg(5e-5, "Peak AdamW learning rate.", TRAIN)
+    weight_decay: float = _arg(0.0, "AdamW weight decay.", TRAIN)
+    max_grad_norm: float = _arg(1.0, "Clip the gradient norm to this (0 = no clipping).", TRAIN)
+    lr_scheduler: str = _arg(
+        "cosine", "Decay after warmup.", TRAIN, choices=["cosine", "linear", "constant"]
+    )
+    warmup_steps: int = _arg(
+        100,
+        "Linear warmup steps; capped at 10%% of the run when the run is shorter than this.",
+        TRAIN,
+    )
+    warmup_ratio: float | None = _arg(
+        None, "Warmup as a fraction of the run (overrides --warmup_steps).", TRAIN
+    )
+    # -- loss -------------------------------------------------------------------------------
+    beta: float = _arg(0.1, "DPO temperature: strength of the KL pull toward the reference.", LOSS)
+    loss_type: str = _arg(
+        "sigmoid",
+        "Preference loss.",
+        LOSS,
+        choices=["sigmoid", "robust", "ipo", "hinge", "rpo", "simpo"],
+    )
+    label_smoothing: float = _arg(
+        0.0, "Assumed label-noise rate: conservative DPO (sigmoid) or robust DPO.", LOSS
+    )
+    rpo_alpha: float = _arg(
+        1.0, "Weight of the chosen-response NLL term for --loss_type rpo.", LOSS
+    )
+    simpo_gamma: float = _arg(0.5, "Target reward margin for --loss_type simpo.", LOSS)
+    reference_free: bool = _arg(
+        False, "Use a uniform reference (log-prob 0) instead of the base model.", LOSS
+    )
+    # -- logging, evaluation, checkpoints ---------------------------------------------------
+    output_dir: str = _arg(
+        "dpo_tinyllama_model", "Where the adapter, logs and checkpoints go.", LOG
+    )
+    overwrite_output_dir: bool = _arg(
+        False, "Allow writing into an output_dir that already holds a finished run.", LOG
+    )
+    logging_steps: int = _arg(10, "Log metrics every N optimizer steps.", LOG)
+    eval_steps: int = _arg(50, "Evaluate every N optimizer steps (0 = only at the end).", LOG)
+    save_steps: int = _arg(100, "Save a resumable checkpoint every N steps (0 = never).", LOG)
+    save_total_limit: int = _arg(2, "Keep only the newest N checkpoints (0 = keep all).", LOG)
+    resume_from_checkpoint: str | None = _arg(
+        None, "A checkpoint directory, or 'latest' for the newest in --output_dir.", LOG
+    )
+    merge_adapter: bool = _arg(
+        False, "Also write the base model with the adapter merged in (output_dir/merged).", LOG
+    )
+    demo: bool = _arg(
+        False,
+        "Offline demo: the bundled tiny model and arithmetic preference data, tuned settings, "
+        "a before/after table. Flags given explicitly still win.",
+        LOG,
+    )
+
+    def __post_init__(self) -> None:
+        if self.no_quantization:
+            self.quantization = "none"
+
+    # -- derived values -------------------------------------------------------------------
+    @property
+    def target_modules(self) -> str | list[str]:
+        if self.lora_target_modules == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps for a run of `total_steps`; never the whole run (the original's bug)."""
+        if self.warmup_ratio is not None:
+            warmup = math.ceil(self.warmup_ratio * total_steps)
+        else:
+            warmup = self.warmup_steps
+        if warmup >= total_steps:
+            warmup = total_steps // 10
+        return warmup
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the flag for settings that cannot work."""
+        checks = [
+            (self.beta > 0, "--beta must be > 0"),
+            (self.batch_size >= 1, "--batch_size must be >= 1"),
+            (self.eval_batch_size >= 0, "--eval_batch_size must be >= 0"),
+            (self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
+            (self.learning_rate > 0, "--learning_rate must be > 0"),
+            (self.epochs > 0 or self.max_steps > 0, "--epochs or --max_steps must be > 0"),
+            (self.max_steps >= 0, "--max_steps must be >= 0"),
+            (self.num_samples >= 0, "--num_samples must be >= 0 (0 = all rows)"),
+            (0 <= self.eval_fraction < 1, "--eval_fraction must be in [0, 1)"),
+            (self.max_length >= 2, "--max_length must be >= 2"),
+            (
+                0 < self.max_prompt_length < self.max_length,
+                f"--max_prompt_length ({self.max_prompt_length}) must be > 0 and smaller than "
+                f"--max_length ({self.max_length}), or no response token would fit",
+            ),
+            (self.lora_r >= 1, "--lora_r must be >= 1"),
+            (0 <= self.lora_dropout < 1, "--lora_dropout must be in [0, 1)"),
+            (bool(self.target_modules), "--lora_target_modules names no module"),
+            (self.max_grad_norm >= 0, "--max_grad_norm must be >= 0"),
+            (self.logging_steps >= 1, "--logging_steps must be >= 1"),
+            (self.eval_steps >= 0, "--eval_steps must be >= 0"),
+            (self.save_steps >= 0, "--save_steps must be >= 0"),
+            (self.save_total_limit >= 0, "--save_total_limit must be >= 0"),
+            (self.warmup_steps >= 0, "--warmup_steps must be >= 0"),
+            (
+                self.warmup_ratio is None or 0 <= self.warmup_ratio < 1,
+                "--warmup_ratio must be in [0, 1)",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        for flag in ("model_name", "dataset_name", "eval_dataset"):
+            value = getattr(self, flag)
+            if value and _looks_like_path(value) and not os.path.exists(value):
+                raise ConfigError(f"--{flag}: path {value!r} does not exist")
+
+    def to_json(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2)
+
+
+def _looks_like_path(value: str) -> bool:
+    """Local paths start with '.', '/' or '~', or name a data file; Hub ids are 'org/name'."""
+    data_suffixes = (".json", ".jsonl", ".csv", ".parquet")
+    return value.startswith((".", "/", "~")) or value.endswith(data_suffixes)
+
+
+def build_parser(cls: type, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per dataclass field, grouped by the field's metadata.
+
+    Defaults are suppressed in the namespace so that `parse_config` can tell which flags the
+    user gave (the demo preset only fills in the others); `--help` still shows them.
+    """
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog=epilog,
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        kwargs = dict(meta["argparse"])
+        help_text = f"{meta['help']} (default: {f.default})"
+        if f.type in ("bool", bool):
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            group.add_argument(f"--{f.name}", action=action, help=help_text, **kwargs)
+            continue
+        group.add_argument(f"--{f.name}", type=_field_type(f), help=help_text, **kwargs)
+    return parser
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    type_name = str(f.type).replace(" | None", "")
+    return {"int": int, "float": float, "str": str}[type_name]
+
+
+def parse_config(cls: type, parser: argparse.ArgumentParser, argv: list[str] | None,
+                 presets: dict[str, Any] | None = None) -> Any:
+    """Parse `argv` into `cls`: explicit flags win over `presets`, which win over defaults."""
+    explicit = vars(parser.parse_args(argv))
+    return cls(**{**(presets or {}), **explicit})

@@ -1,0 +1,59 @@
+"""Greedy or sampled replies from a chat model, cut from the output by token ids."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from dpo_core.tokenization import render_prompt
+
+
+@torch.no_grad()
+def generate_replies(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[dict[str, str]] | str],
+    *,
+    use_chat_template: bool = True,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+) -> list[str]:
+    """One reply per prompt (messages or plain text), rendered exactly as in training.
+
+    Prompts are left-padded so every row's reply starts at the same column; the reply is
+    the ids after that column, up to the first EOS, so nothing depends on string lengths.
+    """
+    was_training = model.training
+    model.eval()
+    replies: list[str] = []
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    for start in range(0, len(prompts), batch_size):
+        texts = [render_prompt(tokenizer, p, use_chat_template)
+                 for p in prompts[start:start + batch_size]]
+        encoded = [tokenizer(t, add_special_tokens=not use_chat_template).input_ids for t in texts]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded])
+        attention_mask = torch.tensor(
+            [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample \
+            else {"do_sample": False}
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+        for row in output[:, width:].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    model.train(was_training)
+    return replies

@@ -1,0 +1,89 @@
+"""Tiny tokenizers and Llama models built locally, for tests, benchmarks and the demo.
+
+Nothing here touches the Hugging Face Hub: the tokenizer is trained with `tokenizers`
+on text the caller supplies, the model is built from a config with random weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+# Zephyr-style template, the format TinyLlama-1.1B-Chat uses: every turn ends with EOS,
+# the generation prompt is the assistant header.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 512,
+    chat_template: str | None = CHAT_TEMPLATE,
+    pad_token: str | None = None,
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `texts` (seconds for a few thousand lines).
+
+    Byte-level BPE merges across word boundaries, so tokenizing a prompt and its
+    response separately can give other ids than tokenizing them together: the case
+    the prompt/response boundary code must handle. No pad token unless `pad_token`.
+    """
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = SPECIAL_TOKENS + ([pad_token] if pad_token else [])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token=pad_token,
+    )
+    if chat_template is not None:
+        wrapped.chat_template = chat_template
+    return wrapped
+
+
+def tiny_llama(
+    vocab_size: int,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 2048,
+    seed: int = 0,
+    **config_overrides,
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama of the given shape, fp32, deterministic for `seed`."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **config_overrides,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)

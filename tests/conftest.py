@@ -1,0 +1,89 @@
+"""Shared fixtures: a locally trained tokenizer and tiny random Llamas (no Hub access)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dpo_core.tiny import tiny_llama, train_tokenizer
+
+WORDS = (
+    "the a cat dog runs jumps over under happy sad quick brown fox lazy answer question "
+    "what is why how one two three four five six seven eight nine ten yes no good bad "
+    "hello world please thanks sure here you are"
+).split()
+
+
+def random_text(rng: random.Random, num_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(num_words))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _few_threads():
+    # The CI machine has two cores; tiny models run fastest without oversubscription.
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """Byte-level BPE with a Zephyr chat template and no pad token (like many chat models)."""
+    rng = random.Random(0)
+    texts = [random_text(rng, 12) for _ in range(2000)] + ["Human: Assistant: ? . , :"] * 50
+    return train_tokenizer(texts, vocab_size=400)
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    """A 2-layer random Llama (fp32) sized to the tiny tokenizer."""
+    return tiny_llama(vocab_size=len(tiny_tokenizer), hidden_size=64, num_layers=2, num_heads=4)
+
+
+def write_jsonl(path, rows) -> str:
+    import json
+
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def learnable_pairs(num: int, seed: int = 0) -> list[dict]:
+    """Standard rows where the chosen reply always starts with 'yes' and the rejected with
+    'no': a preference a tiny model learns in a few steps."""
+    rng = random.Random(seed)
+    return [
+        {
+            "prompt": random_text(rng, rng.randint(3, 8)),
+            "chosen": "yes " + random_text(rng, rng.randint(2, 5)),
+            "rejected": "no " + random_text(rng, rng.randint(2, 5)),
+        }
+        for _ in range(num)
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> str:
+    """A tiny Llama and its tokenizer saved like a Hub checkpoint, for the CLI tests."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(vocab_size=len(tiny_tokenizer), hidden_size=64, num_layers=2, num_heads=4)
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory) -> str:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", learnable_pairs(48))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each in-process training run starts clean."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
