@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpo_core.loss import validate_loss_options
+
 
 class ConfigError(ValueError):
     """A setting, or a combination of settings, that cannot work; the message says which."""
@@ -167,6 +169,19 @@ class TrainConfig:
     merge_adapter: bool = _arg(
         False, "Also write the base model with the adapter merged in (output_dir/merged).", LOG
     )
+    report_to: str = _arg(
+        "none",
+        "Also send the train/ and eval/ metrics to an experiment tracker through Accelerate "
+        "(install it with pip install 'dpo[tensorboard]' or 'dpo[wandb]').",
+        LOG,
+        choices=["none", "tensorboard", "wandb"],
+    )
+    num_sample_prompts: int = _arg(
+        4,
+        "Eval prompts whose greedy replies, base model vs trained model, go to samples.md "
+        "(0 = no samples).",
+        LOG,
+    )
     demo: bool = _arg(
         False,
         "Offline demo: the bundled tiny model and arithmetic preference data, tuned settings, "
@@ -221,6 +236,7 @@ class TrainConfig:
             (self.eval_steps >= 0, "--eval_steps must be >= 0"),
             (self.save_steps >= 0, "--save_steps must be >= 0"),
             (self.save_total_limit >= 0, "--save_total_limit must be >= 0"),
+            (self.num_sample_prompts >= 0, "--num_sample_prompts must be >= 0"),
             (self.warmup_steps >= 0, "--warmup_steps must be >= 0"),
             (
                 self.warmup_ratio is None or 0 <= self.warmup_ratio < 1,
@@ -230,6 +246,13 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        try:  # the loss module's own checks, reported like every other bad setting
+            validate_loss_options(
+                self.loss_type, reference_free=self.reference_free,
+                label_smoothing=self.label_smoothing, beta=self.beta, rpo_alpha=self.rpo_alpha,
+                simpo_gamma=self.simpo_gamma)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         for flag in ("model_name", "dataset_name", "eval_dataset"):
             value = getattr(self, flag)
             if value and _looks_like_path(value) and not os.path.exists(value):

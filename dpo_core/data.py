@@ -104,6 +104,8 @@ def load_rows(name_or_path: str, split: str = "train") -> datasets.Dataset:
             f"({type(error).__name__}: {_first_line(error)}). "
             "Pass a local file or directory instead, or use --demo."
         ) from None
+    except ValueError as error:  # e.g. an unknown split
+        raise DataError(f"dataset '{name_or_path}': {_first_line(error)}") from None
 
 
 def to_pair(row: Mapping[str, Any], index: int, source: str) -> PreferencePair:

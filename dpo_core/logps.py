@@ -239,7 +239,7 @@ class PrefixSharedRows:
         key = self.segment_ids[:, None, :]
         position = torch.arange(seq_len, device=self.segment_ids.device)
         causal = position[:, None] >= position[None, :]
-        visible = causal & (key != self.PAD) & ((key == self.PROMPT) | (key == query) | (key == self.CHOSEN))
+        visible = causal & ((key == self.PROMPT) | (key == query))
         visible |= position[:, None] == position[None, :]
         visible = visible[:, None]
         if attn_implementation == "sdpa":

@@ -31,7 +31,7 @@ from dpo_core.checkpoint import (
 )
 from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.data import load_pairs, split_pairs
-from dpo_core.loss import preference_metrics, validate_loss_options
+from dpo_core.loss import preference_metrics
 from dpo_core.model import (
     add_lora,
     disable_dropout,
@@ -41,6 +41,15 @@ from dpo_core.model import (
     resolve_quantization,
 )
 from dpo_core.objective import PreferenceObjective
+from dpo_core.report import (
+    LOG_FILE,
+    SAMPLES_FILE,
+    start_trackers,
+    tracker_options,
+    tracker_values,
+    write_samples,
+    write_training_curves,
+)
 from dpo_core.schedule import get_lr
 from dpo_core.tokenization import (
     PreferenceCollator,
@@ -49,7 +58,7 @@ from dpo_core.tokenization import (
     tokenize_pairs,
 )
 
-LOG_FILE, METRICS_FILE, CONFIG_FILE = "train_log.jsonl", "metrics.json", "training_config.json"
+METRICS_FILE, CONFIG_FILE = "metrics.json", "training_config.json"
 STAT_KEYS = ("losses", "chosen_rewards", "rejected_rewards", "policy_chosen_logps",
              "policy_rejected_logps")
 
@@ -84,8 +93,12 @@ class MetricWindow:
 
 def prepare_data(
     config: TrainConfig, tokenizer, show_progress: bool = True
-) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
-    """Load, validate, sample, split and tokenize; print what was dropped and why."""
+) -> tuple[list[TokenizedPair], list[TokenizedPair], list]:
+    """Load, validate, sample, split and tokenize; print what was dropped and why.
+
+    Returns the train and eval pairs, tokenized, and the first `num_sample_prompts` eval
+    prompts as they were (messages or text) for samples.md.
+    """
     pairs, drops = load_pairs(config.dataset_name, split=config.dataset_split,
                               num_samples=config.num_samples or None, seed=config.seed,
                               skip_bad_rows=config.skip_bad_rows)
@@ -113,13 +126,14 @@ def prepare_data(
               f"(chat template: {'on' if use_template else 'off'}).")
     if not train_tok:
         raise ConfigError("no training pairs left after loading and truncation")
-    return train_tok, eval_tok
+    sample_prompts = [pair.prompt for pair in eval_pairs[:config.num_sample_prompts]]
+    return train_tok, eval_tok, sample_prompts
 
 
 def _report_drops(source: str, drops, show: bool) -> None:
     if show and drops:
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(drops.items()))
-        print(f"Skipped {sum(drops.values())} bad rows of {source}: {reasons}.")
+        print(f"Dropped {sum(drops.values())} rows of {source}: {reasons}.")
 
 
 def check_output_dir(config: TrainConfig) -> None:
@@ -197,6 +211,13 @@ def _append_log(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _log_record(accelerator: Accelerator, log_path: str, record: dict) -> None:
+    """One record to train_log.jsonl, the console and the trackers (main process only)."""
+    _append_log(log_path, record)
+    tqdm.write(_format_record(record))
+    accelerator.log(tracker_values(record), step=record["step"])
+
+
 def _truncate_log(path: str, last_step: int) -> None:
     """Drop records logged after the checkpoint a run resumes from: they are redone."""
     if not os.path.isfile(path):
@@ -219,12 +240,11 @@ def _format_record(record: dict) -> str:
 def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) -> dict:
     """Train a LoRA adapter with DPO as `config` says; return the final metrics."""
     config.validate()
-    validate_loss_options(config.loss_type, reference_free=config.reference_free,
-                          label_smoothing=config.label_smoothing, beta=config.beta)
     check_output_dir(config)
     dtype = resolve_dtype(config.dtype)
     quantize = resolve_quantization(config.quantization)
-    accelerator = Accelerator(mixed_precision=mixed_precision_for(dtype))
+    accelerator = Accelerator(mixed_precision=mixed_precision_for(dtype),
+                              **tracker_options(config.report_to, config.output_dir))
     is_main = accelerator.is_main_process
     set_seed(config.seed)
     if is_main:
@@ -241,7 +261,8 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
         rpo_alpha=config.rpo_alpha, simpo_gamma=config.simpo_gamma,
         reference_free=config.reference_free)
     with accelerator.main_process_first():
-        train_pairs, eval_pairs = prepare_data(config, tokenizer, show_progress=is_main)
+        train_pairs, eval_pairs, sample_prompts = prepare_data(config, tokenizer,
+                                                               show_progress=is_main)
     collator = PreferenceCollator(tokenizer.pad_token_id)
     model, optimizer = accelerator.prepare(model, optimizer)
     stream = MicroBatchStream(accelerator, train_pairs, config.batch_size, collator, config.seed)
@@ -269,6 +290,8 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
     elif is_main and os.path.exists(log_path):
         os.remove(log_path)
 
+    # Started once setup has succeeded, so a bad model or data path leaves no empty run.
+    start_trackers(accelerator, config)
     model.train()
     batches = stream.iterate(state.micro_batches_seen)
     window = MetricWindow()
@@ -329,8 +352,7 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
                           "epoch": state.micro_batches_seen / stream.batches_per_epoch,
                           "split": "train", **window.metrics(), "learning_rate": lr}
             if is_main:
-                _append_log(log_path, last_train)
-                tqdm.write(_format_record(last_train))
+                _log_record(accelerator, log_path, last_train)
             window = MetricWindow()
         if eval_loader is not None and (
             (config.eval_steps and state.step % config.eval_steps == 0)
@@ -339,8 +361,7 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
             last_eval = {"step": state.step, "split": "eval",
                          **evaluate(model, eval_loader, objective, accelerator)}
             if is_main:
-                _append_log(log_path, last_eval)
-                tqdm.write(_format_record(last_eval))
+                _log_record(accelerator, log_path, last_eval)
         if config.save_steps and state.step % config.save_steps == 0:
             save_checkpoint(config.output_dir, accelerator, model, optimizer, state,
                             config.save_total_limit)
@@ -369,6 +390,11 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
             metrics["merged_model"] = merged_dir
         with open(os.path.join(config.output_dir, METRICS_FILE), "w") as f:
             json.dump(metrics, f, indent=2)
+        write_training_curves(config.output_dir)
+        if sample_prompts:
+            write_samples(unwrapped, tokenizer, sample_prompts,
+                          os.path.join(config.output_dir, SAMPLES_FILE),
+                          use_chat_template=resolve_chat_template(tokenizer, config.chat_template))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics

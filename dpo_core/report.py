@@ -1,0 +1,333 @@
+"""What a run leaves for a person to look at, and `python -m dpo_core.report` to redraw it.
+
+- `training_curves.png`: loss, reward accuracy, margins, rewards and log-probs (chosen and
+  rejected) and the learning rate over optimizer steps, train as lines, eval as markers,
+  drawn from `train_log.jsonl` (the trainer writes one JSON record per logged step).
+- `samples.md`: greedy replies to a few eval prompts, base model (adapter off) next to the
+  trained model (adapter on).
+- Experiment trackers (`--report_to tensorboard|wandb`) through Accelerate, with the same
+  records under `train/` and `eval/` names.
+
+Plots are drawn on a bare `Figure` with the Agg canvas, never through pyplot, so drawing
+needs no display and leaves the caller's matplotlib backend alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import html
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from transformers import PreTrainedTokenizerBase
+
+from dpo_core.config import ConfigError, TrainConfig
+from dpo_core.generation import generate_replies
+
+LOG_FILE, CURVES_FILE, SAMPLES_FILE = "train_log.jsonl", "training_curves.png", "samples.md"
+TRACKERS = ("none", "tensorboard", "wandb")
+TRACKER_PROJECT = "dpo"  # the wandb project; TensorBoard writes to output_dir/tensorboard/dpo
+TENSORBOARD_DIR = "tensorboard"
+SAMPLE_MAX_NEW_TOKENS = 128
+SPLITS = ("train", "eval")
+
+# (panel title, metrics drawn on it): two metrics share a panel when they are read together.
+PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("loss", ("loss",)),
+    ("reward accuracy (chosen > rejected)", ("rewards/accuracies",)),
+    ("reward margin (chosen - rejected)", ("rewards/margins",)),
+    ("rewards", ("rewards/chosen", "rewards/rejected")),
+    ("policy log-probs (summed over response)", ("logps/chosen", "logps/rejected")),
+    ("learning rate", ("learning_rate",)),
+)
+# The metrics of the final-values table, in order (step counts come first).
+TABLE_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
+                 "rewards/rejected", "logps/chosen", "logps/rejected")
+
+
+class ReportError(ValueError):
+    """A run directory or log that cannot be reported on; the message names the file."""
+
+
+# -- experiment trackers ----------------------------------------------------------------------
+def check_tracker_installed(report_to: str) -> None:
+    """ConfigError naming the pip command when the tracker's package is missing.
+
+    Accelerate itself only logs a debug line and drops a tracker it cannot import, so a run
+    asked to report to TensorBoard would otherwise finish without writing anything.
+    """
+    available = {"none": lambda: True, "tensorboard": is_tensorboard_available,
+                 "wandb": is_wandb_available}
+    if report_to not in available:
+        raise ConfigError(f"--report_to must be one of {', '.join(TRACKERS)}, got {report_to!r}")
+    if not available[report_to]():
+        raise ConfigError(f"--report_to {report_to} needs the {report_to} package: "
+                          f"pip install 'dpo[{report_to}]'")
+
+
+def tracker_options(report_to: str, output_dir: str) -> dict:
+    """Keyword arguments for `Accelerator(...)` that enable the tracker (none: {})."""
+    check_tracker_installed(report_to)
+    if report_to == "none":
+        return {}
+    project = ProjectConfiguration(project_dir=output_dir,
+                                   logging_dir=os.path.join(output_dir, TENSORBOARD_DIR))
+    return {"log_with": report_to, "project_config": project}
+
+
+def start_trackers(accelerator: Accelerator, config: TrainConfig) -> None:
+    """Open the tracker run with every setting as its hyperparameters (no-op without one);
+    a wandb run is named after the output directory."""
+    run_name = os.path.basename(os.path.abspath(config.output_dir))
+    accelerator.init_trackers(TRACKER_PROJECT, config=dataclasses.asdict(config),
+                              init_kwargs={"wandb": {"name": run_name}})
+
+
+def tracker_values(record: dict) -> dict[str, float]:
+    """A train_log.jsonl record under tracker names: "train/loss", "eval/rewards/margins", ..."""
+    return {f"{record['split']}/{key}": value for key, value in record.items()
+            if key not in ("step", "split")}
+
+
+# -- training curves --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Series:
+    """One line of the plot: `metric` of `split` records of run `run`, by optimizer step."""
+
+    run: str
+    split: str
+    metric: str
+    steps: list[int]
+    values: list[float]
+
+
+def read_log(path: str) -> list[dict]:
+    """The records of a train_log.jsonl; ReportError naming the file and line if one is bad."""
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ReportError(f"{path}, line {number}: not JSON ({error.msg})") from None
+            if not isinstance(record, dict) or record.get("split") not in SPLITS \
+                    or not isinstance(record.get("step"), int):
+                raise ReportError(f"{path}, line {number}: a record needs an integer 'step' and "
+                                  f"a 'split' of {' or '.join(SPLITS)}")
+            records.append(record)
+    return records
+
+
+def metric_series(records: Sequence[dict], split: str, metric: str) -> tuple[list, list]:
+    """(steps, values) of `metric` in the `split` records that have it, in log order."""
+    kept = [r for r in records if r["split"] == split and metric in r]
+    return [r["step"] for r in kept], [r[metric] for r in kept]
+
+
+def plot_runs(runs: dict[str, Sequence[dict]], path: str) -> list[Series]:
+    """Draw every run's train and eval records into one PNG at `path`; return what was drawn.
+
+    `runs` maps a label (shown in the legends when there are several runs) to its records.
+    Each (run, metric) gets its own colour; train is a line, eval is markers on a dashed line.
+    """
+    figure = Figure(figsize=(16, 8.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    figure.suptitle("DPO training: " + " vs ".join(runs))
+    drawn: list[Series] = []
+    for axes, (title, metrics) in zip(figure.subplots(2, 3).ravel(), PANELS, strict=True):
+        colour = 0
+        for run, records in runs.items():
+            for metric in metrics:
+                for split in SPLITS:
+                    steps, values = metric_series(records, split, metric)
+                    if not steps:
+                        continue
+                    label = " ".join(
+                        ([run] if len(runs) > 1 else [])
+                        + ([metric.split("/")[-1]] if len(metrics) > 1 else []) + [split])
+                    style = {"linestyle": "--", "marker": "o"} if split == "eval" else \
+                        {"linestyle": "-", "marker": "o" if len(steps) == 1 else None}
+                    axes.plot(steps, values, color=f"C{colour}", label=label, **style)
+                    drawn.append(Series(run, split, metric, steps, values))
+                colour += 1
+        axes.set_title(title)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+        if axes.lines:
+            axes.legend(fontsize="small")
+        else:
+            axes.text(0.5, 0.5, "no records", ha="center", va="center",
+                      transform=axes.transAxes)
+    figure.savefig(path, dpi=100)
+    return drawn
+
+
+def run_labels(output_dirs: Sequence[str]) -> list[str]:
+    """Directory names as run labels; whole paths where two names would be the same."""
+    names = [os.path.basename(os.path.normpath(d)) for d in output_dirs]
+    return names if len(set(names)) == len(names) else [os.path.normpath(d) for d in output_dirs]
+
+
+def load_run(output_dir: str) -> list[dict]:
+    """The records of the run in `output_dir`; ReportError if there are none to draw."""
+    path = os.path.join(output_dir, LOG_FILE)
+    if not os.path.isfile(path):
+        raise ReportError(f"{output_dir}: no {LOG_FILE} here (is it a training --output_dir?)")
+    records = read_log(path)
+    if not records:
+        raise ReportError(f"{path} holds no records yet")
+    return records
+
+
+def write_training_curves(output_dir: str) -> list[Series]:
+    """Redraw output_dir/training_curves.png from output_dir/train_log.jsonl."""
+    path = os.path.join(output_dir, LOG_FILE)
+    records = read_log(path) if os.path.isfile(path) else []
+    return plot_runs({run_labels([output_dir])[0]: records},
+                     os.path.join(output_dir, CURVES_FILE))
+
+
+def final_metrics(records: Sequence[dict]) -> dict[str, dict]:
+    """The last record of each split ({} for a split never logged)."""
+    last: dict[str, dict] = {split: {} for split in SPLITS}
+    for record in records:
+        last[record["split"]] = record
+    return last
+
+
+def format_final_metrics(runs: dict[str, Sequence[dict]]) -> str:
+    """A plain-text table: one row per train/eval metric, one column per run."""
+    finals = {run: final_metrics(records) for run, records in runs.items()}
+    rows = [["metric", *runs]]
+    for split in SPLITS:
+        rows.append([f"{split} step", *(str(f[split].get("step", "-")) for f in finals.values())])
+        for metric in TABLE_METRICS:
+            rows.append([f"{split}/{metric}",
+                         *(_number(f[split].get(metric)) for f in finals.values())])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+# -- samples ----------------------------------------------------------------------------------
+def write_samples(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[dict[str, str]] | str],
+    path: str,
+    *,
+    use_chat_template: bool,
+    max_new_tokens: int = SAMPLE_MAX_NEW_TOKENS,
+) -> tuple[list[str], list[str]]:
+    """Greedy replies of the base model (a PEFT model's adapter disabled) and of the trained
+    model to `prompts`, written to `path` as a markdown table; returns (base, trained)."""
+    options = {"use_chat_template": use_chat_template, "max_new_tokens": max_new_tokens}
+    with model.disable_adapter():
+        base = generate_replies(model, tokenizer, list(prompts), **options)
+    trained = generate_replies(model, tokenizer, list(prompts), **options)
+    with open(path, "w") as f:
+        f.write(format_samples(prompts, base, trained, use_chat_template=use_chat_template,
+                               max_new_tokens=max_new_tokens))
+    return base, trained
+
+
+def format_samples(prompts: Sequence[list[dict[str, str]] | str], base: Sequence[str],
+                   trained: Sequence[str], *, use_chat_template: bool,
+                   max_new_tokens: int) -> str:
+    """samples.md: one table row per prompt, base and trained replies side by side."""
+    lines = [
+        "# Samples: base model vs trained model",
+        "",
+        f"Greedy replies (at most {max_new_tokens} new tokens) to the first {len(prompts)} "
+        f"eval prompts, chat template {'on' if use_chat_template else 'off'} as in training. "
+        "Base = the same model with the LoRA adapter switched off.",
+        "",
+        "| # | prompt | base model | trained model |",
+        "| --- | --- | --- | --- |",
+    ]
+    for number, (prompt, before, after) in enumerate(zip(prompts, base, trained, strict=True),
+                                                     start=1):
+        lines.append(f"| {number} | {_prompt_cell(prompt)} | {_cell(before)} | {_cell(after)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _prompt_cell(prompt: list[dict[str, str]] | str) -> str:
+    if isinstance(prompt, str):
+        return _cell(prompt)
+    return "<br>".join(f"**{m['role']}**: {_cell(m['content'])}" for m in prompt)
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell: one line, no column breaks, no raw HTML."""
+    if not text.strip():
+        return "*(empty)*"
+    escaped = html.escape(text.strip(), quote=False).replace("|", "\\|")
+    return escaped.replace("\r\n", "\n").replace("\n", "<br>")
+
+
+# -- command line -----------------------------------------------------------------------------
+EXAMPLES = """examples:
+  python -m dpo_core.report dpo_tinyllama_model            # redraw its training_curves.png
+  python -m dpo_core.report run_sigmoid run_ipo            # compare two runs
+  python -m dpo_core.report run_a run_b --out a_vs_b.png
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dpo_core.report",
+        description="Redraw a run's training curves from its train_log.jsonl, or compare two "
+                    "runs on the same axes, and print their final train/eval metrics side by "
+                    "side. (samples.md needs the model, so only training writes it.)",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("output_dir", help="a training --output_dir holding train_log.jsonl")
+    parser.add_argument("other_dir", nargs="?",
+                        help="a second run to compare with the first (same axes, labelled by "
+                             "directory name)")
+    parser.add_argument("--out", help="where to write the PNG (default: OUTPUT_DIR/"
+                                      f"{CURVES_FILE} for one run, ./compare_A_vs_B.png for two)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    dirs = [d for d in (args.output_dir, args.other_dir) if d]
+    try:
+        runs = {label: load_run(d) for label, d in zip(run_labels(dirs), dirs, strict=True)}
+    except (ReportError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.out:
+        path = args.out
+    elif len(dirs) == 1:
+        path = os.path.join(args.output_dir, CURVES_FILE)
+    else:
+        path = "compare_" + "_vs_".join(
+            os.path.basename(os.path.normpath(d)) for d in dirs) + ".png"
+    plot_runs(runs, path)
+    print(format_final_metrics(runs))
+    print(f"Wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
