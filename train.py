@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import sys
 
+from accelerate import PartialState
+
+from dpo_core.checkpoint import CheckpointError
 from dpo_core.config import ConfigError, TrainConfig, build_parser
 from dpo_core.data import DataError
 from dpo_core.model import ModelLoadError
@@ -16,7 +19,7 @@ EXAMPLES = """examples:
   python train.py --demo                                  # offline, bundled model and data
   python train.py --num_samples 2000 --epochs 1           # TinyLlama-Chat on UltraFeedback
   python train.py --model_name ./my-model --dataset_name pairs.jsonl --no_quantization
-  accelerate launch --num_processes 2 train.py --batch_size 4
+  accelerate launch --multi_gpu --num_processes 2 train.py --batch_size 4
 """
 
 
@@ -32,12 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(**{**presets, **explicit})
     try:
         metrics = train(config, evaluation_hook=hook)
-    except (ConfigError, DataError, ModelLoadError, FileNotFoundError) as error:
+    except (ConfigError, DataError, ModelLoadError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if not PartialState().is_main_process:  # under torchrun / accelerate launch
+        return 0
     if config.demo:
         from dpo_core.demo import format_before_after
 

@@ -32,9 +32,13 @@ def pair_length(pair: TokenizedPair, prefix_sharing: bool) -> int:
 
 
 def epoch_order(
-    num_pairs: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None
+    num_pairs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    lengths: Sequence[int] | None = None,
 ) -> list[int]:
-    """Indices of the pairs in the order one epoch visits them, deterministic for `seed`.
+    """Indices of the pairs in the order one epoch visits them, a function of the generator's
+    state (seed it with seed + epoch).
 
     Without `lengths`: a plain random permutation. With `lengths` (one per pair): length-grouped,
     so the pairs of a batch have similar lengths and need little padding. The random
@@ -44,7 +48,6 @@ def epoch_order(
     in. A final partial batch stays last: the DataLoader cuts the order into consecutive
     `batch_size` blocks, and only the last block may be short.
     """
-    generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(num_pairs, generator=generator).tolist()
     if lengths is None:
         return order

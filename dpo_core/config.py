@@ -35,6 +35,7 @@ MODEL, LORA, DATA, TRAIN, LOSS, LOG = (
     "loss",
     "logging, evaluation and checkpoints",
 )
+SPEED = "speed and memory"
 
 
 @dataclass
@@ -134,6 +135,12 @@ class TrainConfig:
     warmup_ratio: float | None = _arg(
         None, "Warmup as a fraction of the run (overrides --warmup_steps).", TRAIN
     )
+    skip_nonfinite_steps: int = _arg(
+        0,
+        "Skip up to N optimizer steps whose loss or gradient is NaN/inf (no update) before "
+        "stopping; 0 = stop at the first one.",
+        TRAIN,
+    )
     # -- loss -------------------------------------------------------------------------------
     beta: float = _arg(0.1, "DPO temperature: strength of the KL pull toward the reference.", LOSS)
     loss_type: str = _arg(
@@ -151,6 +158,35 @@ class TrainConfig:
     simpo_gamma: float = _arg(0.5, "Target reward margin for --loss_type simpo.", LOSS)
     reference_free: bool = _arg(
         False, "Use a uniform reference (log-prob 0) instead of the base model.", LOSS
+    )
+    # -- speed and memory -------------------------------------------------------------------
+    prefix_sharing: bool = _arg(
+        False,
+        "Encode each prompt once: chosen and rejected share one row with a 4D attention mask "
+        "(same log-probs). Needs --attn_implementation sdpa or eager; with others the trainer "
+        "says so and uses the standard two-row forward.",
+        SPEED,
+    )
+    precompute_ref_log_probs: bool = _arg(
+        False,
+        "Compute the reference log-probs of all pairs in one no-grad pass before training, "
+        "cache them on disk and reuse them every epoch, evaluation and restart.",
+        SPEED,
+    )
+    ref_batch_size: int = _arg(
+        0, "Pairs per batch of the reference pass (0 = 4 x --batch_size).", SPEED
+    )
+    ref_cache_dir: str | None = _arg(
+        None,
+        "Directory of the reference log-prob cache (default: output_dir/reference_logps); "
+        "point runs on the same model and data at one directory to share it.",
+        SPEED,
+    )
+    group_by_length: bool = _arg(
+        False,
+        "Batch pairs of similar length together (within windows of 50 batches, batch order "
+        "shuffled) to cut padding; deterministic for --seed, so resuming stays exact.",
+        SPEED,
     )
     # -- logging, evaluation, checkpoints ---------------------------------------------------
     output_dir: str = _arg(
@@ -182,6 +218,7 @@ class TrainConfig:
         "(0 = no samples).",
         LOG,
     )
+    sample_max_new_tokens: int = _arg(128, "Longest reply in samples.md, in tokens.", LOG)
     demo: bool = _arg(
         False,
         "Offline demo: the bundled tiny model and arithmetic preference data, tuned settings, "
@@ -237,7 +274,10 @@ class TrainConfig:
             (self.save_steps >= 0, "--save_steps must be >= 0"),
             (self.save_total_limit >= 0, "--save_total_limit must be >= 0"),
             (self.num_sample_prompts >= 0, "--num_sample_prompts must be >= 0"),
+            (self.sample_max_new_tokens >= 1, "--sample_max_new_tokens must be >= 1"),
             (self.warmup_steps >= 0, "--warmup_steps must be >= 0"),
+            (self.skip_nonfinite_steps >= 0, "--skip_nonfinite_steps must be >= 0"),
+            (self.ref_batch_size >= 0, "--ref_batch_size must be >= 0"),
             (
                 self.warmup_ratio is None or 0 <= self.warmup_ratio < 1,
                 "--warmup_ratio must be in [0, 1)",
@@ -250,7 +290,8 @@ class TrainConfig:
             validate_loss_options(
                 self.loss_type, reference_free=self.reference_free,
                 label_smoothing=self.label_smoothing, beta=self.beta, rpo_alpha=self.rpo_alpha,
-                simpo_gamma=self.simpo_gamma)
+                simpo_gamma=self.simpo_gamma,
+                precompute_ref_log_probs=self.precompute_ref_log_probs)
         except ValueError as error:
             raise ConfigError(str(error)) from None
         for flag in ("model_name", "dataset_name", "eval_dataset"):

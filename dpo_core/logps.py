@@ -48,21 +48,22 @@ PAIR_FIELDS = (
 
 
 class _LabelLogProbs(torch.autograd.Function):
-    """log p(target) for selected rows of a logits matrix, chunked over rows.
+    """log p(target) for rows of a logits matrix, chunked over rows.
 
-    forward(logits [M, V] any float dtype, rows [N] long, targets [N] long) -> [N] fp32, where
+    forward(logits [M, V] any float dtype, rows [N] long or None, targets [N] long) -> [N] fp32,
     out[i] = log_softmax(logits[rows[i]])[targets[i]]. Rows may repeat (prefix sharing predicts
-    the first chosen and the first rejected token from the same position).
-    Peak extra memory: one chunk of fp32 [rows_per_chunk, V] in forward and backward (the
-    gradient itself is [M, V] in the logits dtype, as autograd requires).
+    the first chosen and the first rejected token from the same position); rows=None means
+    every row once, in order (N = M), which needs no gather and no zero-filled gradient.
+    Peak extra memory: one fp32 chunk [rows_per_chunk, V], forward and backward (the gradient
+    itself is [M, V] in the logits dtype, as autograd requires).
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, rows: Tensor, targets: Tensor) -> Tensor:
-        token_logps = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)
+    def forward(ctx, logits: Tensor, rows: Tensor | None, targets: Tensor) -> Tensor:
+        token_logps = torch.empty(targets.shape[0], dtype=torch.float32, device=logits.device)
         logsumexps = torch.empty_like(token_logps)
-        for chunk in _chunks(rows.shape[0], logits.shape[-1]):
-            chunk_logits = logits.index_select(0, rows[chunk]).float()
+        for chunk in _chunks(targets.shape[0], logits.shape[-1]):
+            chunk_logits = _chunk_rows(logits, rows, chunk).float()
             logsumexps[chunk] = torch.logsumexp(chunk_logits, dim=-1)
             picked = chunk_logits.gather(1, targets[chunk, None]).squeeze(1)
             token_logps[chunk] = picked - logsumexps[chunk]
@@ -73,14 +74,17 @@ class _LabelLogProbs(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_token_logps: Tensor) -> tuple[Tensor, None, None]:
         logits, rows, targets, logsumexps = ctx.saved_tensors
-        grad_logits = torch.zeros_like(logits)
-        for chunk in _chunks(rows.shape[0], logits.shape[-1]):
+        grad_logits = torch.empty_like(logits) if rows is None else torch.zeros_like(logits)
+        for chunk in _chunks(targets.shape[0], logits.shape[-1]):
             grad = grad_token_logps[chunk, None].float()
             # d/dlogits of (logit[target] - logsumexp) = onehot(target) - softmax.
-            chunk_grad = logits.index_select(0, rows[chunk]).float() - logsumexps[chunk, None]
+            chunk_grad = _chunk_rows(logits, rows, chunk).float() - logsumexps[chunk, None]
             chunk_grad.exp_().mul_(-grad)
             chunk_grad.scatter_add_(1, targets[chunk, None], grad)
-            grad_logits.index_add_(0, rows[chunk], chunk_grad.to(logits.dtype))
+            if rows is None:
+                grad_logits[chunk] = chunk_grad
+            else:
+                grad_logits.index_add_(0, rows[chunk], chunk_grad.to(logits.dtype))
         return grad_logits, None, None
 
 
@@ -89,10 +93,21 @@ def _chunks(num_rows: int, vocab_size: int) -> list[slice]:
     return [slice(start, start + rows_per_chunk) for start in range(0, num_rows, rows_per_chunk)]
 
 
+def _chunk_rows(logits: Tensor, rows: Tensor | None, chunk: slice) -> Tensor:
+    return logits[chunk] if rows is None else logits.index_select(0, rows[chunk])
+
+
 def _sum_label_logps(
-    logits: Tensor, rows: Tensor, targets: Tensor, sequence_index: Tensor, num_sequences: int
+    logits: Tensor,
+    rows: Tensor | None,
+    targets: Tensor,
+    sequence_index: Tensor,
+    num_sequences: int,
 ) -> Tensor:
-    """Sum of log p(targets[i] | logits[rows[i]]) per sequence_index[i] -> [num_sequences] fp32."""
+    """Sum of log p(targets[i] | logits[rows[i]]) per sequence_index[i] -> [num_sequences] fp32.
+
+    rows=None: row i of logits for target i.
+    """
     token_logps = _LabelLogProbs.apply(logits, rows, targets.long())
     sums = torch.zeros(num_sequences, dtype=torch.float32, device=logits.device)
     return sums.index_add(0, sequence_index, token_logps)
@@ -141,12 +156,12 @@ def _logits_at(
     attention_mask: Tensor,
     position_ids: Tensor,
     keep: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """One top-level forward; logits at the `keep` [R, L] positions, as a matrix.
+) -> tuple[Tensor, Tensor | None]:
+    """One top-level forward; logits wherever keep [R, L] is True, as a matrix.
 
-    Returns (logits [M, V], row_of [R, L] long): the logits for position (r, t) are
-    logits[row_of[r, t]] wherever keep[r, t] is True. Models whose forward takes
-    `logits_to_keep` compute only those rows; others compute all R * L.
+    Returns (logits [M, V], row_of): the logits of position (r, t) are logits[row_of[r, t]].
+    Models whose forward takes `logits_to_keep` compute only the kept positions, M = keep.sum(),
+    in row-major order, and row_of is None; for the others M = R * L and row_of [R, L] is given.
     """
     inputs = dict(
         input_ids=input_ids,
@@ -155,9 +170,7 @@ def _logits_at(
         use_cache=False,
     )
     if _accepts_logits_to_keep(model):
-        logits = model(**inputs, logits_to_keep=keep).logits  # [keep.sum(), V], row-major order
-        row_of = keep.flatten().cumsum(0).sub_(1).view_as(keep)
-        return logits, row_of
+        return model(**inputs, logits_to_keep=keep).logits, None
     logits = model(**inputs).logits  # [R, L, V]
     row_of = torch.arange(keep.numel(), device=keep.device).view_as(keep)
     return logits.reshape(keep.numel(), logits.shape[-1]), row_of
@@ -174,6 +187,11 @@ def _check_pair_batch(batch: dict[str, Tensor], fields: tuple[str, ...]) -> None
             f"preference batch fields must all be [B, T] with one T; chosen_input_ids is "
             f"{tuple(shape)}, mismatched: {wrong}"
         )
+    if "prompt_lengths" in fields and batch["prompt_lengths"].shape != shape[:1]:
+        raise ValueError(
+            f"preference batch field prompt_lengths must be [B] = {tuple(shape[:1])}, got "
+            f"{tuple(batch['prompt_lengths'].shape)}"
+        )
 
 
 def concatenated_forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -189,13 +207,15 @@ def concatenated_forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> tu
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
     keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # positions whose next token is a label
+    # Positions whose next token is a label. A real token must predict it: with an empty prompt
+    # the first response token follows left padding (or nothing), and is not scored.
+    keep[:, :-1] = (labels[:, 1:] != IGNORE_INDEX) & attention_mask[:, :-1].bool()
     logits, row_of = _logits_at(model, input_ids, attention_mask, position_ids, keep)
 
-    seq_index, positions = keep.nonzero(as_tuple=True)
+    seq_index, positions = keep.nonzero(as_tuple=True)  # row-major, the order of kept logits
     logps = _sum_label_logps(
         logits,
-        rows=row_of[seq_index, positions],
+        rows=None if row_of is None else row_of[seq_index, positions],
         targets=labels[seq_index, positions + 1],
         sequence_index=seq_index,
         num_sequences=labels.shape[0],
@@ -231,17 +251,15 @@ class PrefixSharedRows:
         """[B, 1, L, L] mask: bool (True = attend) for sdpa, additive fp32 for eager.
 
         Causal; prompt tokens see the prompt, chosen tokens the prompt and chosen, rejected
-        tokens the prompt and rejected (never chosen); padding keys are hidden. Every query
-        also sees itself, so no softmax row is empty (padding queries stay finite).
+        tokens the prompt and rejected (never chosen). Padding sits at the end of each row, so
+        causality hides it from real tokens; every query sees itself, so no softmax row is empty.
         """
         seq_len = self.segment_ids.shape[1]
         query = self.segment_ids[:, :, None]
         key = self.segment_ids[:, None, :]
         position = torch.arange(seq_len, device=self.segment_ids.device)
         causal = position[:, None] >= position[None, :]
-        visible = causal & ((key == self.PROMPT) | (key == query))
-        visible |= position[:, None] == position[None, :]
-        visible = visible[:, None]
+        visible = (causal & ((key == self.PROMPT) | (key == query)))[:, None]
         if attn_implementation == "sdpa":
             return visible
         # eager adds the mask to the scores; fp32 promotes bf16/fp16 scores before its fp32 softmax.
@@ -269,7 +287,7 @@ def prefix_shared_batch(batch: dict[str, Tensor]) -> PrefixSharedRows:
         rejected_labels = batch["rejected_labels"][b][rejected_mask]
         prompt_len = int(batch["prompt_lengths"][b])
         if not (
-            0 < prompt_len <= min(len(chosen_ids), len(rejected_ids))
+            0 <= prompt_len <= min(len(chosen_ids), len(rejected_ids))
             and torch.equal(chosen_ids[:prompt_len], rejected_ids[:prompt_len])
         ):
             raise ValueError(
@@ -319,7 +337,7 @@ def prefix_shared_batch(batch: dict[str, Tensor]) -> PrefixSharedRows:
         return padded
 
     return PrefixSharedRows(
-        input_ids=right_padded(rows, 0),  # pad id is irrelevant: padding keys are masked
+        input_ids=right_padded(rows, 0),  # any pad id: padding comes after every real token
         position_ids=right_padded(positions, 0),
         segment_ids=right_padded(segments, PrefixSharedRows.PAD),
         source_rows=torch.cat(source_rows),
@@ -337,7 +355,8 @@ def prefix_shared_forward(
     Equals `concatenated_forward` up to float rounding. Needs an attention implementation that
     takes a 4D mask unchanged (eager or sdpa); flash-attention models raise ValueError.
     """
-    attn_implementation = getattr(_unwrapped(model).config, "_attn_implementation", None)
+    config = getattr(_unwrapped(model), "config", None)
+    attn_implementation = getattr(config, "_attn_implementation", None)
     if attn_implementation not in FOUR_D_MASK_ATTENTION:
         raise ValueError(
             f"prefix sharing needs a 4D attention mask, which attn_implementation="
@@ -354,6 +373,8 @@ def prefix_shared_forward(
         shared.position_ids,
         keep,
     )
+    if row_of is None:  # logits of the kept positions only, in row-major order
+        row_of = keep.flatten().cumsum(0).sub_(1).view_as(keep)
     num_pairs = shared.input_ids.shape[0]
     logps = _sum_label_logps(
         logits,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -18,19 +19,22 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dpo_core.batching import epoch_order, length_sorted_order, pair_length
 from dpo_core.checkpoint import (
     TrainState,
     checkpoint_dirs,
     load_checkpoint,
     resolve_checkpoint,
+    save_adapter,
     save_checkpoint,
 )
 from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.data import load_pairs, split_pairs
+from dpo_core.logps import FOUR_D_MASK_ATTENTION, concatenated_forward, prefix_shared_forward
 from dpo_core.loss import preference_metrics
 from dpo_core.model import (
     add_lora,
@@ -40,7 +44,8 @@ from dpo_core.model import (
     resolve_dtype,
     resolve_quantization,
 )
-from dpo_core.objective import PreferenceObjective
+from dpo_core.objective import LogpsFn, PreferenceObjective
+from dpo_core.reference_cache import ReferenceLogpsCollator, with_reference_logps
 from dpo_core.report import (
     LOG_FILE,
     SAMPLES_FILE,
@@ -137,17 +142,91 @@ def _report_drops(source: str, drops, show: bool) -> None:
 
 
 def check_output_dir(config: TrainConfig) -> None:
-    """Refuse to overwrite a finished run unless asked; resuming into it is fine."""
-    finished = os.path.isfile(os.path.join(config.output_dir, METRICS_FILE))
-    if finished and not (config.overwrite_output_dir or config.resume_from_checkpoint):
+    """Refuse to start afresh over a finished run, or over an unfinished run's checkpoints,
+    unless asked; resuming into either is fine."""
+    if config.overwrite_output_dir or config.resume_from_checkpoint:
+        return
+    if os.path.isfile(os.path.join(config.output_dir, METRICS_FILE)):
         raise ConfigError(
             f"--output_dir {config.output_dir!r} already holds a finished run; pass "
             "--overwrite_output_dir to replace it or choose another directory"
         )
+    saved = checkpoint_dirs(config.output_dir)
+    if saved:
+        raise ConfigError(
+            f"--output_dir {config.output_dir!r} holds checkpoints of an unfinished run (newest: "
+            f"{os.path.basename(saved[-1])}); pass --resume_from_checkpoint latest to continue "
+            "it, --overwrite_output_dir to start over, or choose another directory"
+        )
+
+
+def clear_previous_run(output_dir: str) -> None:
+    """Starting afresh in a used output_dir: drop the old log, final metrics and checkpoints,
+    so neither the log nor `--resume_from_checkpoint latest` can mix two runs."""
+    for name in (LOG_FILE, METRICS_FILE):
+        if os.path.isfile(os.path.join(output_dir, name)):
+            os.remove(os.path.join(output_dir, name))
+    for old in checkpoint_dirs(output_dir):
+        shutil.rmtree(old)
 
 
 def mixed_precision_for(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+
+
+def data_order(config: TrainConfig, num_processes: int, train_pairs: int) -> dict:
+    """What decides which pairs make up step N; a checkpoint records it for its resume."""
+    return {"--batch_size": config.batch_size,
+            "--gradient_accumulation_steps": config.gradient_accumulation_steps,
+            "--seed": config.seed, "--group_by_length": config.group_by_length,
+            "processes": num_processes, "training pairs": train_pairs}
+
+
+def check_backend(config: TrainConfig, state, quantize: bool) -> None:
+    """Refuse, naming the fix, what this loop cannot do correctly under FSDP or DeepSpeed
+    (`state`: the AcceleratorState). Untested on GPUs so far, so kept narrow:
+
+    - resumable checkpoints hold one replicated optimizer state (exact under DDP), which FSDP
+      and DeepSpeed shard; the final adapter is saved either way;
+    - 4-bit weights are not set up for sharding (no bnb_4bit_quant_storage);
+    - samples and the demo's evaluation run on the main process alone, which cannot work
+      while the weights are sharded (FSDP, ZeRO-3);
+    - DeepSpeed steps its optimizer inside backward: no accumulation across this loop's
+      micro-batches, and a non-finite step is applied before the loop could skip it.
+    """
+    if state.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return
+    fsdp = state.distributed_type == DistributedType.FSDP
+    zero_stage = 0 if fsdp else state.deepspeed_plugin.zero_stage
+    needs = []
+    if quantize:
+        needs.append("--quantization none (use the DDP config for 4-bit QLoRA)")
+    if config.save_steps or config.resume_from_checkpoint:
+        needs.append("--save_steps 0 and no --resume_from_checkpoint (checkpoints are for "
+                     "single-process and DDP runs, and the final adapter is still saved)")
+    if (fsdp or zero_stage == 3) and (config.num_sample_prompts or config.demo):
+        needs.append("--num_sample_prompts 0 and no --demo (they generate on one process)")
+    if fsdp and state.fsdp_plugin.fsdp_version == 1 and not state.fsdp_plugin.use_orig_params:
+        needs.append("fsdp_use_orig_params: true in the Accelerate config (frozen and LoRA "
+                     "weights share FSDP units)")
+    if not fsdp and config.gradient_accumulation_steps > 1:
+        needs.append("--gradient_accumulation_steps 1 (raise --batch_size or add processes)")
+    if not fsdp and config.skip_nonfinite_steps:
+        needs.append("--skip_nonfinite_steps 0")
+    if needs:
+        backend = "FSDP" if fsdp else f"DeepSpeed ZeRO-{zero_stage}"
+        raise ConfigError(f"under {backend} this trainer needs " + "; ".join(needs))
+
+
+def launched_without_accelerator() -> bool:
+    """One of several processes (torchrun, `accelerate launch --multi_gpu`) on a machine with
+    no GPU. Accelerate starts a CPU (gloo) process group only when told it runs on the CPU;
+    otherwise every process would train alone, all writing into one output_dir."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, XPU, NPU, MPS, ...
+        return not torch.accelerator.is_available()
+    return not torch.cuda.is_available()
 
 
 def build_policy(config: TrainConfig, dtype: torch.dtype, quantize: bool) -> torch.nn.Module:
@@ -164,20 +243,24 @@ def build_policy(config: TrainConfig, dtype: torch.dtype, quantize: bool) -> tor
 
 
 class MicroBatchStream:
-    """Micro-batches over epochs; epoch e is shuffled with seed + e, so any position in the
-    stream can be reproduced from the number of micro-batches already consumed."""
+    """Micro-batches over epochs; epoch e is ordered with seed + e (shuffled, or grouped by
+    `lengths` when given), so any position in the stream can be reproduced from the number of
+    micro-batches already consumed."""
 
     def __init__(self, accelerator: Accelerator, pairs: list[TokenizedPair], batch_size: int,
-                 collator: PreferenceCollator, seed: int):
+                 collator: PreferenceCollator, seed: int, lengths: list[int] | None = None):
         self.accelerator, self.pairs, self.batch_size = accelerator, pairs, batch_size
-        self.collator, self.seed = collator, seed
+        self.collator, self.seed, self.lengths = collator, seed, lengths
         self.batches_per_epoch = len(self._epoch_loader(0))
 
     def _epoch_loader(self, epoch: int):
-        order = torch.randperm(len(self.pairs),
-                               generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = epoch_order(len(self.pairs), self.batch_size, generator, self.lengths)
+        # A DataLoader draws a seed for every new iterator, from the global RNG unless it has
+        # its own generator; a resumed run opens an iterator where the original did not, so
+        # drawing globally would shift every dropout mask after a resume.
         loader = DataLoader(self.pairs, batch_size=self.batch_size, sampler=order,
-                            collate_fn=self.collator)
+                            collate_fn=self.collator, generator=generator)
         return self.accelerator.prepare_data_loader(loader)
 
     def iterate(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -237,19 +320,35 @@ def _format_record(record: dict) -> str:
     return " | ".join(parts)
 
 
+def select_logps_fn(config: TrainConfig, model: torch.nn.Module, announce: bool) -> LogpsFn:
+    """Prefix sharing when asked and the model's attention takes a 4D mask; else two rows."""
+    if not config.prefix_sharing:
+        return concatenated_forward
+    attn_implementation = getattr(model.config, "_attn_implementation", None)
+    if attn_implementation in FOUR_D_MASK_ATTENTION:
+        return prefix_shared_forward
+    if announce:
+        print(f"--prefix_sharing needs attn_implementation sdpa or eager, and this model uses "
+              f"{attn_implementation!r}: using the standard two-row forward instead.")
+    return concatenated_forward
+
+
 def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) -> dict:
     """Train a LoRA adapter with DPO as `config` says; return the final metrics."""
     config.validate()
     check_output_dir(config)
+    resume_path = (resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+                   if config.resume_from_checkpoint else None)
     dtype = resolve_dtype(config.dtype)
     quantize = resolve_quantization(config.quantization)
     accelerator = Accelerator(mixed_precision=mixed_precision_for(dtype),
+                              cpu=launched_without_accelerator(),
                               **tracker_options(config.report_to, config.output_dir))
+    check_backend(config, accelerator.state, quantize)
     is_main = accelerator.is_main_process
     set_seed(config.seed)
     if is_main:
         os.makedirs(config.output_dir, exist_ok=True)
-        config.to_json(os.path.join(config.output_dir, CONFIG_FILE))
 
     # model -> tokenizer -> optimizer -> loss -> data -> schedule
     model = build_policy(config, dtype, quantize)
@@ -259,18 +358,47 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
     objective = PreferenceObjective(
         loss_type=config.loss_type, beta=config.beta, label_smoothing=config.label_smoothing,
         rpo_alpha=config.rpo_alpha, simpo_gamma=config.simpo_gamma,
-        reference_free=config.reference_free)
+        reference_free=config.reference_free,
+        logps_fn=select_logps_fn(config, model, announce=is_main))
     with accelerator.main_process_first():
         train_pairs, eval_pairs, sample_prompts = prepare_data(config, tokenizer,
                                                                show_progress=is_main)
     collator = PreferenceCollator(tokenizer.pad_token_id)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # Accelerate reads DeepSpeed's micro-batch size off the dataloaders given to prepare();
+        # this loop prepares its own.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = config.batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
-    stream = MicroBatchStream(accelerator, train_pairs, config.batch_size, collator, config.seed)
+    reference_pass_s = 0.0
+    if config.precompute_ref_log_probs and objective.uses_reference:
+        reference_pass = {"model": model, "objective": objective, "collator": collator,
+                          "accelerator": accelerator,
+                          "batch_size": config.ref_batch_size or 4 * config.batch_size,
+                          "cache_dir": config.ref_cache_dir or os.path.join(config.output_dir,
+                                                                            "reference_logps"),
+                          "settings": {"logps_fn": objective.logps_fn.__name__,
+                                       "attn_implementation": config.attn_implementation,
+                                       "dtype": str(dtype), "quantize": quantize},
+                          "show_progress": is_main}
+        train_reference = with_reference_logps(train_pairs, **reference_pass)
+        eval_reference = with_reference_logps(eval_pairs, **reference_pass)
+        train_pairs, eval_pairs = train_reference.pairs, eval_reference.pairs
+        reference_pass_s = train_reference.seconds + eval_reference.seconds
+        collator = ReferenceLogpsCollator(collator)
+    prefix_shared = objective.logps_fn is prefix_shared_forward
+    train_lengths = ([pair_length(p, prefix_shared) for p in train_pairs]
+                     if config.group_by_length else None)
+    stream = MicroBatchStream(accelerator, train_pairs, config.batch_size, collator, config.seed,
+                              lengths=train_lengths)
     eval_loader = None
     if eval_pairs:
+        # Evaluation order does not change its metrics; sorted by length it pads least.
+        eval_order = (length_sorted_order([pair_length(p, prefix_shared) for p in eval_pairs])
+                      if config.group_by_length else None)
         eval_loader = accelerator.prepare_data_loader(DataLoader(
             eval_pairs, batch_size=config.eval_batch_size or config.batch_size,
-            collate_fn=collator))
+            sampler=eval_order, collate_fn=collator))
     accumulation = config.gradient_accumulation_steps
     total_steps = config.max_steps or math.ceil(
         config.epochs * stream.batches_per_epoch / accumulation)
@@ -279,16 +407,20 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
         print(f"--warmup_steps {config.warmup_steps} is longer than this {total_steps}-step run; "
               f"warming up for {warmup} steps instead.")
 
-    state = TrainState()
+    order = data_order(config, accelerator.num_processes, len(train_pairs))
+    state = TrainState(data_order=order)
     log_path = os.path.join(config.output_dir, LOG_FILE)
-    if config.resume_from_checkpoint:
-        path = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
-        state = load_checkpoint(path, accelerator, model, optimizer)
+    # Nothing saved in output_dir is touched before setup has succeeded: a failed start
+    # (bad model, data or checkpoint) loses nothing.
+    if resume_path:
+        state = load_checkpoint(resume_path, accelerator, model, optimizer, order)
         if is_main:
             _truncate_log(log_path, state.step)
-            print(f"Resumed from {path} at step {state.step}.")
-    elif is_main and os.path.exists(log_path):
-        os.remove(log_path)
+            print(f"Resumed from {resume_path} at step {state.step}.")
+    elif is_main:
+        clear_previous_run(config.output_dir)
+    if is_main:
+        config.to_json(os.path.join(config.output_dir, CONFIG_FILE))
 
     # Started once setup has succeeded, so a bad model or data path leaves no empty run.
     start_trackers(accelerator, config)
@@ -332,7 +464,9 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
                 raise NonFiniteError(
                     f"step {state.step + 1}: loss {step_loss} / grad norm {grad_norm} is not "
                     f"finite; stopping. Last good checkpoint: "
-                    f"{saved[-1] if saved else 'none (lower --save_steps to keep one)'}.")
+                    f"{saved[-1] if saved else 'none (lower --save_steps to keep one)'}. "
+                    "Try a lower --learning_rate, or --skip_nonfinite_steps N to skip such "
+                    "steps, and --resume_from_checkpoint latest.")
             state.nonfinite_steps_skipped += 1
             optimizer.zero_grad(set_to_none=True)
             window.stats = window.stats[:-accumulation]
@@ -372,9 +506,11 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
         "train": {k: v for k, v in last_train.items() if k not in ("split",)},
         "eval": {k: v for k, v in last_eval.items() if k not in ("split",)},
         "steps": state.step,
+        "num_processes": accelerator.num_processes,
         "train_pairs": len(train_pairs),
         "eval_pairs": len(eval_pairs),
         "train_runtime_s": runtime,
+        "reference_pass_s": reference_pass_s,
     }
     unwrapped = accelerator.unwrap_model(model)
     if evaluation_hook is not None and is_main:
@@ -382,8 +518,8 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
             metrics["before"] = evaluation_hook(unwrapped, tokenizer)
         metrics["after"] = evaluation_hook(unwrapped, tokenizer)
     accelerator.wait_for_everyone()
+    save_adapter(accelerator, model, config.output_dir)
     if is_main:
-        unwrapped.save_pretrained(config.output_dir)
         tokenizer.save_pretrained(config.output_dir)
         if config.merge_adapter:
             merged_dir = save_merged_model(config, dtype)
@@ -394,7 +530,8 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
         if sample_prompts:
             write_samples(unwrapped, tokenizer, sample_prompts,
                           os.path.join(config.output_dir, SAMPLES_FILE),
-                          use_chat_template=resolve_chat_template(tokenizer, config.chat_template))
+                          use_chat_template=resolve_chat_template(tokenizer, config.chat_template),
+                          max_new_tokens=config.sample_max_new_tokens)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics

@@ -14,14 +14,17 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from dpo_core import logps as logps_module
+from dpo_core.data import PreferencePair
 from dpo_core.logps import (
     concatenated_forward,
     prefix_shared_batch,
     prefix_shared_forward,
     sequence_logps,
 )
+from dpo_core.tokenization import PreferenceCollator, tokenize_pair
 
 IGNORE = -100
 
@@ -45,8 +48,11 @@ def random_pairs(vocab_size: int, lengths, seed: int = 0) -> list[tuple[list[int
 def pair_batch(pairs, padding_side: str, pad_id: int = 0, extra_padding: int = 0) -> dict:
     """What the collator produces: chosen/rejected ids, masks and labels at one common T."""
     seq_len = max(len(p) + max(len(c), len(r)) for p, c, r in pairs) + extra_padding
-    batch = {f"{side}_{field}": [] for side in ("chosen", "rejected")
-             for field in ("input_ids", "attention_mask", "labels")}
+    batch = {
+        f"{side}_{field}": []
+        for side in ("chosen", "rejected")
+        for field in ("input_ids", "attention_mask", "labels")
+    }
     for prompt, chosen, rejected in pairs:
         for side, response in (("chosen", chosen), ("rejected", rejected)):
             ids = prompt + response
@@ -112,7 +118,7 @@ def backward_and_grads(model, forward, batch, weights) -> tuple[torch.Tensor, ..
 
 
 class PeakLiveBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages allocated inside the mode and still alive, forward and backward.
+    """Peak bytes of the tensor storages allocated inside the mode and alive at once.
 
     Tensors that existed before (the logits themselves) are not counted.
     """
@@ -130,10 +136,14 @@ class PeakLiveBytes(TorchDispatchMode):
                 continue
             storage = tensor.untyped_storage()
             key = storage.data_ptr()
-            if key in self.live or storage.nbytes() == 0 or any(
-                key == a.untyped_storage().data_ptr()
-                for a in tree_flatten((args, kwargs))[0]
-                if isinstance(a, torch.Tensor)
+            if (
+                key in self.live
+                or storage.nbytes() == 0
+                or any(
+                    key == a.untyped_storage().data_ptr()
+                    for a in tree_flatten((args, kwargs))[0]
+                    if isinstance(a, torch.Tensor)
+                )
             ):
                 continue  # a view or in-place result: no new memory
             self.live[key] = storage.nbytes()
@@ -238,14 +248,49 @@ def test_sequence_logps_rejects_misaligned_labels():
         sequence_logps(torch.randn(2, 5, 7), torch.zeros(2, 4, dtype=torch.long))
 
 
+def kept_rows_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """What concatenated_forward does when the model returned logits only at label positions.
+
+    logits [N, V]: row i predicts the i-th label of `labels` [B, T] in row-major order.
+    """
+    seq_index, positions = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    targets = labels[seq_index, positions + 1]
+    return logps_module._sum_label_logps(logits, None, targets, seq_index, labels.shape[0])
+
+
+def test_kept_rows_path_equals_sequence_logps(monkeypatch):
+    batch, seq_len, vocab = 3, 10, 29
+    monkeypatch.setattr(logps_module, "CHUNK_ELEMENTS", 4 * vocab)
+    logits = torch.randn(batch, seq_len, vocab, requires_grad=True)
+    labels = random_labels(batch, seq_len, vocab, seed=8)
+    kept = logits[:, :-1][labels[:, 1:] != IGNORE]  # [N, V], row-major like logits_to_keep
+    kept.retain_grad()
+    weights = torch.randn(batch)
+
+    (kept_rows_logps(kept, labels) @ weights).backward()
+    grad = kept.grad.clone()
+    logits.grad = None
+    expected = sequence_logps(logits, labels)
+    (expected @ weights).backward()
+    torch.testing.assert_close(kept_rows_logps(kept, labels), expected, atol=0, rtol=0)
+    torch.testing.assert_close(grad, logits.grad[:, :-1][labels[:, 1:] != IGNORE])
+
+
+@pytest.mark.parametrize("path", ["sequence_logps", "kept_rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sequence_logps_never_holds_a_full_fp32_vocab_tensor(monkeypatch, dtype):
+def test_logps_never_hold_a_full_fp32_vocab_tensor(monkeypatch, dtype, path):
     """Peak memory of forward + backward: the [N, V] gradient autograd needs, plus one chunk."""
     batch, seq_len, vocab = 4, 64, 1024
     rows_per_chunk = 16
     monkeypatch.setattr(logps_module, "CHUNK_ELEMENTS", rows_per_chunk * vocab)
-    logits = torch.randn(batch, seq_len, vocab).to(dtype).requires_grad_()
     labels = random_labels(batch, seq_len, vocab, seed=5)
+    if path == "sequence_logps":
+        logits = torch.randn(batch, seq_len, vocab).to(dtype).requires_grad_()
+        fn = sequence_logps
+    else:  # every position but the last predicts a label: N = B * (T - 1) kept rows
+        labels[:, 1:] = labels[:, 1:].clamp(min=0)
+        logits = torch.randn(batch * (seq_len - 1), vocab).to(dtype).requires_grad_()
+        fn = kept_rows_logps
 
     gradient_bytes = logits.numel() * logits.element_size()
     full_fp32_bytes = logits.numel() * 4
@@ -257,18 +302,16 @@ def test_sequence_logps_never_holds_a_full_fp32_vocab_tensor(monkeypatch, dtype)
         logits.grad = None
         return peak_bytes_of(lambda: fn(logits, labels).sum().backward())
 
-    assert step(sequence_logps) <= budget
+    assert step(fn) <= budget
 
     def naive(x, y):  # what the budget must catch: an fp32 log-softmax over the vocabulary
-        log_probs = torch.log_softmax(x[:, :-1].float(), dim=-1)
-        picked = log_probs.gather(-1, y[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
-        return (picked * (y[:, 1:] != IGNORE)).sum(-1)
+        return torch.log_softmax(x.float(), dim=-1)[..., 0].sum()
 
     assert step(naive) > gradient_bytes + full_fp32_bytes / 2
 
     # The reference pass (no grad) allocates no more than a few chunks.
     with torch.no_grad():
-        assert peak_bytes_of(lambda: sequence_logps(logits, labels)) <= budget - gradient_bytes
+        assert peak_bytes_of(lambda: fn(logits, labels)) <= budget - gradient_bytes
 
 
 # ---------------------------------------------------------------- concatenated_forward
@@ -306,17 +349,16 @@ def test_concatenated_forward_independent_of_batch_neighbours(lora_and_base):
 
 
 def test_concatenated_forward_computes_logits_only_at_label_positions(lora_and_base):
-    model, _ = lora_and_base
+    model, base = lora_and_base
     batch = pair_batch(random_pairs(model.config.vocab_size, PAIR_LENGTHS), "left")
-    shapes = []
-    hook = model.get_base_model().lm_head.register_forward_hook(
-        lambda module, args, output: shapes.append(tuple(output.shape))
-    )
-    with torch.no_grad():
-        concatenated_forward(model, batch)
-    hook.remove()
     num_labels = sum(int((batch[f"{s}_labels"] != IGNORE).sum()) for s in ("chosen", "rejected"))
-    assert shapes == [(num_labels, model.config.vocab_size)]
+    shapes = []
+    for called, lm_head in ((model, model.get_base_model().lm_head), (base, base.lm_head)):
+        hook = lm_head.register_forward_hook(lambda module, args, out: shapes.append(out.shape))
+        with torch.no_grad():
+            concatenated_forward(called, batch)
+        hook.remove()
+    assert shapes == [(num_labels, model.config.vocab_size)] * 2  # PEFT model, then plain model
 
 
 def test_reference_pass_equals_base_model_without_lora(lora_and_base):
@@ -396,8 +438,15 @@ def test_prefix_shared_rows_layout():
         )
     )
     assert sorted(predictions) == sorted(
-        [(0, 1, 7, 0), (0, 2, 8, 0), (0, 3, 9, 0), (0, 1, 10, 2),
-         (1, 0, 12, 1), (1, 0, 13, 3), (1, 2, 14, 3)]
+        [
+            (0, 1, 7, 0),
+            (0, 2, 8, 0),
+            (0, 3, 9, 0),
+            (0, 1, 10, 2),
+            (1, 0, 12, 1),
+            (1, 0, 13, 3),
+            (1, 2, 14, 3),
+        ]
     )
     visible = shared.attention_mask("sdpa")[0, 0].int().tolist()
     assert visible == [
@@ -424,7 +473,8 @@ def test_prefix_shared_forward_equals_concatenated(tiny_model, attn_implementati
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.3)
-    pairs = random_pairs(model.config.vocab_size, PAIR_LENGTHS, seed=3)
+    # An empty prompt too: its first response token is predicted by nothing, on both paths.
+    pairs = random_pairs(model.config.vocab_size, [*PAIR_LENGTHS, (0, 3, 4)], seed=3)
     batch = pair_batch(pairs, padding_side, extra_padding=1)
     weights = pair_weights(len(pairs))
 
@@ -439,7 +489,7 @@ def test_prefix_shared_forward_with_gradient_checkpointing(lora_and_base):
     batch = pair_batch(random_pairs(model.config.vocab_size, PAIR_LENGTHS, seed=4), "left")
     weights = pair_weights(len(PAIR_LENGTHS))
     *plain, plain_grads = backward_and_grads(model, prefix_shared_forward, batch, weights)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # checkpointing is active in training mode only (all dropout rates are 0)
     *checkpointed, checkpointed_grads = backward_and_grads(
         model, prefix_shared_forward, batch, weights
@@ -465,6 +515,25 @@ def test_bf16_model_gives_fp32_logps(tiny_model, attn_implementation):
     torch.testing.assert_close(standard, tuple(r.float() for r in reference), atol=0.1, rtol=0.01)
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_absolute_position_model_gets_the_right_positions(padding_side):
+    """GPT-2 adds absolute position embeddings, so a wrong position id changes its numbers.
+
+    (RoPE only sees relative offsets: on Llama a left-padding shift would go unnoticed.)
+    """
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    model = GPT2LMHeadModel(config).eval()
+    pairs = random_pairs(config.vocab_size, PAIR_LENGTHS, seed=6)
+    batch = pair_batch(pairs, padding_side, extra_padding=2)
+    with torch.no_grad():
+        reference = tuple(logps.float() for logps in naive_pair_logps(model, pairs))
+        torch.testing.assert_close(concatenated_forward(model, batch), reference, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            prefix_shared_forward(model, batch), reference, atol=1e-5, rtol=0
+        )
+
+
 def test_prefix_sharing_refuses_flash_attention(tiny_model):
     tiny_model.config._attn_implementation = "flash_attention_2"
     batch = pair_batch(random_pairs(50, PAIR_LENGTHS), "right")
@@ -478,3 +547,39 @@ def test_prefix_sharing_refuses_pairs_with_different_prompts(tiny_model):
     batch["rejected_input_ids"][2, 1] += 1  # inside pair 2's prompt (9 tokens)
     with pytest.raises(ValueError, match="pair 2 .*identical prompt"):
         prefix_shared_forward(tiny_model, batch)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_collated_batches_match_per_sequence_loop(tiny_tokenizer, lora_and_base, padding_side):
+    """End to end from text: tokenize_pair + PreferenceCollator batches into both forwards."""
+    model, _ = lora_and_base
+    texts = [
+        ("what is a cat", "a happy cat runs", "no"),
+        (
+            [{"role": "system", "content": "be good"}, {"role": "user", "content": "hello world"}],
+            "hello you are here",
+            "the lazy dog jumps over the quick brown fox please",
+        ),
+        ("why", "one two three", "yes sure thanks"),
+    ]
+    pairs = [
+        tokenize_pair(
+            tiny_tokenizer,
+            PreferencePair(prompt, chosen, rejected),
+            max_length=64,
+            max_prompt_length=32,
+            use_chat_template=True,
+        )
+        for prompt, chosen, rejected in texts
+    ]
+    collate = PreferenceCollator(tiny_tokenizer.eos_token_id, padding_side=padding_side)
+    batch = collate(pairs)
+    with torch.no_grad():
+        reference = naive_pair_logps(
+            model, [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]
+        )
+        reference = tuple(logps.float() for logps in reference)
+        torch.testing.assert_close(concatenated_forward(model, batch), reference, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            prefix_shared_forward(model, batch), reference, atol=1e-5, rtol=0
+        )

@@ -26,7 +26,8 @@ def train_args(model_dir: str, data: str, out: str, *extra: str) -> list[str]:
         "--num_samples", "0", "--eval_fraction", "0.25", "--batch_size", "4",
         "--gradient_accumulation_steps", "1", "--learning_rate", "5e-3", "--warmup_steps", "0",
         "--logging_steps", "1", "--eval_steps", "0", "--save_steps", "0", "--max_length", "64",
-        "--max_prompt_length", "32", "--no-gradient_checkpointing", *extra,
+        "--max_prompt_length", "32", "--no-gradient_checkpointing", "--num_sample_prompts", "0",
+        *extra,
     ]
 
 

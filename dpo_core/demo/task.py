@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from dpo_core.generation import generate_replies
+
 OPERANDS = range(10, 100)  # two-digit operands keep every prompt the same shape
 PROMPT_PATTERN = re.compile(r"What is (\d+) \+ (\d+)\?")
 
@@ -87,58 +89,6 @@ def follows_rule(prompt: str, response: str) -> bool:
     return response.strip() == make_reply(a, b, a + b)
 
 
-@torch.inference_mode()
-def generate_replies(
-    model: torch.nn.Module,
-    tokenizer,
-    prompts: Sequence[str],
-    max_new_tokens: int = 16,
-    batch_size: int = 64,
-) -> list[str]:
-    """Greedy replies to single-turn `prompts`, with the tokenizer's chat template applied.
-
-    Prompts are left-padded into batches; each reply is cut from the output by token ids
-    (everything after the prompt, up to the first EOS), then decoded without special tokens.
-    The model's train/eval mode is restored afterwards.
-    """
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    replies: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            encoded = [
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}],
-                    add_generation_prompt=True,
-                    tokenize=True,
-                    return_dict=False,
-                )
-                for prompt in prompts[start : start + batch_size]
-            ]
-            width = max(len(ids) for ids in encoded)
-            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded])
-            attention_mask = torch.tensor(
-                [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded]
-            )
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-                eos_token_id=eos_id,
-            )
-            for row in output[:, width:].tolist():
-                reply_ids = row[: row.index(eos_id)] if eos_id in row else row
-                replies.append(tokenizer.decode(reply_ids, skip_special_tokens=True))
-    finally:
-        model.train(was_training)
-    return replies
-
-
 def generation_accuracy(
     model: torch.nn.Module,
     tokenizer,
@@ -146,10 +96,16 @@ def generation_accuracy(
     max_new_tokens: int = 16,
     batch_size: int = 64,
 ) -> float:
-    """Fraction of `prompts` whose greedy reply `follows_rule` (0.0 to 1.0)."""
+    """Fraction of `prompts` whose greedy reply `follows_rule` (0.0 to 1.0).
+
+    Replies come from `dpo_core.generation.generate_replies`, as in `chat.py`: chat template
+    applied, greedy decoding, the reply cut from the output by token ids at the first EOS.
+    """
     if not prompts:
         raise ValueError("generation_accuracy needs at least one prompt")
-    replies = generate_replies(model, tokenizer, prompts, max_new_tokens, batch_size)
+    replies = generate_replies(
+        model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
     return sum(map(follows_rule, prompts, replies)) / len(prompts)
 
 

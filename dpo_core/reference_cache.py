@@ -1,0 +1,244 @@
+"""Reference log-probs computed once before training and cached on disk.
+
+The reference model is the policy with its adapter switched off, and it never changes, so its
+log-probs of every pair can be computed in one no-grad pass (larger batches, pairs sorted by
+length so batches carry little padding) and reused by every epoch and every evaluation. The
+values are cached in a safetensors file named after a key that covers everything they depend
+on: the model's configuration, a fingerprint of its adapter-free weights, the token ids of the
+pairs and the log-prob settings. A restart or a second run on the same model and data loads
+them; any change gives another key and a fresh pass. An unreadable or mismatched file is
+recomputed and replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, extract_model_from_parallel
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from dpo_core.batching import length_sorted_order, pair_length
+from dpo_core.objective import PreferenceObjective
+from dpo_core.tokenization import PreferenceCollator, TokenizedPair
+
+CACHE_FORMAT = 1
+# Elements hashed per weight tensor (evenly spaced), plus the tensor's exact fp64 sum: cheap
+# even for billions of weights, and any real change of a checkpoint moves both.
+FINGERPRINT_SAMPLES = 4096
+# Config entries that do not change what the model computes.
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "use_cache")
+
+
+@dataclass(frozen=True)
+class PairWithReference(TokenizedPair):
+    """A tokenized pair with the reference model's log-probs of its two responses (fp32 values)."""
+
+    reference_chosen_logps: float
+    reference_rejected_logps: float
+
+
+class ReferenceLogpsCollator:
+    """A `PreferenceCollator` that also returns `reference_chosen_logps` and
+    `reference_rejected_logps` ([B] fp32), which `PreferenceObjective` then uses as they are."""
+
+    def __init__(self, collator: PreferenceCollator):
+        self.collator = collator
+
+    def __call__(self, pairs: Sequence[PairWithReference]) -> dict[str, torch.Tensor]:
+        if not all(isinstance(pair, PairWithReference) for pair in pairs):
+            raise TypeError("ReferenceLogpsCollator needs PairWithReference items")
+        batch = self.collator(pairs)
+        for field in ("reference_chosen_logps", "reference_rejected_logps"):
+            batch[field] = torch.tensor([getattr(p, field) for p in pairs], dtype=torch.float32)
+        return batch
+
+
+@dataclass(frozen=True)
+class ReferencePass:
+    """What `with_reference_logps` did: the pairs with their values, the cache file, whether
+    the values came from it, and the seconds spent (hashing, loading or computing)."""
+
+    pairs: list[PairWithReference]
+    cache_path: str | None
+    from_cache: bool
+    seconds: float
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    inner = extract_model_from_parallel(model)
+    get_base_model = getattr(inner, "get_base_model", None)  # PEFT
+    return get_base_model() if callable(get_base_model) else inner
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every non-LoRA parameter and buffer: name, shape, dtype, an evenly spaced
+    sample of its values and its fp64 sum. Adapter weights are left out: the reference is the
+    model with its adapter off, whatever the adapter holds."""
+    digest = hashlib.sha256()
+    base = _base_model(model)
+    tensors = list(base.named_parameters()) + list(base.named_buffers())
+    for name, tensor in tensors:
+        if "lora_" in name:
+            continue
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES]
+        total = torch.sum(flat, dtype=torch.float64).item() if flat.numel() else 0.0
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{total!r}|".encode())
+        digest.update(sample.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
+    """sha256 of every pair's prompt, chosen and rejected token ids, in order."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+            digest.update(np.asarray([len(ids), *ids], dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def reference_cache_key(
+    model: torch.nn.Module, pairs: Sequence[TokenizedPair], settings: Mapping[str, object]
+) -> str:
+    """Hex key of the cache entry for `pairs` under `model` and the log-prob `settings`."""
+    config = _base_model(model).config.to_dict()
+    for key in _VOLATILE_CONFIG_KEYS:
+        config.pop(key, None)
+    parts = {
+        "format": CACHE_FORMAT,
+        "config": config,
+        "weights": weights_fingerprint(model),
+        "data": data_fingerprint(pairs),
+        "settings": dict(settings),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    model: torch.nn.Module,
+    pairs: Sequence[TokenizedPair],
+    *,
+    objective: PreferenceObjective,
+    collator: PreferenceCollator,
+    accelerator: Accelerator,
+    batch_size: int,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """Reference (chosen, rejected) log-probs of every pair -> [N, 2] fp32 on the CPU.
+
+    Processes share the batches and gather the results; pairs go longest first so each batch
+    pads little. The model runs in eval mode (no dropout) and returns to its previous mode.
+    """
+    order = length_sorted_order([pair_length(p, prefix_sharing=True) for p in pairs])
+
+    def collate(indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = collator([pairs[i] for i in indices])
+        batch["pair_index"] = torch.tensor(indices, dtype=torch.long)
+        return batch
+
+    loader = accelerator.prepare_data_loader(
+        DataLoader(order, batch_size=batch_size, collate_fn=collate)
+    )
+    values = torch.empty(len(pairs), 2, dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(loader, desc="Reference log-probs", unit="batch",
+                          disable=not (show_progress and accelerator.is_main_process)):
+            chosen, rejected = objective.reference_logps(model, batch)
+            # Duplicates that even out the last batches across processes carry the same
+            # index and the same values, so writing them twice is harmless.
+            gathered = accelerator.gather(
+                {"index": batch["pair_index"], "logps": torch.stack([chosen, rejected], dim=1)}
+            )
+            values[gathered["index"].cpu()] = gathered["logps"].float().cpu()
+    finally:
+        model.train(was_training)
+    return values
+
+
+def _load_cached(path: str, key: str, num_pairs: int) -> torch.Tensor | None:
+    """The cached [N, 2] values, or None when the file is missing, unreadable or for another key."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, framework="pt") as cached:
+            metadata = cached.metadata() or {}
+            values = cached.get_tensor("reference_logps")
+    except Exception as error:  # any unreadable file is simply recomputed
+        print(f"Reference log-prob cache {path} is unreadable ({type(error).__name__}); "
+              "recomputing it.")
+        return None
+    if metadata.get("key") != key or tuple(values.shape) != (num_pairs, 2):
+        print(f"Reference log-prob cache {path} belongs to other data or weights; recomputing it.")
+        return None
+    return values
+
+
+def _save(path: str, key: str, values: torch.Tensor) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    partial = f"{path}.{os.getpid()}.tmp"
+    save_file({"reference_logps": values.contiguous()}, partial, metadata={"key": key})
+    os.replace(partial, path)  # atomic: a crash never leaves a half-written cache behind
+
+
+def with_reference_logps(
+    pairs: Sequence[TokenizedPair],
+    *,
+    model: torch.nn.Module,
+    objective: PreferenceObjective,
+    collator: PreferenceCollator,
+    accelerator: Accelerator,
+    batch_size: int,
+    cache_dir: str,
+    settings: Mapping[str, object],
+    show_progress: bool = True,
+) -> ReferencePass:
+    """`pairs` with their reference log-probs, from `cache_dir` when cached, else computed
+    (every process takes part) and cached by the main process.
+
+    `settings`: whatever else changes the values (log-prob function, dtype, ...), part of the key.
+    """
+    if not objective.uses_reference:
+        raise ValueError(f"loss {objective.loss_type!r} without a reference has no reference "
+                         "log-probs to precompute")
+    started = time.perf_counter()
+    if not pairs:
+        return ReferencePass([], None, False, 0.0)
+    key = reference_cache_key(model, pairs, settings)
+    path = os.path.join(cache_dir, f"reference_logps-{key[:16]}.safetensors")
+    # The main process decides for everyone, so no process skips a pass the others run.
+    cached = [_load_cached(path, key, len(pairs)) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(cached)
+    values = cached[0]
+    from_cache = values is not None
+    if values is None:
+        values = compute_reference_logps(
+            model, pairs, objective=objective, collator=collator, accelerator=accelerator,
+            batch_size=batch_size, show_progress=show_progress)
+        if accelerator.is_main_process:
+            _save(path, key, values)
+    accelerator.wait_for_everyone()
+    chosen, rejected = values[:, 0].tolist(), values[:, 1].tolist()
+    with_values = [
+        PairWithReference(p.prompt_ids, p.chosen_ids, p.rejected_ids, c, r)
+        for p, c, r in zip(pairs, chosen, rejected, strict=True)
+    ]
+    seconds = time.perf_counter() - started
+    if show_progress and accelerator.is_main_process:
+        how = "loaded from" if from_cache else f"computed in {seconds:.1f} s and cached to"
+        print(f"Reference log-probs of {len(pairs)} pairs {how} {path}.")
+    return ReferencePass(with_values, path, from_cache, seconds)

@@ -1,0 +1,296 @@
+"""Speed and memory flags change how fast training runs, never what it computes.
+
+Prefix sharing and precomputed reference log-probs must reproduce the standard path's
+training run; the reference cache must be reused when nothing changed and rebuilt when
+anything did; length grouping must visit every pair once per epoch, deterministically; and
+gradient checkpointing must give the same gradients as keeping the activations.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import learnable_pairs
+from test_train import ROOT, read_log, train_args
+
+import train
+from dpo_core.batching import epoch_order, length_sorted_order, pair_length
+from dpo_core.config import ConfigError, TrainConfig
+from dpo_core.data import PreferencePair
+from dpo_core.model import add_lora, load_base_model
+from dpo_core.objective import PreferenceObjective
+from dpo_core.reference_cache import (
+    PairWithReference,
+    ReferenceLogpsCollator,
+    with_reference_logps,
+)
+from dpo_core.tokenization import PreferenceCollator, tokenize_pairs
+from dpo_core.trainer import MicroBatchStream
+
+LOGGED = ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm")
+
+
+def tokenized_pairs(tokenizer, num: int = 12) -> list:
+    rows = learnable_pairs(num, seed=3)
+    pairs = [PreferencePair(r["prompt"], " " + r["chosen"], " " + r["rejected"]) for r in rows]
+    tokenized, dropped = tokenize_pairs(tokenizer, pairs, max_length=64, max_prompt_length=32,
+                                        use_chat_template=True, disable=True)
+    assert dropped == 0
+    return tokenized
+
+
+def lora_model(model, gradient_checkpointing: bool = False, quantized: bool = False):
+    return add_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear",
+                    gradient_checkpointing=gradient_checkpointing, quantized=quantized)
+
+
+# ------------------------------------------------------------------ trainer runs
+
+
+@pytest.fixture(scope="module")
+def standard_run(tiny_model_dir, pairs_file, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("standard")
+    args = train_args(tiny_model_dir, pairs_file, out, "--max_steps", "3")
+    assert train.main(args) == 0
+    return read_log(out)
+
+
+@pytest.mark.parametrize("flags", [
+    ("--prefix_sharing",),
+    ("--precompute_ref_log_probs", "--ref_batch_size", "5"),
+], ids=["prefix_sharing", "precompute_ref_log_probs"])
+def test_speed_flags_reproduce_the_standard_run(standard_run, tiny_model_dir, pairs_file,
+                                                tmp_path, flags):
+    """Every logged train step (loss, log-probs, rewards, gradient norm) and the final
+    evaluation match the standard path; the precomputed run caches train and eval values."""
+    out = tmp_path / "run"
+    assert train.main(train_args(tiny_model_dir, pairs_file, out, "--max_steps", "3",
+                                 *flags)) == 0
+    log = read_log(out)
+    assert [(r["split"], r["step"]) for r in log] == [(r["split"], r["step"])
+                                                       for r in standard_run]
+    for ours, expected in zip(log, standard_run, strict=True):
+        for key in LOGGED:
+            if key in expected:
+                assert ours[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-5), key
+    if "--precompute_ref_log_probs" in flags:
+        cached = os.listdir(out / "reference_logps")
+        assert len(cached) == 2 and all(name.endswith(".safetensors") for name in cached)
+
+
+def test_bad_speed_settings_are_refused():
+    with pytest.raises(ConfigError, match="precompute_ref_log_probs"):
+        TrainConfig(loss_type="simpo", precompute_ref_log_probs=True).validate()
+    with pytest.raises(ConfigError, match="--ref_batch_size"):
+        TrainConfig(ref_batch_size=-1).validate()
+
+
+# ------------------------------------------------------------------ reference cache
+
+
+def test_precomputed_reference_equals_on_the_fly_and_cache_is_reused(
+        tiny_tokenizer, tiny_model, tmp_path, capsys):
+    model = lora_model(tiny_model)
+    pairs = tokenized_pairs(tiny_tokenizer)
+    objective = PreferenceObjective()
+    collator = PreferenceCollator(tiny_tokenizer.eos_token_id)
+    accelerator = Accelerator()
+    options = dict(model=model, objective=objective, collator=collator, accelerator=accelerator,
+                   batch_size=5, cache_dir=str(tmp_path / "cache"),
+                   settings={"logps_fn": "concatenated_forward"}, show_progress=False)
+
+    first = with_reference_logps(pairs, **options)
+    assert not first.from_cache and os.path.isfile(first.cache_path)
+    assert all(isinstance(p, PairWithReference) for p in first.pairs)
+    assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in first.pairs] == [
+        (p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]
+
+    # The adapter is switched off for the reference: train it away from zero first, so an
+    # implementation that forgot to disable it would differ.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    batch = ReferenceLogpsCollator(collator)(first.pairs[:4])
+    on_the_fly = PreferenceObjective().reference_logps(model, collator(pairs[:4]))
+    torch.testing.assert_close(batch["reference_chosen_logps"], on_the_fly[0],
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch["reference_rejected_logps"], on_the_fly[1],
+                               rtol=1e-5, atol=1e-5)
+    # ... and the objective uses the precomputed values instead of running the reference.
+    stats = objective(model, batch)
+    expected = objective(model, collator(pairs[:4]))
+    torch.testing.assert_close(stats["losses"], expected["losses"], rtol=1e-5, atol=1e-6)
+
+    # A trained adapter does not change the key: the second run (a restart) hits the cache.
+    second = with_reference_logps(pairs, **options)
+    assert second.from_cache and second.cache_path == first.cache_path
+    assert [p.reference_chosen_logps for p in second.pairs] == [
+        p.reference_chosen_logps for p in first.pairs]
+
+    # A corrupt file is recomputed (and the same values written back).
+    with open(first.cache_path, "wb") as f:
+        f.write(b"not a safetensors file")
+    capsys.readouterr()
+    repaired = with_reference_logps(pairs, **options)
+    assert not repaired.from_cache and "unreadable" in capsys.readouterr().out
+    assert [p.reference_rejected_logps for p in repaired.pairs] == [
+        p.reference_rejected_logps for p in first.pairs]
+    assert with_reference_logps(pairs, **options).from_cache
+
+    # Other data, other settings or other base weights: another key, a fresh pass.
+    assert with_reference_logps(pairs[:-1], **options).cache_path != first.cache_path
+    other = with_reference_logps(pairs, **{**options, "settings": {"logps_fn": "other"}})
+    assert not other.from_cache and other.cache_path != first.cache_path
+    with torch.no_grad():
+        model.get_base_model().model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+    changed = with_reference_logps(pairs, **options)
+    assert not changed.from_cache and changed.cache_path != first.cache_path
+
+
+def test_cache_entry_for_another_key_is_recomputed(tiny_tokenizer, tiny_model, tmp_path,
+                                                   capsys):
+    from safetensors.torch import save_file
+
+    pairs = tokenized_pairs(tiny_tokenizer, num=4)
+    options = dict(model=lora_model(tiny_model), objective=PreferenceObjective(),
+                   collator=PreferenceCollator(tiny_tokenizer.eos_token_id),
+                   accelerator=Accelerator(), batch_size=4, cache_dir=str(tmp_path),
+                   settings={}, show_progress=False)
+    first = with_reference_logps(pairs, **options)
+    save_file({"reference_logps": torch.zeros(len(pairs), 2)}, first.cache_path,
+              metadata={"key": "someone else's"})
+    capsys.readouterr()
+    again = with_reference_logps(pairs, **options)
+    assert not again.from_cache and "other data or weights" in capsys.readouterr().out
+    assert [p.reference_chosen_logps for p in again.pairs] == [
+        p.reference_chosen_logps for p in first.pairs]
+
+
+def test_reference_free_losses_refuse_a_reference_pass(tiny_tokenizer, tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="simpo"):
+        with_reference_logps(tokenized_pairs(tiny_tokenizer, num=2), model=tiny_model,
+                             objective=PreferenceObjective(loss_type="simpo"),
+                             collator=PreferenceCollator(0), accelerator=Accelerator(),
+                             batch_size=2, cache_dir=str(tmp_path), settings={})
+
+
+# ------------------------------------------------------------------ length grouping
+
+
+def test_length_grouped_order_is_a_deterministic_permutation_with_less_padding():
+    generator = torch.Generator().manual_seed(7)
+    lengths = torch.randint(5, 300, (203,), generator=generator).tolist()
+    batch_size = 4
+
+    def order(seed: int, grouped: bool = True) -> list[int]:
+        return epoch_order(len(lengths), batch_size, torch.Generator().manual_seed(seed),
+                           lengths if grouped else None)
+
+    grouped = order(1)
+    assert sorted(grouped) == list(range(len(lengths)))  # each pair exactly once
+    assert order(1) == grouped and order(2) != grouped  # a function of the seed
+    batches = [grouped[i:i + batch_size] for i in range(0, len(grouped), batch_size)]
+    assert len(batches[-1]) == len(lengths) % batch_size  # the short batch stays last
+    assert max(lengths[i] for i in batches[0]) == max(lengths)  # longest batch first
+
+    def padded_tokens(indices: list[int]) -> int:
+        return sum(batch_size * max(lengths[i] for i in indices[j:j + batch_size])
+                   for j in range(0, len(indices), batch_size))
+
+    # Windows of 50 batches sorted by length: padding falls to under a tenth of shuffling's.
+    waste_grouped = padded_tokens(grouped) - sum(lengths)
+    waste_shuffled = padded_tokens(order(1, grouped=False)) - sum(lengths)
+    assert 0 < waste_grouped < 0.1 * waste_shuffled
+    # Plain shuffling is unchanged: the same permutation the trainer always used.
+    assert order(1, grouped=False) == torch.randperm(
+        len(lengths), generator=torch.Generator().manual_seed(1)).tolist()
+    assert length_sorted_order([3, 9, 1, 9]) == [1, 3, 0, 2]
+
+
+def test_grouped_stream_resumes_exactly_and_keeps_each_epoch(tiny_tokenizer):
+    pairs = tokenized_pairs(tiny_tokenizer, num=11)
+    lengths = [pair_length(p, prefix_sharing=False) for p in pairs]
+    stream = MicroBatchStream(Accelerator(), pairs, batch_size=3,
+                              collator=PreferenceCollator(tiny_tokenizer.eos_token_id), seed=5,
+                              lengths=lengths)
+    assert stream.batches_per_epoch == 4
+
+    def chosen_rows(batches) -> list[tuple[int, ...]]:
+        return [tuple(ids[mask.bool()].tolist()) for b in batches
+                for ids, mask in zip(b["chosen_input_ids"], b["chosen_attention_mask"],
+                                     strict=True)]
+
+    full = [batch for batch, _ in zip(stream.iterate(0), range(12), strict=False)]
+    resumed = [batch for batch, _ in zip(stream.iterate(5), range(7), strict=False)]
+    assert chosen_rows(resumed) == chosen_rows(full[5:])
+    every_pair = collections.Counter(tuple(p.prompt_ids + p.chosen_ids) for p in pairs)
+    epochs = [chosen_rows(full[4 * e:4 * e + 4]) for e in range(3)]
+    assert all(collections.Counter(epoch) == every_pair for epoch in epochs)
+    assert epochs[0] != epochs[1]  # each epoch has its own order
+
+
+# ------------------------------------------------------------------ gradient checkpointing
+
+
+def lora_gradients(model, batch) -> dict[str, torch.Tensor]:
+    model.train()
+    PreferenceObjective()(model, batch)["losses"].sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tiny_tokenizer,
+                                                         quantized):
+    batch = PreferenceCollator(tiny_tokenizer.eos_token_id)(tokenized_pairs(tiny_tokenizer, 4))
+    gradients = []
+    for checkpointing in (False, True):
+        base = load_base_model(tiny_model_dir, dtype=torch.float32, quantize_4bit=quantized)
+        torch.manual_seed(0)
+        model = lora_model(base, gradient_checkpointing=checkpointing, quantized=quantized)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # a non-zero adapter, so every LoRA weight gets a gradient
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.1, generator=generator)
+        assert checkpointing == any(getattr(module, "gradient_checkpointing", False)
+                                    for module in model.modules())
+        gradients.append(lora_gradients(model, batch))
+    without, with_checkpointing = gradients
+    assert without.keys() == with_checkpointing.keys() and len(without) > 0
+    for name, grad in without.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(with_checkpointing[name], grad, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------ benchmark harness
+
+
+def test_benchmark_smoke_run_writes_its_report(tmp_path):
+    report_path = tmp_path / "bench.json"
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/bench_dpo.py", "--preset", "tiny", "--steps", "2",
+         "--repeats", "1", "--no_warmup", "--variants", "prefix+precompute",
+         "--workdir", str(tmp_path / "work"), "--json", str(report_path),
+         "--markdown", str(tmp_path / "bench.md")],
+        cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert list(report["rows"]) == ["prefix+precompute"]
+    row = report["rows"]["prefix+precompute"]
+    assert row["config"]["prefix_sharing"] and row["config"]["precompute_ref_log_probs"]
+    assert row["pairs"] == 2 * report["setup"]["batch_size"] and row["tokens"] > 0
+    assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["seconds_median"])
+    assert row["reference_pass_s_median"] > 0 and row["peak_memory_mb"] > 0
+    assert 0 < row["mfu"] < 1 and report["matmul_peak_flops"] > 0
+    # A zero-initialised adapter: policy == reference, so the first loss is ln 2.
+    assert row["first_step"]["loss"] == pytest.approx(0.6931472, abs=1e-6)
+    assert "| prefix+precompute |" in (tmp_path / "bench.md").read_text()
