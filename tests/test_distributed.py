@@ -25,8 +25,7 @@ from dpo_core.trainer import check_backend
 
 # No clipping, so grad_norm is the norm of the raw summed gradient: a wrongly scaled
 # gradient shows there even though AdamW's normalised update would hide it.
-STEPS = ("--max_steps", "4", "--save_steps", "2", "--max_grad_norm", "0", "--num_sample_prompts",
-         "0")
+STEPS = ("--max_steps", "4", "--save_steps", "2", "--max_grad_norm", "0")
 BIN = os.path.dirname(sys.executable)
 
 
@@ -142,7 +141,7 @@ def test_accumulation_over_uneven_micro_batches(tiny_model_dir, tmp_path):
         out = tmp_path / f"b{batch_size}x{accumulation}"
         assert train.main(train_args(tiny_model_dir, data, out, "--eval_fraction", "0",
                                      "--max_steps", "2", "--max_grad_norm", "0",
-                                     "--num_sample_prompts", "0", "--batch_size", str(batch_size),
+                                     "--batch_size", str(batch_size),
                                      "--gradient_accumulation_steps", str(accumulation))) == 0
         runs.append(out)
     for out in runs[1:]:

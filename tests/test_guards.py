@@ -19,7 +19,7 @@ from dpo_core.config import TrainConfig
 from dpo_core.objective import PreferenceObjective
 
 RUN = ("--max_steps", "4", "--save_steps", "2", "--save_total_limit", "0", "--eval_fraction",
-       "0.1", "--num_sample_prompts", "0")
+       "0.1")
 
 
 def snapshot(directory) -> dict[str, str]:

@@ -20,8 +20,7 @@ from dpo_core.checkpoint import checkpoint_dirs, resolve_checkpoint
 # Dropout stays on so that the resumed run matches only if the RNG streams were restored too;
 # two micro-batches per step so the data position is not simply the step number.
 RUN = ("--max_steps", "10", "--save_steps", "2", "--save_total_limit", "2", "--batch_size", "2",
-       "--gradient_accumulation_steps", "2", "--no-disable_dropout", "--lora_dropout", "0.2",
-       "--num_sample_prompts", "0")
+       "--gradient_accumulation_steps", "2", "--no-disable_dropout", "--lora_dropout", "0.2")
 
 # `python train.py ...` that SIGKILLs itself (no cleanup, no flush) while checkpoint-6 is half
 # written: after its adapter and RNG state, before its optimizer state and trainer_state.json.
