@@ -113,3 +113,15 @@ def test_qlora_4bit_on_cpu_trains(tiny_model_dir, pairs_file, tmp_path):
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert math.isfinite(steps[1]["loss"]) and steps[1]["grad_norm"] > 0
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_merge_adapter_writes_an_equivalent_full_model(tiny_model_dir, pairs_file, tmp_path):
+    out = tmp_path / "merged-run"
+    assert train.main(train_args(tiny_model_dir, pairs_file, out, "--max_steps", "2",
+                                 "--merge_adapter")) == 0
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                        str(out))
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
+    assert (out / "merged" / "tokenizer_config.json").is_file()
