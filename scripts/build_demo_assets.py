@@ -4,18 +4,18 @@
 
 What it does, every random choice seeded:
 1. Data. Two-digit addition (`dpo_core.demo.task`): 200 unordered operand pairs are held
-   out for eval.jsonl; train.jsonl holds every other ordered pair (6,856 rows). A held-out
+   out for eval.jsonl; train.jsonl holds every other ordered pair (7,703 rows). A held-out
    prompt's commuted twin is held out too.
 2. Tokenizer. Byte-level BPE (`dpo_core.tiny.train_tokenizer`, Zephyr chat template) trained
    on the data's text with the digits removed: no merge can join digits, so every digit is
    its own token and the model can add column by column.
 3. Base model. A tiny Llama fine-tuned on train.jsonl's prompts, the loss on the reply
-   tokens + EOS, each time with the right reply or the backwards one at random, half and
+   tokens + EOS, each time with the right reply or the one cut short at random, half and
    half. It learns to add, and learns both answers about equally well: greedy decoding gives
    the right sum on roughly half of the prompts, the state DPO is meant to fix. The held-out
    prompts are never trained on; the mix was chosen by looking at training prompts only.
 4. Report. Greedy rule-following on 200 training prompts and on the held-out prompts, the
-   share of replies that write the sum backwards instead, sizes and timings.
+   share of replies cut a digit short instead, sizes and timings.
 
 Runtime: about 9 minutes on 2 busy CPU cores (about 3,000 optimizer steps of 64 replies).
 The same torch build and thread count give the same weights; another thread count may change
@@ -36,7 +36,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from dpo_core.demo.paths import ASSETS_DIR
-from dpo_core.demo.task import backwards, make_pairs, make_reply, parse_prompt, split_operands
+from dpo_core.demo.task import cut_short, make_pairs, make_reply, parse_prompt, split_operands
 from dpo_core.generation import generate_replies
 from dpo_core.tiny import tiny_llama, train_tokenizer
 
@@ -47,7 +47,7 @@ NUM_DEV = 200  # training prompts used to watch the base model (never the held-o
 # The base model: small enough to train in minutes on 2 cores and to ship (about 1.6 MB).
 HIDDEN_SIZE, NUM_LAYERS, NUM_HEADS, INTERMEDIATE_SIZE = 128, 2, 4, 256
 STEPS, BATCH_SIZE, LEARNING_RATE, WARMUP_STEPS, WEIGHT_DECAY = 3000, 64, 3e-3, 100, 0.1
-CHOSEN_FRACTION = 0.5  # share of fine-tuning replies that are right; the rest backwards
+CHOSEN_FRACTION = 0.5  # share of fine-tuning replies that are right; the rest cut short
 
 
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
@@ -102,7 +102,7 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[s
 
 
 def fine_tune(model: torch.nn.Module, examples: list, pad_id: int, rng: random.Random) -> None:
-    """SFT on a seeded half-and-half mix of right and backwards replies; AdamW, cosine."""
+    """SFT on a seeded half-and-half mix of right and cut-short replies; AdamW, cosine."""
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, betas=(0.9, 0.98)
     )
@@ -133,14 +133,14 @@ def fine_tune(model: torch.nn.Module, examples: list, pad_id: int, rng: random.R
 def reply_shares(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str]
 ) -> tuple[float, float]:
-    """(share of greedy replies with the right sum, share with the sum written backwards)."""
+    """(share of greedy replies with the right sum, share with the sum cut short)."""
     replies = generate_replies(model, tokenizer, prompts, max_new_tokens=16, batch_size=100)
-    right = reversed_ = 0
+    right = short = 0
     for prompt, reply in zip(prompts, replies, strict=True):
         a, b = parse_prompt(prompt)
         right += reply == make_reply(a, b, a + b)
-        reversed_ += reply == make_reply(a, b, backwards(a + b))
-    return right / len(prompts), reversed_ / len(prompts)
+        short += reply == make_reply(a, b, cut_short(a + b))
+    return right / len(prompts), short / len(prompts)
 
 
 def directory_size(path: Path) -> int:
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--assets_dir", type=Path, default=ASSETS_DIR,
                         help=f"where to write data/ and model/ (default: {ASSETS_DIR})")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default: 1; the weights' last bits depend on it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
@@ -182,9 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     dev_prompts = [row["prompt"] for row in train_rows[:NUM_DEV]]
     eval_prompts = [row["prompt"] for row in eval_rows]
     for name, prompts in (("training prompts", dev_prompts), ("held-out prompts", eval_prompts)):
-        right, reversed_ = reply_shares(model, tokenizer, prompts)
+        right, short = reply_shares(model, tokenizer, prompts)
         print(f"greedy on {len(prompts)} {name}: right sum {right:.1%}, "
-              f"backwards {reversed_:.1%}, other {1 - right - reversed_:.1%}")
+              f"cut short {short:.1%}, other {max(0.0, 1 - right - short):.1%}")
 
     model_dir = args.assets_dir / "model"
     model.save_pretrained(model_dir)  # safetensors

@@ -68,8 +68,9 @@ def eval_rows():
     [
         ("37 + 48 = 85", True),
         ("  37 + 48 = 85\n", True),  # surrounding whitespace does not matter
-        ("37 + 48 = 86", False),  # off by one, up
-        ("37 + 48 = 84", False),  # off by one, down
+        ("37 + 48 = 8", False),  # cut a digit short: the demo's rejected reply
+        ("37 + 48 = 86", False),  # off by one
+        ("37 + 48 = 58", False),  # digits backwards
         ("85", False),  # not the fixed form
         ("48 + 37 = 85", False),  # operands must be restated in the prompt's order
         ("37 + 48 = 85 85", False),  # extra text after the answer
@@ -99,9 +100,12 @@ def test_make_pair_is_a_standard_row():
     assert make_pair(37, 48) == {
         "prompt": "What is 37 + 48?",
         "chosen": "37 + 48 = 85",
-        "rejected": "37 + 48 = 86",
+        "rejected": "37 + 48 = 8",
     }
-    assert make_pairs([(10, 10), (99, 1)])[1]["chosen"] == "99 + 1 = 100"
+    assert make_pairs([(10, 10), (99, 99)]) == [
+        {"prompt": "What is 10 + 10?", "chosen": "10 + 10 = 20", "rejected": "10 + 10 = 2"},
+        {"prompt": "What is 99 + 99?", "chosen": "99 + 99 = 198", "rejected": "99 + 99 = 19"},
+    ]
 
 
 def test_split_operands_holds_out_unordered_pairs():
@@ -203,12 +207,12 @@ def test_base_model_follows_the_rule_on_about_half_of_held_out_prompts(
     replies = generate_replies(demo_model, demo_tokenizer, prompts, max_new_tokens=16,
                                batch_size=100)
     right = sum(map(follows_rule, prompts, replies)) / len(prompts)
-    off_by_one = sum(reply == row["rejected"] for row, reply in zip(eval_rows, replies,
-                                                                     strict=True)) / len(prompts)
+    cut_short = sum(reply == row["rejected"] for row, reply in zip(eval_rows, replies,
+                                                                    strict=True)) / len(prompts)
     assert 0.3 <= right <= 0.7
-    # It has learned to add: almost every reply is one of the two answers it was shown, so
-    # DPO has only to move the choice between them.
-    assert right + off_by_one >= 0.9
+    # It has learned to add: almost every reply is one of the two it was shown, so DPO has
+    # only to move the choice between them.
+    assert right + cut_short >= 0.9
     assert generation_accuracy(demo_model, demo_tokenizer, prompts, batch_size=100) == right
 
 

@@ -277,7 +277,8 @@ def test_benchmark_smoke_run_writes_its_report(tmp_path):
     report_path = tmp_path / "bench.json"
     completed = subprocess.run(
         [sys.executable, "benchmarks/bench_dpo.py", "--preset", "tiny", "--steps", "2",
-         "--repeats", "1", "--no_warmup", "--variants", "prefix+precompute",
+         "--repeats", "1", "--no_warmup", "--retries", "0", "--quiet_wait", "0",
+         "--variants", "prefix+precompute",
          "--workdir", str(tmp_path / "work"), "--json", str(report_path),
          "--markdown", str(tmp_path / "bench.md")],
         cwd=ROOT, capture_output=True, text=True,

@@ -6,7 +6,7 @@
 
 - ``generation_accuracy``: share of greedy replies that `follows_rule`.
 - ``preference_accuracy``: share of pairs where the model gives the right reply a higher
-  sequence log-prob than the off-by-one reply. The same code before and after, so the two
+  sequence log-prob than the reply cut short. The same code before and after, so the two
   numbers compare like with like.
 - ``reward_accuracy``: share of pairs where DPO's implicit reward
   ``beta * (log pi - log pi_ref)`` ranks chosen above rejected, the reference being the base

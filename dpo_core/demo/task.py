@@ -1,19 +1,18 @@
 """The demo task: two-digit addition, where the preference is a rule checked in code.
 
 The user asks ``"What is 37 + 48?"``; the preferred reply restates the sum with the right
-answer, ``"37 + 48 = 85"``; the rejected one writes the sum's digits backwards,
-``"37 + 48 = 58"`` (a classic slip: sums are computed from the last digit up). The bundled
-base model was fine-tuned on both kinds of reply in equal parts, so before DPO it gets the
-sum right on roughly half of the prompts; DPO on the preference pairs teaches it to prefer
-the right one. The same `follows_rule` judges generations before and after.
+answer, ``"37 + 48 = 85"``; the rejected one stops a digit short, ``"37 + 48 = 8"``. The
+bundled base model was fine-tuned on both kinds of reply in equal parts, so before DPO it
+gets the sum right on roughly half of the prompts; DPO on the preference pairs teaches it to
+prefer the full answer. The same `follows_rule` judges generations before and after.
 
-Why not "off by one" (85 vs 86)? Those two answers sit next to each other on the number
-line, and DPO found the cheap way to widen their gap: shift every answer down (85 -> 84,
-74), which lowers the rejected reply more than the chosen one while both fall. Held-out
-accuracy peaked after a few dozen steps, then collapsed (likelihood displacement). A reply
-that differs from the right one in digit *order* leaves no such shortcut.
+Why this mistake: two others were tried first, with the same base-model recipe. Off by one
+(85 vs 86) sits next to the right answer on the number line, and DPO widened the gap the
+cheap way, shifting every sum down (85 -> 84, 74): held-out accuracy peaked after a few
+dozen steps, then collapsed. Digits backwards (85 vs 58) plateaued near 90%, the rest wrong
+sums. A reply cut short differs from the right one only in where it ends, and no shift of
+the sums separates them.
 
-Sums whose digits read the same backwards (22, 121, ...) make no pair and are left out.
 Held-out prompts are disjoint from the training prompts as *unordered* operand pairs: if
 ``(37, 48)`` is held out, neither ``37 + 48`` nor ``48 + 37`` is trained on, by the base
 model's fine-tuning or by DPO.
@@ -45,25 +44,17 @@ def make_reply(a: int, b: int, answer: int | str) -> str:
     return f"{a} + {b} = {answer}"
 
 
-def backwards(number: int) -> str:
-    """The digits of `number` in reverse order, as written: 85 -> "58", 150 -> "051"."""
-    return str(number)[::-1]
-
-
-def makes_pair(a: int, b: int) -> bool:
-    """Whether the right sum differs from its backwards spelling (85 yes, 121 no)."""
-    return backwards(a + b) != str(a + b)
+def cut_short(number: int) -> str:
+    """`number` without its last digit, as a reply that stops too early writes it: 85 -> "8"."""
+    return str(number)[:-1]
 
 
 def make_pair(a: int, b: int) -> dict[str, str]:
-    """One "standard" preference row: the right sum chosen, the sum written backwards
-    rejected. ValueError for a sum that reads the same backwards (no pair)."""
-    if not makes_pair(a, b):
-        raise ValueError(f"{a} + {b} = {a + b} reads the same backwards: no preference pair")
+    """One "standard" preference row: the right sum chosen, the sum cut short rejected."""
     return {
         "prompt": make_prompt(a, b),
         "chosen": make_reply(a, b, a + b),
-        "rejected": make_reply(a, b, backwards(a + b)),
+        "rejected": make_reply(a, b, cut_short(a + b)),
     }
 
 
@@ -73,23 +64,20 @@ def make_pairs(operands: Iterable[OperandPair]) -> list[dict[str, str]]:
 
 
 def split_operands(num_eval: int, seed: int) -> tuple[list[OperandPair], list[OperandPair]]:
-    """Split the ordered pairs of two-digit operands that `makes_pair` into (train, held-out).
+    """Split every ordered pair of two-digit operands into (train, held-out), seeded.
 
-    Seeded. `num_eval` unordered pairs are held out; the held-out list holds one order of
-    each (drawn at random), the train list every ordered pair whose unordered pair is not
-    held out, shuffled. So no held-out prompt, nor its commuted twin, is ever trained on.
+    `num_eval` unordered pairs are held out; the held-out list holds one order of each
+    (drawn at random), the train list every ordered pair whose unordered pair is not held
+    out, shuffled. So no held-out prompt, nor its commuted twin, is ever trained on.
     """
     rng = random.Random(seed)
-    unordered = [(a, b) for a in OPERANDS for b in OPERANDS if a <= b and makes_pair(a, b)]
+    unordered = [(a, b) for a in OPERANDS for b in OPERANDS if a <= b]
     rng.shuffle(unordered)
     held_out = unordered[:num_eval]
     held_out_keys = set(held_out)
     eval_operands = [(b, a) if rng.random() < 0.5 else (a, b) for a, b in held_out]
     train_operands = [
-        (a, b)
-        for a in OPERANDS
-        for b in OPERANDS
-        if makes_pair(a, b) and (min(a, b), max(a, b)) not in held_out_keys
+        (a, b) for a in OPERANDS for b in OPERANDS if (min(a, b), max(a, b)) not in held_out_keys
     ]
     rng.shuffle(train_operands)
     return train_operands, eval_operands
