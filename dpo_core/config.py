@@ -161,16 +161,19 @@ class TrainConfig:
     )
     # -- speed and memory -------------------------------------------------------------------
     prefix_sharing: bool = _arg(
-        False,
+        True,
         "Encode each prompt once: chosen and rejected share one row with a 4D attention mask "
-        "(same log-probs). Needs --attn_implementation sdpa or eager; with others the trainer "
+        "(same log-probs, fewer tokens: 1.5x faster on prompt-heavy data on CPU, as fast on "
+        "short prompts). Needs --attn_implementation sdpa or eager; with others the trainer "
         "says so and uses the standard two-row forward.",
         SPEED,
     )
-    precompute_ref_log_probs: bool = _arg(
-        False,
+    precompute_ref_log_probs: bool | None = _arg(
+        None,
         "Compute the reference log-probs of all pairs in one no-grad pass before training, "
-        "cache them on disk and reuse them every epoch, evaluation and restart.",
+        "cache them on disk (keyed by model, weights and data) and reuse them every epoch, "
+        "evaluation and restart. Unset (None): on when the loss uses a reference and the run "
+        "trains on every pair at least once (else the pass would cost extra).",
         SPEED,
     )
     ref_batch_size: int = _arg(
@@ -291,7 +294,7 @@ class TrainConfig:
                 self.loss_type, reference_free=self.reference_free,
                 label_smoothing=self.label_smoothing, beta=self.beta, rpo_alpha=self.rpo_alpha,
                 simpo_gamma=self.simpo_gamma,
-                precompute_ref_log_probs=self.precompute_ref_log_probs)
+                precompute_ref_log_probs=bool(self.precompute_ref_log_probs))
         except ValueError as error:
             raise ConfigError(str(error)) from None
         for flag in ("model_name", "dataset_name", "eval_dataset"):
@@ -328,8 +331,9 @@ def build_parser(cls: type, description: str, epilog: str | None = None) -> argp
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         kwargs = dict(meta["argparse"])
         help_text = f"{meta['help']} (default: {f.default})"
-        if f.type in ("bool", bool):
-            action = argparse.BooleanOptionalAction if f.default else "store_true"
+        if f.type in ("bool", bool, "bool | None"):
+            # --flag / --no-flag unless the default is off; None means "decide at run time".
+            action = "store_true" if f.default is False else argparse.BooleanOptionalAction
             group.add_argument(f"--{f.name}", action=action, help=help_text, **kwargs)
             continue
         group.add_argument(f"--{f.name}", type=_field_type(f), help=help_text, **kwargs)

@@ -148,8 +148,10 @@ def compute_reference_logps(
         batch["pair_index"] = torch.tensor(indices, dtype=torch.long)
         return batch
 
+    # Its own generator: a DataLoader otherwise draws a seed from the global RNG, and a run
+    # that finds the values cached would then continue with other dropout masks.
     loader = accelerator.prepare_data_loader(
-        DataLoader(order, batch_size=batch_size, collate_fn=collate)
+        DataLoader(order, batch_size=batch_size, collate_fn=collate, generator=torch.Generator())
     )
     values = torch.empty(len(pairs), 2, dtype=torch.float32)
     was_training = model.training

@@ -137,19 +137,26 @@ def metric_series(records: Sequence[dict], split: str,
     return [r["step"] for r in kept], [r[metric] for r in kept]
 
 
-def plot_runs(runs: dict[str, Sequence[dict]], path: str) -> list[Series]:
+def plot_runs(runs: dict[str, Sequence[dict]], path: str,
+              before_after: dict[str, dict] | None = None) -> list[Series]:
     """Draw every run's train and eval records into one PNG at `path`; return what was drawn.
 
     `runs` maps a label (shown in the legends when there are several runs) to its records.
     Each (run, metric) gets its own colour; train is a line, eval is markers on a dashed line.
+    `before_after` ({"before": {metric: value}, "after": {...}}, as the demo writes to
+    metrics.json) adds a panel of bars, one pair per metric.
     """
-    figure = Figure(figsize=(16, 8.5))
+    figure = Figure(figsize=(21 if before_after else 16, 8.5))
     FigureCanvasAgg(figure)
     # Fixed spacing for the fixed grid: an automatic layout engine doubles the drawing time.
     figure.subplots_adjust(left=0.05, right=0.98, bottom=0.07, top=0.9, wspace=0.22, hspace=0.35)
     figure.suptitle("DPO training: " + " vs ".join(runs))
     drawn: list[Series] = []
-    for axes, (title, metrics) in zip(figure.subplots(2, 3).ravel(), PANELS, strict=True):
+    grid = figure.subplots(2, 4 if before_after else 3).ravel()
+    if before_after:
+        _draw_before_after(grid[len(PANELS)], before_after)
+        grid[len(PANELS) + 1].set_visible(False)
+    for axes, (title, metrics) in zip(grid, PANELS, strict=False):
         colour = 0
         for run, records in runs.items():
             for metric in metrics:
@@ -180,6 +187,21 @@ def plot_runs(runs: dict[str, Sequence[dict]], path: str) -> list[Series]:
     return drawn
 
 
+def _draw_before_after(axes, before_after: dict[str, dict]) -> None:
+    """Bars of each metric before and after training (metrics that are None are skipped)."""
+    names = [name for name, value in before_after["after"].items()
+             if isinstance(value, float) and isinstance(before_after["before"].get(name), float)]
+    for offset, phase in ((-0.2, "before"), (0.2, "after")):
+        values = [before_after[phase][name] for name in names]
+        bars = axes.bar([i + offset for i in range(len(names))], values, width=0.4, label=phase)
+        axes.bar_label(bars, fmt="%.2f", fontsize="small")
+    axes.set_xticks(range(len(names)), [name.replace("_", "\n") for name in names],
+                    fontsize="small")
+    axes.set_ylim(0, 1.1)
+    axes.set_title("held-out: before vs after")
+    axes.legend(fontsize="small")
+
+
 def run_labels(output_dirs: Sequence[str]) -> list[str]:
     """Directory names as run labels; whole paths where two names would be the same."""
     names = [os.path.basename(os.path.normpath(d)) for d in output_dirs]
@@ -202,8 +224,15 @@ def write_training_curves(output_dir: str) -> list[Series]:
     "no records" where nothing was logged)."""
     path = os.path.join(output_dir, LOG_FILE)
     records = read_log(path) if os.path.isfile(path) else []
+    metrics_path = os.path.join(output_dir, "metrics.json")
+    before_after = None
+    if os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+        if "before" in metrics and "after" in metrics:
+            before_after = {"before": metrics["before"], "after": metrics["after"]}
     return plot_runs({run_labels([output_dir])[0]: records},
-                     os.path.join(output_dir, CURVES_FILE))
+                     os.path.join(output_dir, CURVES_FILE), before_after)
 
 
 def final_metrics(records: Sequence[dict]) -> dict[str, dict]:

@@ -320,6 +320,15 @@ def _format_record(record: dict) -> str:
     return " | ".join(parts)
 
 
+def covers_every_pair(config: TrainConfig, num_pairs: int, num_processes: int) -> bool:
+    """Whether the run trains on every pair at least once: only then is a reference pass over
+    all pairs free (each pair's reference log-probs are needed anyway)."""
+    if config.max_steps:
+        pairs_per_step = config.batch_size * config.gradient_accumulation_steps * num_processes
+        return config.max_steps * pairs_per_step >= num_pairs
+    return config.epochs >= 1
+
+
 def select_logps_fn(config: TrainConfig, model: torch.nn.Module, announce: bool) -> LogpsFn:
     """Prefix sharing when asked and the model's attention takes a 4D mask; else two rows."""
     if not config.prefix_sharing:
@@ -371,7 +380,12 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
         ds_config["train_micro_batch_size_per_gpu"] = config.batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
     reference_pass_s = 0.0
-    if config.precompute_ref_log_probs and objective.uses_reference:
+    # Asked for explicitly: always. Unset: when every pair's reference is needed anyway.
+    precompute = config.precompute_ref_log_probs
+    if precompute is None:
+        precompute = objective.uses_reference and covers_every_pair(
+            config, len(train_pairs), accelerator.num_processes)
+    if precompute:
         reference_pass = {"model": model, "objective": objective, "collator": collator,
                           "accelerator": accelerator,
                           "batch_size": config.ref_batch_size or 4 * config.batch_size,

@@ -32,7 +32,7 @@ from dpo_core.reference_cache import (
     with_reference_logps,
 )
 from dpo_core.tokenization import PreferenceCollator, tokenize_pairs
-from dpo_core.trainer import MicroBatchStream
+from dpo_core.trainer import MicroBatchStream, covers_every_pair
 
 LOGGED = ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm")
 
@@ -54,25 +54,30 @@ def lora_model(model, gradient_checkpointing: bool = False, quantized: bool = Fa
 # ------------------------------------------------------------------ trainer runs
 
 
+# 9 steps of 4 pairs: one epoch of the 36 training pairs (12 more are held out for eval).
+ONE_EPOCH = ("--max_steps", "9")
+
+
 @pytest.fixture(scope="module")
 def standard_run(tiny_model_dir, pairs_file, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("standard")
-    args = train_args(tiny_model_dir, pairs_file, out, "--max_steps", "3")
+    args = train_args(tiny_model_dir, pairs_file, out, *ONE_EPOCH, "--no-prefix_sharing",
+                      "--no-precompute_ref_log_probs")
     assert train.main(args) == 0
     return read_log(out)
 
 
 @pytest.mark.parametrize("flags", [
-    ("--prefix_sharing",),
-    ("--precompute_ref_log_probs", "--ref_batch_size", "5"),
+    ("--prefix_sharing", "--no-precompute_ref_log_probs"),
+    # Unset: precomputed, since the run trains on every pair.
+    ("--no-prefix_sharing", "--ref_batch_size", "5"),
 ], ids=["prefix_sharing", "precompute_ref_log_probs"])
 def test_speed_flags_reproduce_the_standard_run(standard_run, tiny_model_dir, pairs_file,
                                                 tmp_path, flags):
     """Every logged train step (loss, log-probs, rewards, gradient norm) and the final
     evaluation match the standard path; the precomputed run caches train and eval values."""
     out = tmp_path / "run"
-    assert train.main(train_args(tiny_model_dir, pairs_file, out, "--max_steps", "3",
-                                 *flags)) == 0
+    assert train.main(train_args(tiny_model_dir, pairs_file, out, *ONE_EPOCH, *flags)) == 0
     log = read_log(out)
     assert [(r["split"], r["step"]) for r in log] == [(r["split"], r["step"])
                                                        for r in standard_run]
@@ -80,16 +85,34 @@ def test_speed_flags_reproduce_the_standard_run(standard_run, tiny_model_dir, pa
         for key in LOGGED:
             if key in expected:
                 assert ours[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-5), key
-    if "--precompute_ref_log_probs" in flags:
+    precomputed = "--no-precompute_ref_log_probs" not in flags
+    assert (out / "reference_logps").is_dir() == precomputed
+    if precomputed:
         cached = os.listdir(out / "reference_logps")
         assert len(cached) == 2 and all(name.endswith(".safetensors") for name in cached)
 
 
-def test_bad_speed_settings_are_refused():
+def test_speed_defaults_and_bad_settings():
+    config = TrainConfig()
+    assert config.prefix_sharing and config.precompute_ref_log_probs is None
+    # Unset, the precompute flag never conflicts with a loss that has no reference ...
+    TrainConfig(loss_type="simpo").validate()
+    # ... asked for explicitly, it does.
     with pytest.raises(ConfigError, match="precompute_ref_log_probs"):
         TrainConfig(loss_type="simpo", precompute_ref_log_probs=True).validate()
     with pytest.raises(ConfigError, match="--ref_batch_size"):
         TrainConfig(ref_batch_size=-1).validate()
+
+
+@pytest.mark.parametrize("settings, processes, covers", [
+    ({"max_steps": 9, "batch_size": 4, "gradient_accumulation_steps": 1}, 1, True),
+    ({"max_steps": 8, "batch_size": 4, "gradient_accumulation_steps": 1}, 1, False),
+    ({"max_steps": 3, "batch_size": 2, "gradient_accumulation_steps": 3}, 2, True),
+    ({"epochs": 1.0}, 1, True),
+    ({"epochs": 0.5}, 1, False),
+])
+def test_reference_pass_only_when_every_pair_is_trained_on(settings, processes, covers):
+    assert covers_every_pair(TrainConfig(**settings), 36, processes) == covers
 
 
 # ------------------------------------------------------------------ reference cache

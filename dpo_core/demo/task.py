@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from dpo_core.generation import generate_replies
 
@@ -103,7 +104,7 @@ def follows_rule(prompt: str, response: str) -> bool:
 
 def generation_accuracy(
     model: torch.nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     max_new_tokens: int = 16,
     batch_size: int = 64,
@@ -137,7 +138,7 @@ def preference_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tens
         )
     if chosen_scores.numel() == 0:
         raise ValueError("preference_accuracy needs at least one pair")
-    return (chosen_scores > rejected_scores).float().mean().item()
+    return (chosen_scores > rejected_scores).sum().item() / chosen_scores.numel()
 
 
 def implicit_reward_accuracy(
