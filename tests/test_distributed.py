@@ -47,7 +47,9 @@ def assert_same_run(out, reference) -> None:
                          for d in (out, reference))
     assert weights.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(weights[name], expected[name], rtol=1e-4, atol=1e-6)
+        # Adam turns fp32 round-off in a near-zero gradient into an update of up to ~lr *
+        # 1e-3; a wrong update would differ by ~lr (5e-3) itself.
+        torch.testing.assert_close(weights[name], expected[name], rtol=1e-4, atol=1e-5)
 
 
 def free_port() -> int:
