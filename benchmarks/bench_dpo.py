@@ -115,13 +115,15 @@ VARIANTS = {
                          "gradient_checkpointing": False, "group_by_length": True}),
     # TrainConfig's own defaults for every speed flag, gradient checkpointing included.
     "defaults": ("ours", {}),
+    # The speed flags at their defaults (decided at run time), gradient checkpointing off.
+    "auto": ("ours", {"gradient_checkpointing": False}),
     "trl": ("trl", {"gradient_checkpointing": False}),
     "trl+checkpointing": ("trl", {"gradient_checkpointing": True}),
 }
-DEFAULT_VARIANTS = "standard,prefix,precompute,prefix+precompute,checkpointing,defaults"
+DEFAULT_VARIANTS = "standard,prefix,precompute,prefix+precompute,auto,checkpointing,defaults"
 # Variants that must reproduce the standard path's losses (same batches, same math).
 EXACT_VARIANTS = ("prefix", "precompute", "prefix+precompute", "checkpointing",
-                  "prefix+precompute+checkpointing", "defaults")
+                  "prefix+precompute+checkpointing", "defaults", "auto")
 
 
 # ------------------------------------------------------------------ synthetic model and data
@@ -535,6 +537,18 @@ def run_variant(name: str, base_spec: dict, workdir: Path) -> dict:
     return json.loads(Path(spec["result_path"]).read_text())
 
 
+def uses_prefix_sharing(setting: bool | None, batch: list[list[int]]) -> bool:
+    """Whether our trainer runs this batch of (P, C, R) pairs prefix-shared: always, never, or
+    (unset) by `prefix_sharing_when_it_pays`'s rule."""
+    from dpo_core.trainer import PREFIX_SHARING_MIN_SAVING
+
+    if setting is not None:
+        return setting
+    shared_width = max(p + c + r for p, c, r in batch)
+    two_rows_width = 2 * max(p + max(c, r) for p, c, r in batch)
+    return shared_width <= (1 - PREFIX_SHARING_MIN_SAVING) * two_rows_width
+
+
 def summarise(name: str, results: list[dict], visited: dict, steps: int, batch_size: int,
               shape: ModelShape, peak_flops: float) -> dict:
     """Medians over the measured runs (one per round), throughput, FLOP/s and MFU from them;
@@ -545,15 +559,21 @@ def summarise(name: str, results: list[dict], visited: dict, steps: int, batch_s
     num_pairs = steps * batch_size
     segments = [visited["segments"][i % len(visited["segments"])] for i in range(num_pairs)]
     tokens = sum(2 * p + c + r for p, c, r in segments)
-    flops = sum(pair_train_flops(
-        shape, s, prefix_shared=config.get("prefix_sharing", False),
-        checkpointing=config["gradient_checkpointing"], full_logits=trainer == "trl")
-        for s in segments)
+    flops, prefix_batches = 0.0, 0
+    for start in range(0, num_pairs, batch_size):
+        batch = segments[start:start + batch_size]
+        prefix_shared = uses_prefix_sharing(config.get("prefix_sharing", False), batch)
+        prefix_batches += prefix_shared
+        flops += sum(pair_train_flops(
+            shape, s, prefix_shared=prefix_shared,
+            checkpointing=config["gradient_checkpointing"], full_logits=trainer == "trl")
+            for s in batch)
     seconds = statistics.median(run["seconds"] for run in runs)
     achieved = flops / seconds
     peak_cuda = [r["peak_cuda_mb"] for r in results if r["peak_cuda_mb"] is not None]
     return {
         "variant": name, "trainer": trainer, "config": config,
+        "prefix_shared_batches": prefix_batches,
         "seconds_median": seconds, "seconds_runs": [run["seconds"] for run in runs],
         "contention_runs": [run["contention"] for run in runs],
         "reference_pass_s_median": statistics.median(run["reference_pass_s"] for run in runs),
@@ -583,7 +603,7 @@ def compare(rows: dict[str, dict]) -> dict:
         if standard and name != "standard" and row["trainer"] == "ours":
             ratios[f"{name} / standard tokens/s"] = row["tokens_per_s"] / standard["tokens_per_s"]
     pairings = [("standard", "trl"), ("checkpointing", "trl+checkpointing"),
-                ("defaults", "trl+checkpointing"), ("prefix+precompute", "trl"),
+                ("defaults", "trl+checkpointing"), ("auto", "trl"), ("prefix+precompute", "trl"),
                 ("prefix+precompute+checkpointing", "trl+checkpointing")]
     for ours, theirs in pairings:
         if ours in rows and theirs in rows:

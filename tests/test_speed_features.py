@@ -31,7 +31,7 @@ from dpo_core.reference_cache import (
     ReferenceLogpsCollator,
     with_reference_logps,
 )
-from dpo_core.tokenization import PreferenceCollator, tokenize_pairs
+from dpo_core.tokenization import PreferenceCollator, TokenizedPair, tokenize_pairs
 from dpo_core.trainer import MicroBatchStream, covers_every_pair
 
 LOGGED = ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm")
@@ -69,9 +69,11 @@ def standard_run(tiny_model_dir, pairs_file, tmp_path_factory) -> list[dict]:
 
 @pytest.mark.parametrize("flags", [
     ("--prefix_sharing", "--no-precompute_ref_log_probs"),
-    # Unset: precomputed, since the run trains on every pair.
-    ("--no-prefix_sharing", "--ref_batch_size", "5"),
-], ids=["prefix_sharing", "precompute_ref_log_probs"])
+    ("--no-prefix_sharing", "--precompute_ref_log_probs", "--ref_batch_size", "5"),
+    # Both unset: the reference is precomputed (the run trains on every pair) and prefix
+    # sharing is used where it pays (these prompts are long next to their replies).
+    (),
+], ids=["prefix_sharing", "precompute_ref_log_probs", "defaults"])
 def test_speed_flags_reproduce_the_standard_run(standard_run, tiny_model_dir, pairs_file,
                                                 tmp_path, flags):
     """Every logged train step (loss, log-probs, rewards, gradient norm) and the final
@@ -94,7 +96,7 @@ def test_speed_flags_reproduce_the_standard_run(standard_run, tiny_model_dir, pa
 
 def test_speed_defaults_and_bad_settings():
     config = TrainConfig()
-    assert config.prefix_sharing and config.precompute_ref_log_probs is None
+    assert config.prefix_sharing is None and config.precompute_ref_log_probs is None
     # Unset, the precompute flag never conflicts with a loss that has no reference ...
     TrainConfig(loss_type="simpo").validate()
     # ... asked for explicitly, it does.
@@ -102,6 +104,36 @@ def test_speed_defaults_and_bad_settings():
         TrainConfig(loss_type="simpo", precompute_ref_log_probs=True).validate()
     with pytest.raises(ConfigError, match="--ref_batch_size"):
         TrainConfig(ref_batch_size=-1).validate()
+
+
+def test_prefix_sharing_is_chosen_per_batch_where_it_saves_tokens(tiny_tokenizer, tiny_model,
+                                                                   monkeypatch):
+    from dpo_core import trainer
+
+    calls = []
+
+    def spy(name: str):
+        function = getattr(trainer, name)
+
+        def recorded(model, batch):
+            calls.append(name)
+            return function(model, batch)
+
+        return recorded
+
+    for name in ("prefix_shared_forward", "concatenated_forward"):
+        monkeypatch.setattr(trainer, name, spy(name))
+    collator = PreferenceCollator(tiny_tokenizer.eos_token_id)
+    long_prompts = collator(tokenized_pairs(tiny_tokenizer, 4))  # template + prompt > reply
+    prompt, reply = [1] * 5, [7] * 20
+    short_prompts = collator([TokenizedPair(prompt, reply, reply[:-1])] * 2)
+    for batch, expected in ((long_prompts, "prefix_shared_forward"),
+                            (short_prompts, "concatenated_forward")):
+        chosen, rejected = trainer.prefix_sharing_when_it_pays(tiny_model, batch)
+        assert calls[-1] == expected
+        reference = trainer.concatenated_forward(tiny_model, batch)
+        torch.testing.assert_close(chosen, reference[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rejected, reference[1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("settings, processes, covers", [
