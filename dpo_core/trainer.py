@@ -76,6 +76,12 @@ class NonFiniteError(RuntimeError):
     """The loss or the gradient stopped being finite; the message names the step."""
 
 
+def merged_metrics(stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Preference metrics over every pair in `stats` (per-batch dicts of per-pair tensors)."""
+    merged = [torch.cat([s[k] for s in stats]) for k in STAT_KEYS]
+    return {k: v.item() for k, v in preference_metrics(*merged).items()}
+
+
 @dataclass
 class MetricWindow:
     """Per-pair statistics gathered from every process since the last log line."""
@@ -86,10 +92,7 @@ class MetricWindow:
     started: float = field(default_factory=time.perf_counter)
 
     def metrics(self) -> dict[str, float]:
-        merged = {k: torch.cat([s[k] for s in self.stats]) for k in STAT_KEYS}
-        values = {k: v.item() for k, v in preference_metrics(
-            merged["losses"], merged["chosen_rewards"], merged["rejected_rewards"],
-            merged["policy_chosen_logps"], merged["policy_rejected_logps"]).items()}
+        values = merged_metrics(self.stats)
         if self.grad_norms:
             values["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
         values["tokens_per_second"] = self.tokens / max(time.perf_counter() - self.started, 1e-9)
@@ -283,10 +286,7 @@ def evaluate(model, loader, objective: PreferenceObjective, accelerator: Acceler
         stats = objective(model, batch)
         gathered.append(accelerator.gather_for_metrics({k: stats[k].detach() for k in STAT_KEYS}))
     model.train()
-    merged = {k: torch.cat([g[k] for g in gathered]) for k in STAT_KEYS}
-    return {k: v.item() for k, v in preference_metrics(
-        merged["losses"], merged["chosen_rewards"], merged["rejected_rewards"],
-        merged["policy_chosen_logps"], merged["policy_rejected_logps"]).items()}
+    return merged_metrics(gathered)
 
 
 def _append_log(path: str, record: dict) -> None:
