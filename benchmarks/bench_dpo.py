@@ -613,6 +613,8 @@ def compare(rows: dict[str, dict]) -> dict:
             for key in ("loss", "logps/chosen", "logps/rejected"):
                 checks[f"{ours} vs {theirs}: first-step {key} diff"] = abs(
                     a["first_step"][key] - b["first_step"][key])
+            checks[f"{ours} vs {theirs}: max |loss diff| over all steps"] = max(
+                abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=True))
     return {"checks": checks, "ratios": ratios}
 
 

@@ -60,7 +60,12 @@ class TrainConfig:
         choices=["auto", "float32", "bfloat16", "float16"],
     )
     gradient_checkpointing: bool = _arg(
-        True, "Recompute activations in the backward pass to save memory.", MODEL
+        False,
+        "Recompute activations in the backward pass: less activation memory, about 25%% "
+        "slower (benchmarks/RESULTS.md). Off by default, as the faster exact setting; turn it "
+        "on when a batch does not fit.",
+        MODEL,
+        action=argparse.BooleanOptionalAction,  # scripts may say either explicitly
     )
     attn_implementation: str = _arg(
         "sdpa", "Attention kernel passed to transformers (sdpa, eager, ...).", MODEL
@@ -332,8 +337,10 @@ def build_parser(cls: type, description: str, epilog: str | None = None) -> argp
         kwargs = dict(meta["argparse"])
         help_text = f"{meta['help']} (default: {f.default})"
         if f.type in ("bool", bool, "bool | None"):
-            # --flag / --no-flag unless the default is off; None means "decide at run time".
-            action = "store_true" if f.default is False else argparse.BooleanOptionalAction
+            # --flag / --no-flag unless the default is off (a field may ask for both anyway);
+            # None means "decide at run time".
+            action = kwargs.pop("action", "store_true" if f.default is False
+                                else argparse.BooleanOptionalAction)
             group.add_argument(f"--{f.name}", action=action, help=help_text, **kwargs)
             continue
         group.add_argument(f"--{f.name}", type=_field_type(f), help=help_text, **kwargs)

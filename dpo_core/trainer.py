@@ -361,8 +361,86 @@ def select_logps_fn(config: TrainConfig, model: torch.nn.Module, announce: bool)
     return prefix_shared_forward if config.prefix_sharing else prefix_sharing_when_it_pays
 
 
+@dataclass
+class TrainingRun:
+    """What setup builds, in the order it builds it; the step loop and finish read it."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    dtype: torch.dtype
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    objective: PreferenceObjective
+    train_pairs: list[TokenizedPair]
+    eval_pairs: list[TokenizedPair]
+    sample_prompts: list
+    stream: MicroBatchStream
+    eval_loader: DataLoader | None
+    total_steps: int
+    warmup: int
+    state: TrainState
+    log_path: str
+    reference_pass_s: float
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
 def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) -> dict:
     """Train a LoRA adapter with DPO as `config` says; return the final metrics."""
+    run = setup_run(config)
+    config, state = run.config, run.state
+    window = MetricWindow()
+    batches = run.stream.iterate(state.micro_batches_seen)
+    progress = tqdm(total=run.total_steps, initial=state.step, desc="DPO",
+                    disable=not run.is_main, dynamic_ncols=True)
+    last_train, last_eval = {}, {}
+    started = time.perf_counter()
+    while state.step < run.total_steps:
+        lr = get_lr(state.step, peak_lr=config.learning_rate, warmup_steps=run.warmup,
+                    total_steps=run.total_steps, kind=config.lr_scheduler)
+        step_loss = optimizer_step(run, batches, lr, window)
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+
+        last_step = state.step == run.total_steps
+        if (state.step % config.logging_steps == 0 or last_step) and window.stats:
+            last_train = {"step": state.step,
+                          "epoch": state.micro_batches_seen / run.stream.batches_per_epoch,
+                          "split": "train", **window.metrics(), "learning_rate": lr}
+            if run.is_main:
+                _log_record(run.accelerator, run.log_path, last_train)
+            window = MetricWindow()
+        if run.eval_loader is not None and (
+            (config.eval_steps and state.step % config.eval_steps == 0) or last_step
+        ):
+            last_eval = {"step": state.step, "split": "eval",
+                         **evaluate(run.model, run.eval_loader, run.objective, run.accelerator)}
+            if run.is_main:
+                _log_record(run.accelerator, run.log_path, last_eval)
+        if config.save_steps and state.step % config.save_steps == 0:
+            save_checkpoint(config.output_dir, run.accelerator, run.model, run.optimizer, state,
+                            config.save_total_limit)
+    progress.close()
+    metrics = {
+        "train": {k: v for k, v in last_train.items() if k != "split"},
+        "eval": {k: v for k, v in last_eval.items() if k != "split"},
+        "steps": state.step,
+        "num_processes": run.accelerator.num_processes,
+        "train_pairs": len(run.train_pairs),
+        "eval_pairs": len(run.eval_pairs),
+        "train_runtime_s": time.perf_counter() - started,
+        "reference_pass_s": run.reference_pass_s,
+    }
+    return finish_run(run, metrics, evaluation_hook)
+
+
+def setup_run(config: TrainConfig) -> TrainingRun:
+    """Validate, then build model -> tokenizer -> optimizer -> loss -> data -> schedule, and
+    load the checkpoint to resume from. Nothing saved in output_dir is touched before all of
+    that has succeeded: a failed start (bad model, data or checkpoint) loses nothing."""
     config.validate()
     check_output_dir(config)
     resume_path = (resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
@@ -378,7 +456,6 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
     if is_main:
         os.makedirs(config.output_dir, exist_ok=True)
 
-    # model -> tokenizer -> optimizer -> loss -> data -> schedule
     model = build_policy(config, dtype, quantize)
     tokenizer = load_tokenizer(config.model_name, config.trust_remote_code)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -399,12 +476,7 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
         ds_config["train_micro_batch_size_per_gpu"] = config.batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
     reference_pass_s = 0.0
-    # Asked for explicitly: always. Unset: when every pair's reference is needed anyway.
-    precompute = config.precompute_ref_log_probs
-    if precompute is None:
-        precompute = objective.uses_reference and covers_every_pair(
-            config, len(train_pairs), accelerator.num_processes)
-    if precompute:
+    if wants_precomputed_reference(config, objective, len(train_pairs), accelerator):
         reference_pass = {"model": model, "objective": objective, "collator": collator,
                           "accelerator": accelerator,
                           "batch_size": config.ref_batch_size or 4 * config.batch_size,
@@ -432,9 +504,8 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
         eval_loader = accelerator.prepare_data_loader(DataLoader(
             eval_pairs, batch_size=config.eval_batch_size or config.batch_size,
             sampler=eval_order, collate_fn=collator))
-    accumulation = config.gradient_accumulation_steps
     total_steps = config.max_steps or math.ceil(
-        config.epochs * stream.batches_per_epoch / accumulation)
+        config.epochs * stream.batches_per_epoch / config.gradient_accumulation_steps)
     warmup = config.warmup_for(total_steps)
     if is_main and config.warmup_ratio is None and warmup < config.warmup_steps:
         print(f"--warmup_steps {config.warmup_steps} is longer than this {total_steps}-step run; "
@@ -443,8 +514,6 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
     order = data_order(config, accelerator.num_processes, len(train_pairs))
     state = TrainState(data_order=order)
     log_path = os.path.join(config.output_dir, LOG_FILE)
-    # Nothing saved in output_dir is touched before setup has succeeded: a failed start
-    # (bad model, data or checkpoint) loses nothing.
     if resume_path:
         state = load_checkpoint(resume_path, accelerator, model, optimizer, order)
         if is_main:
@@ -454,116 +523,102 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
         clear_previous_run(config.output_dir)
     if is_main:
         config.to_json(os.path.join(config.output_dir, CONFIG_FILE))
-
     # Started once setup has succeeded, so a bad model or data path leaves no empty run.
     start_trackers(accelerator, config)
     model.train()
-    batches = stream.iterate(state.micro_batches_seen)
-    window = MetricWindow()
-    progress = tqdm(total=total_steps, initial=state.step, desc="DPO", disable=not is_main,
-                    dynamic_ncols=True)
-    last_train, last_eval = {}, {}
-    started = time.perf_counter()
-    while state.step < total_steps:
-        micro_batches = [next(batches) for _ in range(accumulation)]
-        state.micro_batches_seen += accumulation
-        # Sum of per-pair losses over the step's pairs: the gradient equals that of one
-        # batch holding all of them, even when the last micro-batch is smaller.
-        pairs_in_step = sum(len(b["chosen_input_ids"]) for b in micro_batches)
-        lr = get_lr(state.step, peak_lr=config.learning_rate, warmup_steps=warmup,
-                    total_steps=total_steps, kind=config.lr_scheduler)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_losses = []
-        for i, batch in enumerate(micro_batches):
-            last_micro = i == accumulation - 1
-            with nullcontext() if last_micro else accelerator.no_sync(model):
-                stats = objective(model, batch)
-                accelerator.backward(stats["losses"].sum() / pairs_in_step)
-            gathered = accelerator.gather({k: stats[k].detach() for k in STAT_KEYS})
-            window.stats.append(gathered)
-            step_losses.append(gathered["losses"])
-            tokens = batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
-            window.tokens += int(accelerator.reduce(tokens, "sum").item())
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(),
-                                                config.max_grad_norm or float("inf"))
-        grad_norm = float(grad_norm)
-        step_loss = torch.cat(step_losses).mean().item()
-        finite = math.isfinite(step_loss) and (math.isfinite(grad_norm)
-                                               or accelerator.scaler is not None)
-        if not finite:
-            if state.nonfinite_steps_skipped >= config.skip_nonfinite_steps:
-                saved = checkpoint_dirs(config.output_dir)
-                raise NonFiniteError(
-                    f"step {state.step + 1}: loss {step_loss} / grad norm {grad_norm} is not "
-                    f"finite; stopping. Last good checkpoint: "
-                    f"{saved[-1] if saved else 'none (lower --save_steps to keep one)'}. "
-                    "Try a lower --learning_rate, or --skip_nonfinite_steps N to skip such "
-                    "steps, and --resume_from_checkpoint latest.")
-            state.nonfinite_steps_skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            window.stats = window.stats[:-accumulation]
-            if is_main:
-                tqdm.write(f"step {state.step + 1}: non-finite loss or gradient, update skipped "
-                           f"({state.nonfinite_steps_skipped}/{config.skip_nonfinite_steps}).")
-        else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            window.grad_norms.append(grad_norm)
-        state.step += 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+    return TrainingRun(config=config, accelerator=accelerator, dtype=dtype, model=model,
+               tokenizer=tokenizer, optimizer=optimizer, objective=objective,
+               train_pairs=train_pairs, eval_pairs=eval_pairs, sample_prompts=sample_prompts,
+               stream=stream, eval_loader=eval_loader, total_steps=total_steps, warmup=warmup,
+               state=state, log_path=log_path, reference_pass_s=reference_pass_s)
 
-        if (state.step % config.logging_steps == 0 or state.step == total_steps) and window.stats:
-            last_train = {"step": state.step,
-                          "epoch": state.micro_batches_seen / stream.batches_per_epoch,
-                          "split": "train", **window.metrics(), "learning_rate": lr}
-            if is_main:
-                _log_record(accelerator, log_path, last_train)
-            window = MetricWindow()
-        if eval_loader is not None and (
-            (config.eval_steps and state.step % config.eval_steps == 0)
-            or state.step == total_steps
-        ):
-            last_eval = {"step": state.step, "split": "eval",
-                         **evaluate(model, eval_loader, objective, accelerator)}
-            if is_main:
-                _log_record(accelerator, log_path, last_eval)
-        if config.save_steps and state.step % config.save_steps == 0:
-            save_checkpoint(config.output_dir, accelerator, model, optimizer, state,
-                            config.save_total_limit)
-    progress.close()
-    runtime = time.perf_counter() - started
 
-    metrics = {
-        "train": {k: v for k, v in last_train.items() if k not in ("split",)},
-        "eval": {k: v for k, v in last_eval.items() if k not in ("split",)},
-        "steps": state.step,
-        "num_processes": accelerator.num_processes,
-        "train_pairs": len(train_pairs),
-        "eval_pairs": len(eval_pairs),
-        "train_runtime_s": runtime,
-        "reference_pass_s": reference_pass_s,
-    }
-    unwrapped = accelerator.unwrap_model(model)
-    if evaluation_hook is not None and is_main:
+def wants_precomputed_reference(config: TrainConfig, objective: PreferenceObjective,
+                                num_pairs: int, accelerator: Accelerator) -> bool:
+    """Asked for explicitly: always. Unset: when every pair's reference is needed anyway."""
+    if config.precompute_ref_log_probs is not None:
+        return config.precompute_ref_log_probs
+    return objective.uses_reference and covers_every_pair(config, num_pairs,
+                                                          accelerator.num_processes)
+
+
+def optimizer_step(run: TrainingRun, batches: Iterator[dict[str, torch.Tensor]], lr: float,
+                   window: MetricWindow) -> float:
+    """One optimizer step at `lr` over the next `gradient_accumulation_steps` micro-batches;
+    their per-pair stats go into `window`. A non-finite loss or gradient skips the update
+    while --skip_nonfinite_steps allows, else raises NonFiniteError. Returns the step's mean
+    loss over every process's pairs."""
+    config, state, accelerator = run.config, run.state, run.accelerator
+    accumulation = config.gradient_accumulation_steps
+    micro_batches = [next(batches) for _ in range(accumulation)]
+    state.micro_batches_seen += accumulation
+    # Sum of per-pair losses over the step's pairs: the gradient equals that of one batch
+    # holding all of them, even when the last micro-batch is smaller.
+    pairs_in_step = sum(len(b["chosen_input_ids"]) for b in micro_batches)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    step_losses = []
+    for i, batch in enumerate(micro_batches):
+        last_micro = i == accumulation - 1
+        with nullcontext() if last_micro else accelerator.no_sync(run.model):
+            stats = run.objective(run.model, batch)
+            accelerator.backward(stats["losses"].sum() / pairs_in_step)
+        gathered = accelerator.gather({k: stats[k].detach() for k in STAT_KEYS})
+        window.stats.append(gathered)
+        step_losses.append(gathered["losses"])
+        tokens = batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
+        window.tokens += int(accelerator.reduce(tokens, "sum").item())
+    grad_norm = float(accelerator.clip_grad_norm_(run.model.parameters(),
+                                                  config.max_grad_norm or float("inf")))
+    step_loss = torch.cat(step_losses).mean().item()
+    # Under fp16 loss scaling an inf gradient is the scaler's business: it skips the step.
+    finite = math.isfinite(step_loss) and (math.isfinite(grad_norm)
+                                           or accelerator.scaler is not None)
+    if finite:
+        run.optimizer.step()
+        window.grad_norms.append(grad_norm)
+    else:
+        if state.nonfinite_steps_skipped >= config.skip_nonfinite_steps:
+            saved = checkpoint_dirs(config.output_dir)
+            raise NonFiniteError(
+                f"step {state.step + 1}: loss {step_loss} / grad norm {grad_norm} is not "
+                f"finite; stopping. Last good checkpoint: "
+                f"{saved[-1] if saved else 'none (lower --save_steps to keep one)'}. "
+                "Try a lower --learning_rate, or --skip_nonfinite_steps N to skip such "
+                "steps, and --resume_from_checkpoint latest.")
+        state.nonfinite_steps_skipped += 1
+        del window.stats[-accumulation:]
+        if run.is_main:
+            tqdm.write(f"step {state.step + 1}: non-finite loss or gradient, update skipped "
+                       f"({state.nonfinite_steps_skipped}/{config.skip_nonfinite_steps}).")
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return step_loss
+
+
+def finish_run(run: TrainingRun, metrics: dict, evaluation_hook: EvaluationHook | None) -> dict:
+    """Before/after evaluation, then the adapter, tokenizer, metrics.json, curves and
+    samples (and the merged model if asked) into output_dir; returns `metrics`."""
+    config, accelerator = run.config, run.accelerator
+    unwrapped = accelerator.unwrap_model(run.model)
+    if evaluation_hook is not None and run.is_main:
         with unwrapped.disable_adapter():
-            metrics["before"] = evaluation_hook(unwrapped, tokenizer)
-        metrics["after"] = evaluation_hook(unwrapped, tokenizer)
+            metrics["before"] = evaluation_hook(unwrapped, run.tokenizer)
+        metrics["after"] = evaluation_hook(unwrapped, run.tokenizer)
     accelerator.wait_for_everyone()
-    save_adapter(accelerator, model, config.output_dir)
-    if is_main:
-        tokenizer.save_pretrained(config.output_dir)
+    save_adapter(accelerator, run.model, config.output_dir)
+    if run.is_main:
+        run.tokenizer.save_pretrained(config.output_dir)
         if config.merge_adapter:
-            merged_dir = save_merged_model(config, dtype)
-            metrics["merged_model"] = merged_dir
+            metrics["merged_model"] = save_merged_model(config, run.dtype)
         with open(os.path.join(config.output_dir, METRICS_FILE), "w") as f:
             json.dump(metrics, f, indent=2)
         write_training_curves(config.output_dir)
-        if sample_prompts:
-            write_samples(unwrapped, tokenizer, sample_prompts,
+        if run.sample_prompts:
+            write_samples(unwrapped, run.tokenizer, run.sample_prompts,
                           os.path.join(config.output_dir, SAMPLES_FILE),
-                          use_chat_template=resolve_chat_template(tokenizer, config.chat_template),
+                          use_chat_template=resolve_chat_template(run.tokenizer,
+                                                                  config.chat_template),
                           max_new_tokens=config.sample_max_new_tokens)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 
 import pytest
 import torch
 
 from dpo_core.tiny import tiny_llama, train_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORDS = (
     "the a cat dog runs jumps over under happy sad quick brown fox lazy answer question "
@@ -87,3 +91,25 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+def train_args(model_dir: str, data: str, out, *extra: str) -> list[str]:
+    """train.py arguments for a quick run on the tiny model: a quarter of the pairs held out,
+    a record every step, no checkpoints or samples unless `extra` asks."""
+    return [
+        "--model_name", model_dir, "--dataset_name", data, "--output_dir", str(out),
+        "--num_samples", "0", "--eval_fraction", "0.25", "--batch_size", "4",
+        "--gradient_accumulation_steps", "1", "--learning_rate", "5e-3", "--warmup_steps", "0",
+        "--logging_steps", "1", "--eval_steps", "0", "--save_steps", "0", "--max_length", "64",
+        "--max_prompt_length", "32", "--no-gradient_checkpointing", "--num_sample_prompts", "0",
+        *extra,
+    ]
+
+
+def read_log(out) -> list[dict]:
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_records(out) -> list[dict]:
+    return [r for r in read_log(out) if r["split"] == "train"]

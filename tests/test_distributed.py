@@ -15,9 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import DistributedType
-from conftest import learnable_pairs, write_jsonl
+from conftest import ROOT, learnable_pairs, read_log, train_args, train_records, write_jsonl
 from safetensors.torch import load_file
-from test_train import ROOT, read_log, train_args
 
 import train
 from dpo_core.config import ConfigError, TrainConfig
@@ -27,10 +26,6 @@ from dpo_core.trainer import check_backend
 # gradient shows there even though AdamW's normalised update would hide it.
 STEPS = ("--max_steps", "4", "--save_steps", "2", "--max_grad_norm", "0")
 BIN = os.path.dirname(sys.executable)
-
-
-def train_records(out) -> list[dict]:
-    return [r for r in read_log(out) if r["split"] == "train"]
 
 
 def assert_same_run(out, reference) -> None:

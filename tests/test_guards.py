@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 import torch
+from conftest import train_args, train_records
 from safetensors.torch import load_file
-from test_train import read_log, train_args
 
 import train
 from dpo_core import model as model_module
@@ -34,7 +34,7 @@ def snapshot(directory) -> dict[str, str]:
 
 
 def train_steps(out) -> list[int]:
-    return [r["step"] for r in read_log(out) if r["split"] == "train"]
+    return [r["step"] for r in train_records(out)]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, train_args
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,20 +22,11 @@ from dpo_core import report
 from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.generation import generate_replies
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def train_args(model_dir: str, data: str, out, *extra: str) -> list[str]:
-    """Two-step runs on the tiny model (as in test_train.py); samples off unless asked."""
-    return [
-        "--model_name", model_dir, "--dataset_name", data, "--output_dir", str(out),
-        "--num_samples", "0", "--eval_fraction", "0.25", "--batch_size", "4",
-        "--gradient_accumulation_steps", "1", "--learning_rate", "5e-3", "--warmup_steps", "0",
-        "--logging_steps", "1", "--eval_steps", "0", "--save_steps", "0", "--max_length", "64",
-        "--max_prompt_length", "32", "--no-gradient_checkpointing", "--max_steps", "2",
-        "--num_sample_prompts", "0", *extra,
-    ]
+# Two steps are enough to exercise the loop, the log and the reports.
+TWO_STEPS = ("--max_steps", "2")
 
 
 def train_record(step: int, loss: float, margin: float, lr: float) -> dict:
@@ -162,8 +154,8 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 def test_training_writes_curves_and_samples(tiny_model_dir, pairs_file, tmp_path):
     out = tmp_path / "run"
-    assert train.main(train_args(tiny_model_dir, pairs_file, out, "--num_sample_prompts", "3",
-                                 "--sample_max_new_tokens", "12")) == 0
+    assert train.main(train_args(tiny_model_dir, pairs_file, out, *TWO_STEPS,
+                                 "--num_sample_prompts", "3", "--sample_max_new_tokens", "12")) == 0
     log = report.read_log(str(out / report.LOG_FILE))
     assert_png(out / report.CURVES_FILE)
     assert [r["step"] for r in log if r["split"] == "train"] == [1, 2]
@@ -188,7 +180,7 @@ def test_report_to_tensorboard_logs_the_records(tiny_model_dir, pairs_file, tmp_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    assert train.main(train_args(tiny_model_dir, pairs_file, out,
+    assert train.main(train_args(tiny_model_dir, pairs_file, out, *TWO_STEPS,
                                  "--report_to", "tensorboard")) == 0
     event_files = glob.glob(str(out / "tensorboard" / "dpo" / "events.out.tfevents.*"))
     assert len(event_files) == 1
@@ -207,7 +199,7 @@ def test_report_to_tensorboard_logs_the_records(tiny_model_dir, pairs_file, tmp_
 def test_missing_tracker_package_is_named(tiny_model_dir, pairs_file, tmp_path, capsys,
                                           monkeypatch, tracker, check):
     monkeypatch.setattr(report, check, lambda: False)
-    assert train.main(train_args(tiny_model_dir, pairs_file, tmp_path / "x",
+    assert train.main(train_args(tiny_model_dir, pairs_file, tmp_path / "x", *TWO_STEPS,
                                  "--report_to", tracker)) == 2
     assert (f"--report_to {tracker} needs the {tracker} package: pip install 'dpo[{tracker}]'"
             in capsys.readouterr().err)
@@ -229,7 +221,7 @@ LN2 = math.log(2)
 ])
 def test_every_loss_trains_end_to_end(tiny_model_dir, pairs_file, tmp_path, flags, first_loss):
     out = tmp_path / "run"
-    assert train.main(train_args(tiny_model_dir, pairs_file, out, *flags)) == 0
+    assert train.main(train_args(tiny_model_dir, pairs_file, out, *TWO_STEPS, *flags)) == 0
     log = report.read_log(str(out / report.LOG_FILE))
     assert [(r["split"], r["step"]) for r in log] == [("train", 1), ("train", 2), ("eval", 2)]
     assert all(math.isfinite(v) for r in log for k, v in r.items() if k != "split")
@@ -270,7 +262,8 @@ def test_every_loss_trains_end_to_end(tiny_model_dir, pairs_file, tmp_path, flag
 ])
 def test_invalid_loss_settings_are_refused(tiny_model_dir, pairs_file, tmp_path, capsys, flags,
                                            message):
-    assert train.main(train_args(tiny_model_dir, pairs_file, tmp_path / "x", *flags)) == 2
+    args = train_args(tiny_model_dir, pairs_file, tmp_path / "x", *TWO_STEPS, *flags)
+    assert train.main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before anything was written
 

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, read_log, train_args, train_records
 from safetensors.torch import load_file
-from test_train import ROOT, read_log, train_args
 
 import train
 from dpo_core.checkpoint import checkpoint_dirs, resolve_checkpoint
@@ -42,10 +42,6 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
-def train_steps(out) -> list[dict]:
-    return [r for r in read_log(out) if r["split"] == "train"]
-
-
 def adapter(path) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(path, "adapter_model.safetensors"))
 
@@ -67,14 +63,14 @@ def test_run_killed_mid_save_resumes_exactly(uninterrupted, tiny_model_dir, pair
                             env=env, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     # Steps 5 and 6 were logged after the last complete checkpoint; checkpoint-6 is half done.
-    assert [r["step"] for r in train_steps(out)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in train_records(out)] == [1, 2, 3, 4, 5, 6]
     assert sorted(os.listdir(out / ".checkpoint-6.tmp")) == ["adapter", "rng_state_0.pt"]
     assert not (out / "metrics.json").exists()
     assert resolve_checkpoint("latest", str(out)) == str(out / "checkpoint-4")
 
     assert train.main([*args, "--resume_from_checkpoint", "latest"]) == 0
 
-    resumed, reference = train_steps(out), train_steps(uninterrupted)
+    resumed, reference = train_records(out), train_records(uninterrupted)
     assert [r["step"] for r in resumed] == list(range(1, 11))  # each step exactly once
     for mine, theirs in zip(resumed, reference, strict=True):
         assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-6), mine["step"]

@@ -17,8 +17,7 @@ import sys
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import learnable_pairs
-from test_train import ROOT, read_log, train_args
+from conftest import ROOT, learnable_pairs, read_log, train_args
 
 import train
 from dpo_core.batching import epoch_order, length_sorted_order, pair_length

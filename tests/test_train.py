@@ -10,30 +10,13 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, read_log, train_args
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import train
 from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.schedule import get_lr
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def train_args(model_dir: str, data: str, out: str, *extra: str) -> list[str]:
-    return [
-        "--model_name", model_dir, "--dataset_name", data, "--output_dir", str(out),
-        "--num_samples", "0", "--eval_fraction", "0.25", "--batch_size", "4",
-        "--gradient_accumulation_steps", "1", "--learning_rate", "5e-3", "--warmup_steps", "0",
-        "--logging_steps", "1", "--eval_steps", "0", "--save_steps", "0", "--max_length", "64",
-        "--max_prompt_length", "32", "--no-gradient_checkpointing", "--num_sample_prompts", "0",
-        *extra,
-    ]
-
-
-def read_log(out) -> list[dict]:
-    with open(os.path.join(out, "train_log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_train_end_to_end_learns_and_saves(tiny_model_dir, pairs_file, tmp_path):

@@ -20,7 +20,6 @@ DEMO_PRESETS: dict = {
     "output_dir": DEMO_OUTPUT_DIR,
     "overwrite_output_dir": True,  # the demo is meant to be run again
     "quantization": "none",
-    "gradient_checkpointing": False,
     "num_samples": 4800,  # 300 steps of 16 pairs
     "epochs": 1,
     "batch_size": 16,
