@@ -253,26 +253,50 @@ def attention_flops(shape: ModelShape, segments: list[int], prefix_shared: bool)
     return 4 * shape.layers * shape.hidden * visible
 
 
+def reference_flops(shape: ModelShape, segments: list[int], *, prefix_shared: bool,
+                    full_logits: bool) -> float:
+    """FLOPs of one pair's reference forward (adapter off, so no LoRA): 2 per block weight per
+    token, 2 per LM-head weight per position whose logits are computed, causal attention."""
+    p, c, r = segments
+    tokens = p + c + r if prefix_shared else 2 * p + c + r
+    logit_rows = tokens if full_logits else c + r
+    return (2 * shape.body_params * tokens + 2 * shape.head_params * logit_rows
+            + attention_flops(shape, segments, prefix_shared))
+
+
 def pair_train_flops(shape: ModelShape, segments: list[int], *, prefix_shared: bool,
-                     checkpointing: bool, full_logits: bool) -> float:
+                     checkpointing: bool, full_logits: bool, reference: bool = True) -> float:
     """FLOPs one pair costs in LoRA-DPO training, counted as the implementation performs them.
 
     Per token of the forward rows: policy forward 2N, backward to the inputs 2N (frozen base
-    weights need no weight gradient), reference forward 2N -> 6N for N block weights; LoRA
-    adds 2 (forward) + 4 (backward: input and weight gradients) per adapter weight; the LM
-    head counts at the positions whose logits are computed (label positions here, every
-    position in trl); attention is counted causally, forward + 2x backward + reference
-    forward. Gradient checkpointing recomputes the policy forward of the blocks once more.
+    weights need no weight gradient), reference forward 2N (`reference_flops`; left out with
+    reference=False, for a precomputed reference) -> 6N for N block weights; LoRA adds 2
+    (forward) + 4 (backward: input and weight gradients) per adapter weight; the LM head
+    counts at the positions whose logits are computed (label positions here, every position
+    in trl); attention is counted causally, forward + 2x backward + reference forward.
+    Gradient checkpointing recomputes the policy forward of the blocks once more (all but its
+    last matmul). Nothing before the first block needs a gradient, so its q, k and v
+    projections (base and LoRA A) skip the backward to their input, unless checkpointing
+    (peft then makes the embeddings' output require grad). tests/test_speed_features.py
+    checks this count against torch's FlopCounterMode.
     """
     p, c, r = segments
     tokens = p + c + r if prefix_shared else 2 * p + c + r
     logit_rows = tokens if full_logits else c + r
     body, lora = shape.body_params, shape.lora_params(LORA_R)
     attention = attention_flops(shape, segments, prefix_shared)
-    flops = 6 * body * tokens + 6 * lora * tokens + 6 * shape.head_params * logit_rows
-    flops += 4 * attention
+    flops = 4 * body * tokens + 6 * lora * tokens + 4 * shape.head_params * logit_rows
+    flops += 3 * attention
     if checkpointing:
-        flops += 2 * (body + lora) * tokens + attention
+        # torch's non-reentrant recompute stops once it has every tensor backward needs,
+        # which comes just before each block's last LoRA B matmul (down_proj's).
+        flops += 2 * (body + lora - shape.layers * LORA_R * shape.hidden) * tokens + attention
+    else:
+        qkv = shape.linears[:3]
+        flops -= 2 * tokens * sum(a * b + LORA_R * a for a, b in qkv)
+    if reference:
+        flops += reference_flops(shape, segments, prefix_shared=prefix_shared,
+                                 full_logits=full_logits)
     return flops
 
 
@@ -559,6 +583,8 @@ def summarise(name: str, results: list[dict], visited: dict, steps: int, batch_s
     num_pairs = steps * batch_size
     segments = [visited["segments"][i % len(visited["segments"])] for i in range(num_pairs)]
     tokens = sum(2 * p + c + r for p, c, r in segments)
+    # A precomputed reference is one pass over the distinct pairs, however many epochs follow.
+    precomputed = runs[0]["reference_pass_s"] > 0
     flops, prefix_batches = 0.0, 0
     for start in range(0, num_pairs, batch_size):
         batch = segments[start:start + batch_size]
@@ -566,8 +592,13 @@ def summarise(name: str, results: list[dict], visited: dict, steps: int, batch_s
         prefix_batches += prefix_shared
         flops += sum(pair_train_flops(
             shape, s, prefix_shared=prefix_shared,
-            checkpointing=config["gradient_checkpointing"], full_logits=trainer == "trl")
+            checkpointing=config["gradient_checkpointing"], full_logits=trainer == "trl",
+            reference=not precomputed)
             for s in batch)
+        if precomputed:  # the first epoch's visits: each distinct pair once
+            first_visits = batch[:max(0, len(visited["segments"]) - start)]
+            flops += sum(reference_flops(shape, s, prefix_shared=prefix_shared, full_logits=False)
+                         for s in first_visits)
     seconds = statistics.median(run["seconds"] for run in runs)
     achieved = flops / seconds
     peak_cuda = [r["peak_cuda_mb"] for r in results if r["peak_cuda_mb"] is not None]

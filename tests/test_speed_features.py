@@ -349,3 +349,59 @@ def test_benchmark_smoke_run_writes_its_report(tmp_path):
     # A zero-initialised adapter: policy == reference, so the first loss is ln 2.
     assert row["first_step"]["loss"] == pytest.approx(0.6931472, abs=1e-6)
     assert "| prefix+precompute |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_benchmark_flop_count_matches_torch_flop_counter(monkeypatch, checkpointing):
+    """The harness's MFU rests on `pair_train_flops`: its matmul part (everything but the
+    attention term) must equal what torch's FlopCounterMode counts over one real step of the
+    standard path: policy and reference forwards, backward, LoRA, LM head at label positions."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dpo_core.tiny import tiny_llama
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench_dpo
+
+    shape = bench_dpo.MODEL_PRESETS["tiny"]
+    base = tiny_llama(vocab_size=shape.vocab, hidden_size=shape.hidden,
+                      num_layers=shape.layers, num_heads=shape.heads,
+                      num_kv_heads=shape.kv_heads, intermediate_size=shape.intermediate)
+    model = add_lora(base, r=bench_dpo.LORA_R, alpha=bench_dpo.LORA_ALPHA, dropout=0.0,
+                     target_modules="all-linear", gradient_checkpointing=checkpointing,
+                     quantized=False)
+    segments = (6, 9, 9)  # equal response lengths: no padding, every token is counted
+    generator = torch.Generator().manual_seed(0)
+    pairs = [TokenizedPair(*(torch.randint(3, shape.vocab, (n,), generator=generator).tolist()
+                             for n in segments)) for _ in range(3)]
+    batch = PreferenceCollator(pad_token_id=0)(pairs)
+    with FlopCounterMode(display=False) as counter:
+        PreferenceObjective()(model, batch)["losses"].sum().backward()
+    counted = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    matmul = sum(flops for op, flops in counted.items() if op in ("aten.mm", "aten.addmm"))
+
+    per_pair = bench_dpo.pair_train_flops(shape, list(segments), prefix_shared=False,
+                                          checkpointing=checkpointing, full_logits=False)
+    attention = bench_dpo.attention_flops(shape, list(segments), prefix_shared=False)
+    attention_terms = 5 * attention if checkpointing else 4 * attention
+    assert matmul == 3 * (per_pair - attention_terms), counted
+
+
+def test_profile_step_splits_the_step_time(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import profile_step
+
+    # 2*M*N*K from the operand shapes; addmm's first operand is the bias, bmm's dim 0 a batch.
+    assert profile_step._matmul_flops("aten::mm", [[3, 4], [4, 5]]) == 120
+    assert profile_step._matmul_flops("aten::addmm", [[5], [3, 4], [4, 5]]) == 120
+    assert profile_step._matmul_flops("aten::bmm", [[2, 3, 4], [2, 4, 5]]) == 240
+
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/profile_step.py", "--preset", "tiny", "--steps", "1",
+         "--workdir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    shares = [float(line.split(":")[1].split("%")[0]) for line in completed.stdout.splitlines()
+              if line.startswith(("matrix multiplies:", "attention kernels:", "everything else:"))]
+    assert len(shares) == 3 and all(share > 0 for share in shares)
+    assert sum(shares) == pytest.approx(100, abs=0.2)
