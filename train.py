@@ -13,7 +13,7 @@ from dpo_core.checkpoint import CheckpointError
 from dpo_core.config import ConfigError, TrainConfig, build_parser
 from dpo_core.data import DataError
 from dpo_core.model import ModelLoadError
-from dpo_core.trainer import NonFiniteError, train
+from dpo_core.trainer import DeviceMemoryError, NonFiniteError, train
 
 EXAMPLES = """examples:
   python train.py --demo                                  # offline, bundled model and data
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelLoadError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except NonFiniteError as error:
+    except (NonFiniteError, DeviceMemoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if not PartialState().is_main_process:  # under torchrun / accelerate launch

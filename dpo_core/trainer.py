@@ -76,6 +76,31 @@ class NonFiniteError(RuntimeError):
     """The loss or the gradient stopped being finite; the message names the step."""
 
 
+class DeviceMemoryError(RuntimeError):
+    """The accelerator ran out of memory; the message names the step and what to change."""
+
+
+def last_checkpoint_note(output_dir: str) -> str:
+    saved = checkpoint_dirs(output_dir)
+    newest = saved[-1] if saved else "none (lower --save_steps to keep one)"
+    return f"Last good checkpoint: {newest}."
+
+
+def out_of_memory_message(config: TrainConfig, step: int) -> str:
+    """What to change when step `step` did not fit, cheapest first for the throughput."""
+    fixes = []
+    if not config.gradient_checkpointing:
+        fixes.append("--gradient_checkpointing (recomputes activations: much less memory, "
+                     "about 20-25% slower)")
+    if config.batch_size > 1:
+        fixes.append(f"--batch_size {config.batch_size // 2} --gradient_accumulation_steps "
+                     f"{2 * config.gradient_accumulation_steps} (the same pairs per step)")
+    fixes.append(f"a shorter --max_length (now {config.max_length})")
+    return (f"step {step}: out of device memory. Try " + "; or ".join(fixes) + ". "
+            + last_checkpoint_note(config.output_dir)
+            + " Continue with --resume_from_checkpoint latest.")
+
+
 def merged_metrics(stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Preference metrics over every pair in `stats` (per-batch dicts of per-pair tensors)."""
     merged = [torch.cat([s[k] for s in stats]) for k in STAT_KEYS]
@@ -401,7 +426,10 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
     while state.step < run.total_steps:
         lr = get_lr(state.step, peak_lr=config.learning_rate, warmup_steps=run.warmup,
                     total_steps=run.total_steps, kind=config.lr_scheduler)
-        step_loss = optimizer_step(run, batches, lr, window)
+        try:
+            step_loss = optimizer_step(run, batches, lr, window)
+        except torch.OutOfMemoryError as error:
+            raise DeviceMemoryError(out_of_memory_message(config, state.step + 1)) from error
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
 
@@ -579,11 +607,9 @@ def optimizer_step(run: TrainingRun, batches: Iterator[dict[str, torch.Tensor]],
         window.grad_norms.append(grad_norm)
     else:
         if state.nonfinite_steps_skipped >= config.skip_nonfinite_steps:
-            saved = checkpoint_dirs(config.output_dir)
             raise NonFiniteError(
                 f"step {state.step + 1}: loss {step_loss} / grad norm {grad_norm} is not "
-                f"finite; stopping. Last good checkpoint: "
-                f"{saved[-1] if saved else 'none (lower --save_steps to keep one)'}. "
+                f"finite; stopping. {last_checkpoint_note(config.output_dir)} "
                 "Try a lower --learning_rate, or --skip_nonfinite_steps N to skip such "
                 "steps, and --resume_from_checkpoint latest.")
         state.nonfinite_steps_skipped += 1

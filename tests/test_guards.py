@@ -244,6 +244,39 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(monkeypatch, ti
     assert train_steps(out) == [1, 2, 3, 4, 5, 6]
 
 
+def test_out_of_device_memory_names_the_fixes_and_keeps_the_checkpoint(
+        monkeypatch, tiny_model_dir, pairs_file, tmp_path, capsys):
+    """A CUDA OOM in step 3 (simulated: this machine has no GPU) stops the run with exit 1,
+    the settings that would make the step fit, and the last checkpoint to resume from."""
+    out = tmp_path / "oom"
+    args = train_args(tiny_model_dir, pairs_file, out, *RUN, "--max_steps", "6")
+    original = PreferenceObjective.__call__
+    calls = []
+
+    def call(self, model, batch):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, model, batch)
+
+    monkeypatch.setattr(PreferenceObjective, "__call__", call)
+    assert train.main(args) == 1
+    err = capsys.readouterr().err
+    assert "step 3: out of device memory. Try --gradient_checkpointing" in err
+    assert "--batch_size 2 --gradient_accumulation_steps 2 (the same pairs per step)" in err
+    assert "a shorter --max_length (now 64)" in err
+    assert f"Last good checkpoint: {out / 'checkpoint-2'}." in err
+    assert train_steps(out) == [1, 2] and (out / "checkpoint-2").is_dir()
+    assert "Traceback" not in err
+    # With checkpointing on and one pair per batch, only the length is left to suggest.
+    calls.clear()
+    args_small = [*args, "--overwrite_output_dir", "--gradient_checkpointing", "--batch_size", "1"]
+    assert train.main(args_small) == 1
+    err = capsys.readouterr().err
+    assert "Try a shorter --max_length (now 64)." in err
+
+
 def test_skip_nonfinite_steps_skips_up_to_k(monkeypatch, tiny_model_dir, pairs_file, tmp_path,
                                             capsys):
     out = tmp_path / "skip"
