@@ -340,6 +340,7 @@ def _reset_accelerate() -> None:
 
 def _run_ours(spec: dict, output_dir: str, steps: int) -> dict:
     from dpo_core.config import TrainConfig
+    from dpo_core.model import resolve_gradient_checkpointing
     from dpo_core.trainer import train
 
     config = TrainConfig(
@@ -364,7 +365,8 @@ def _run_ours(spec: dict, output_dir: str, steps: int) -> dict:
                                                           "logps/rejected")},
         "config": {"prefix_sharing": config.prefix_sharing,
                    "precompute_ref_log_probs": config.precompute_ref_log_probs,
-                   "gradient_checkpointing": config.gradient_checkpointing,
+                   "gradient_checkpointing": resolve_gradient_checkpointing(
+                       config.gradient_checkpointing),
                    "group_by_length": config.group_by_length},
     }
 

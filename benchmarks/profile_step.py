@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                          quantization="none", dtype="float32", lora_r=bench_dpo.LORA_R,
                          lora_alpha=bench_dpo.LORA_ALPHA, lora_target_modules="all-linear",
                          attn_implementation=args.attn_implementation)
-    model = build_policy(config, torch.float32, quantize=False)
+    model = build_policy(config, torch.float32, quantize=False, gradient_checkpointing=False)
     if args.compile_layers:
         for layer in model.base_model.model.model.layers:
             layer.compile()

@@ -35,6 +35,13 @@ def resolve_quantization(name: str) -> bool:
     return name == "4bit"
 
 
+def resolve_gradient_checkpointing(setting: bool | None) -> bool:
+    """Unset (None) means on where CUDA is present: GPU memory is the usual limit there."""
+    if setting is None:
+        return torch.cuda.is_available()
+    return setting
+
+
 def _load_error(kind: str, name: str, error: Exception) -> ModelLoadError:
     if os.path.isdir(name):
         return ModelLoadError(f"could not load the {kind} from {name!r}: {error}")

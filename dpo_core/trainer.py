@@ -42,6 +42,7 @@ from dpo_core.model import (
     load_base_model,
     load_tokenizer,
     resolve_dtype,
+    resolve_gradient_checkpointing,
     resolve_quantization,
 )
 from dpo_core.objective import LogpsFn, PreferenceObjective
@@ -86,10 +87,10 @@ def last_checkpoint_note(output_dir: str) -> str:
     return f"Last good checkpoint: {newest}."
 
 
-def out_of_memory_message(config: TrainConfig, step: int) -> str:
+def out_of_memory_message(config: TrainConfig, step: int, checkpointing: bool) -> str:
     """What to change when step `step` did not fit, cheapest first for the throughput."""
     fixes = []
-    if not config.gradient_checkpointing:
+    if not checkpointing:
         fixes.append("--gradient_checkpointing (recomputes activations: much less memory, "
                      "about 20-25% slower)")
     if config.batch_size > 1:
@@ -257,14 +258,15 @@ def launched_without_accelerator() -> bool:
     return not torch.cuda.is_available()
 
 
-def build_policy(config: TrainConfig, dtype: torch.dtype, quantize: bool) -> torch.nn.Module:
+def build_policy(config: TrainConfig, dtype: torch.dtype, quantize: bool,
+                 gradient_checkpointing: bool) -> torch.nn.Module:
     """Base model + fresh LoRA adapter; dropout off so both passes see one network."""
     base = load_base_model(config.model_name, dtype=dtype, quantize_4bit=quantize,
                            attn_implementation=config.attn_implementation,
                            trust_remote_code=config.trust_remote_code)
     model = add_lora(base, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                      target_modules=config.target_modules,
-                     gradient_checkpointing=config.gradient_checkpointing, quantized=quantize)
+                     gradient_checkpointing=gradient_checkpointing, quantized=quantize)
     if config.disable_dropout:
         disable_dropout(model)
     return model
@@ -393,6 +395,7 @@ class TrainingRun:
     config: TrainConfig
     accelerator: Accelerator
     dtype: torch.dtype
+    gradient_checkpointing: bool
     model: torch.nn.Module
     tokenizer: object
     optimizer: torch.optim.Optimizer
@@ -429,7 +432,8 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
         try:
             step_loss = optimizer_step(run, batches, lr, window)
         except torch.OutOfMemoryError as error:
-            raise DeviceMemoryError(out_of_memory_message(config, state.step + 1)) from error
+            raise DeviceMemoryError(out_of_memory_message(
+                config, state.step + 1, run.gradient_checkpointing)) from error
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
 
@@ -484,7 +488,11 @@ def setup_run(config: TrainConfig) -> TrainingRun:
     if is_main:
         os.makedirs(config.output_dir, exist_ok=True)
 
-    model = build_policy(config, dtype, quantize)
+    checkpointing = resolve_gradient_checkpointing(config.gradient_checkpointing)
+    if is_main and checkpointing and config.gradient_checkpointing is None:
+        print("Gradient checkpointing is on (CUDA is present); --no-gradient_checkpointing is "
+              "about 20% faster where the batch fits without it.")
+    model = build_policy(config, dtype, quantize, checkpointing)
     tokenizer = load_tokenizer(config.model_name, config.trust_remote_code)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -554,7 +562,8 @@ def setup_run(config: TrainConfig) -> TrainingRun:
     # Started once setup has succeeded, so a bad model or data path leaves no empty run.
     start_trackers(accelerator, config)
     model.train()
-    return TrainingRun(config=config, accelerator=accelerator, dtype=dtype, model=model,
+    return TrainingRun(config=config, accelerator=accelerator, dtype=dtype,
+                       gradient_checkpointing=checkpointing, model=model,
                tokenizer=tokenizer, optimizer=optimizer, objective=objective,
                train_pairs=train_pairs, eval_pairs=eval_pairs, sample_prompts=sample_prompts,
                stream=stream, eval_loader=eval_loader, total_steps=total_steps, warmup=warmup,

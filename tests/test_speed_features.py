@@ -21,9 +21,9 @@ from conftest import ROOT, learnable_pairs, read_log, train_args
 
 import train
 from dpo_core.batching import epoch_order, length_sorted_order, pair_length
-from dpo_core.config import ConfigError, TrainConfig
+from dpo_core.config import ConfigError, TrainConfig, build_parser
 from dpo_core.data import PreferencePair
-from dpo_core.model import add_lora, load_base_model
+from dpo_core.model import add_lora, load_base_model, resolve_gradient_checkpointing
 from dpo_core.objective import PreferenceObjective
 from dpo_core.reference_cache import (
     PairWithReference,
@@ -322,6 +322,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tiny_to
     for name, grad in without.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(with_checkpointing[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_unset_means_on_only_where_cuda_is(monkeypatch):
+    parser = build_parser(TrainConfig, "", "")
+    flags = {(): None, ("--gradient_checkpointing",): True,
+             ("--no-gradient_checkpointing",): False}
+    for argv, expected in flags.items():
+        assert TrainConfig(**vars(parser.parse_args(argv))).gradient_checkpointing is expected
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert resolve_gradient_checkpointing(None) is cuda
+        assert resolve_gradient_checkpointing(True) is True  # an explicit choice always wins
+        assert resolve_gradient_checkpointing(False) is False
 
 
 # ------------------------------------------------------------------ benchmark harness
