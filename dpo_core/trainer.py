@@ -88,18 +88,22 @@ def last_checkpoint_note(output_dir: str) -> str:
 
 
 def out_of_memory_message(config: TrainConfig, step: int, checkpointing: bool) -> str:
-    """What to change when step `step` did not fit, cheapest first for the throughput."""
-    fixes = []
+    """What to change when step `step` did not fit: first what can resume from the last
+    checkpoint, then what changes the data order and so means starting over."""
+    parts = [f"step {step}: out of device memory. {last_checkpoint_note(config.output_dir)}"]
     if not checkpointing:
-        fixes.append("--gradient_checkpointing (recomputes activations: much less memory, "
-                     "about 20-25% slower)")
+        parts.append("Add --gradient_checkpointing (much less activation memory, about 20% "
+                     "slower) and continue with --resume_from_checkpoint latest.")
+    restart = []
     if config.batch_size > 1:
-        fixes.append(f"--batch_size {config.batch_size // 2} --gradient_accumulation_steps "
-                     f"{2 * config.gradient_accumulation_steps} (the same pairs per step)")
-    fixes.append(f"a shorter --max_length (now {config.max_length})")
-    return (f"step {step}: out of device memory. Try " + "; or ".join(fixes) + ". "
-            + last_checkpoint_note(config.output_dir)
-            + " Continue with --resume_from_checkpoint latest.")
+        smaller = config.batch_size // 2 if config.batch_size % 2 == 0 else 1
+        accumulation = config.gradient_accumulation_steps * config.batch_size // smaller
+        restart.append(f"--batch_size {smaller} --gradient_accumulation_steps {accumulation} "
+                       "(the same pairs per step)")
+    restart.append(f"a shorter --max_length (now {config.max_length})")
+    parts.append(("Or start" if not checkpointing else "Start") + " over (--overwrite_output_dir)"
+                 " with " + " or ".join(restart) + ".")
+    return " ".join(parts)
 
 
 def merged_metrics(stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:

@@ -263,18 +263,29 @@ def test_out_of_device_memory_names_the_fixes_and_keeps_the_checkpoint(
     monkeypatch.setattr(PreferenceObjective, "__call__", call)
     assert train.main(args) == 1
     err = capsys.readouterr().err
-    assert "step 3: out of device memory. Try --gradient_checkpointing" in err
-    assert "--batch_size 2 --gradient_accumulation_steps 2 (the same pairs per step)" in err
-    assert "a shorter --max_length (now 64)" in err
-    assert f"Last good checkpoint: {out / 'checkpoint-2'}." in err
-    assert train_steps(out) == [1, 2] and (out / "checkpoint-2").is_dir()
     assert "Traceback" not in err
-    # With checkpointing on and one pair per batch, only the length is left to suggest.
+    assert (f"step 3: out of device memory. Last good checkpoint: {out / 'checkpoint-2'}. "
+            "Add --gradient_checkpointing") in err
+    assert "and continue with --resume_from_checkpoint latest." in err
+    assert ("Or start over (--overwrite_output_dir) with --batch_size 2 "
+            "--gradient_accumulation_steps 2 (the same pairs per step) or a shorter "
+            "--max_length (now 64).") in err
+    assert train_steps(out) == [1, 2] and (out / "checkpoint-2").is_dir()
+    # The advice works: the run continues from checkpoint-2 with checkpointing on.
+    monkeypatch.undo()
+    assert train.main([*args, "--resume_from_checkpoint", "latest",
+                       "--gradient_checkpointing"]) == 0
+    assert train_steps(out) == [1, 2, 3, 4, 5, 6]
+    # Checkpointing already on, an odd batch: one pair per micro-batch keeps the step's pairs.
+    monkeypatch.setattr(PreferenceObjective, "__call__", call)
     calls.clear()
-    args_small = [*args, "--overwrite_output_dir", "--gradient_checkpointing", "--batch_size", "1"]
-    assert train.main(args_small) == 1
+    capsys.readouterr()
+    assert train.main([*args, "--overwrite_output_dir", "--gradient_checkpointing",
+                       "--batch_size", "3"]) == 1
     err = capsys.readouterr().err
-    assert "Try a shorter --max_length (now 64)." in err
+    assert "Add --gradient_checkpointing" not in err
+    assert ("Start over (--overwrite_output_dir) with --batch_size 1 "
+            "--gradient_accumulation_steps 3 (the same pairs per step) or a shorter") in err
 
 
 def test_skip_nonfinite_steps_skips_up_to_k(monkeypatch, tiny_model_dir, pairs_file, tmp_path,
