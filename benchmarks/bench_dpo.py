@@ -253,13 +253,20 @@ def attention_flops(shape: ModelShape, segments: list[int], prefix_shared: bool)
     return 4 * shape.layers * shape.hidden * visible
 
 
+def forward_rows(segments: list[int], *, prefix_shared: bool,
+                 full_logits: bool) -> tuple[int, int]:
+    """(tokens fed to the model, positions whose logits are computed) for one pair."""
+    p, c, r = segments
+    tokens = p + c + r if prefix_shared else 2 * p + c + r
+    return tokens, tokens if full_logits else c + r
+
+
 def reference_flops(shape: ModelShape, segments: list[int], *, prefix_shared: bool,
                     full_logits: bool) -> float:
     """FLOPs of one pair's reference forward (adapter off, so no LoRA): 2 per block weight per
     token, 2 per LM-head weight per position whose logits are computed, causal attention."""
-    p, c, r = segments
-    tokens = p + c + r if prefix_shared else 2 * p + c + r
-    logit_rows = tokens if full_logits else c + r
+    tokens, logit_rows = forward_rows(segments, prefix_shared=prefix_shared,
+                                      full_logits=full_logits)
     return (2 * shape.body_params * tokens + 2 * shape.head_params * logit_rows
             + attention_flops(shape, segments, prefix_shared))
 
@@ -280,9 +287,8 @@ def pair_train_flops(shape: ModelShape, segments: list[int], *, prefix_shared: b
     (peft then makes the embeddings' output require grad). tests/test_speed_features.py
     checks this count against torch's FlopCounterMode.
     """
-    p, c, r = segments
-    tokens = p + c + r if prefix_shared else 2 * p + c + r
-    logit_rows = tokens if full_logits else c + r
+    tokens, logit_rows = forward_rows(segments, prefix_shared=prefix_shared,
+                                      full_logits=full_logits)
     body, lora = shape.body_params, shape.lora_params(LORA_R)
     attention = attention_flops(shape, segments, prefix_shared)
     flops = 4 * body * tokens + 6 * lora * tokens + 4 * shape.head_params * logit_rows

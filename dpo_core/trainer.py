@@ -495,7 +495,7 @@ def setup_run(config: TrainConfig) -> TrainingRun:
     checkpointing = resolve_gradient_checkpointing(config.gradient_checkpointing)
     if is_main and checkpointing and config.gradient_checkpointing is None:
         print("Gradient checkpointing is on (CUDA is present); --no-gradient_checkpointing is "
-              "about 20% faster where the batch fits without it.")
+              "about 25% faster where the batch fits without it.")
     model = build_policy(config, dtype, quantize, checkpointing)
     tokenizer = load_tokenizer(config.model_name, config.trust_remote_code)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -566,12 +566,12 @@ def setup_run(config: TrainConfig) -> TrainingRun:
     # Started once setup has succeeded, so a bad model or data path leaves no empty run.
     start_trackers(accelerator, config)
     model.train()
-    return TrainingRun(config=config, accelerator=accelerator, dtype=dtype,
-                       gradient_checkpointing=checkpointing, model=model,
-               tokenizer=tokenizer, optimizer=optimizer, objective=objective,
-               train_pairs=train_pairs, eval_pairs=eval_pairs, sample_prompts=sample_prompts,
-               stream=stream, eval_loader=eval_loader, total_steps=total_steps, warmup=warmup,
-               state=state, log_path=log_path, reference_pass_s=reference_pass_s)
+    return TrainingRun(
+        config=config, accelerator=accelerator, dtype=dtype, gradient_checkpointing=checkpointing,
+        model=model, tokenizer=tokenizer, optimizer=optimizer, objective=objective,
+        train_pairs=train_pairs, eval_pairs=eval_pairs, sample_prompts=sample_prompts,
+        stream=stream, eval_loader=eval_loader, total_steps=total_steps, warmup=warmup,
+        state=state, log_path=log_path, reference_pass_s=reference_pass_s)
 
 
 def wants_precomputed_reference(config: TrainConfig, objective: PreferenceObjective,
