@@ -571,14 +571,15 @@ def run_variant(name: str, base_spec: dict, workdir: Path) -> dict:
 
 def uses_prefix_sharing(setting: bool | None, batch: list[list[int]]) -> bool:
     """Whether our trainer runs this batch of (P, C, R) pairs prefix-shared: always, never, or
-    (unset) by `prefix_sharing_when_it_pays`'s rule."""
-    from dpo_core.trainer import PREFIX_SHARING_MIN_SAVING
+    (unset) by the trainer's own rule, `prefix_sharing_pays`."""
+    import torch
+
+    from dpo_core.logps import prefix_sharing_pays
 
     if setting is not None:
         return setting
-    shared_width = max(p + c + r for p, c, r in batch)
-    two_rows_width = 2 * max(p + max(c, r) for p, c, r in batch)
-    return shared_width <= (1 - PREFIX_SHARING_MIN_SAVING) * two_rows_width
+    prompt, chosen, rejected = torch.tensor(batch).T
+    return prefix_sharing_pays(prompt, prompt + chosen, prompt + rejected)
 
 
 def summarise(name: str, results: list[dict], visited: dict, steps: int, batch_size: int,

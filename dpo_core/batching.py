@@ -6,11 +6,13 @@ it has already seen continues with exactly the batches it would have had.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
 
-from dpo_core.tokenization import TokenizedPair
+from dpo_core.tokenization import PreferenceCollator, TokenizedPair
 
 # Pairs are sorted by length within windows of this many batches: enough to bring similar
 # lengths together, few enough that an epoch still mixes short and long batches at random.
@@ -70,3 +72,34 @@ def length_sorted_order(lengths: Sequence[int]) -> list[int]:
     """Indices from longest to shortest: for passes whose order does not matter (evaluation,
     the reference pass), where sorting is the least padding there can be."""
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+class MicroBatchStream:
+    """Micro-batches over epochs; epoch e is ordered with seed + e (shuffled, or grouped by
+    `lengths` when given), so any position in the stream can be reproduced from the number of
+    micro-batches already consumed."""
+
+    def __init__(self, accelerator: Accelerator, pairs: list[TokenizedPair], batch_size: int,
+                 collator: PreferenceCollator, seed: int, lengths: list[int] | None = None):
+        self.accelerator, self.pairs, self.batch_size = accelerator, pairs, batch_size
+        self.collator, self.seed, self.lengths = collator, seed, lengths
+        self.batches_per_epoch = len(self._epoch_loader(0))
+
+    def _epoch_loader(self, epoch: int):
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = epoch_order(len(self.pairs), self.batch_size, generator, self.lengths)
+        # A DataLoader draws a seed for every new iterator, from the global RNG unless it has
+        # its own generator; a resumed run opens an iterator where the original did not, so
+        # drawing globally would shift every dropout mask after a resume.
+        loader = DataLoader(self.pairs, batch_size=self.batch_size, sampler=order,
+                            collate_fn=self.collator, generator=generator)
+        return self.accelerator.prepare_data_loader(loader)
+
+    def iterate(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        epoch, offset = divmod(start, self.batches_per_epoch)
+        while True:
+            loader = self._epoch_loader(epoch)
+            if offset:
+                loader = self.accelerator.skip_first_batches(loader, offset)
+            yield from loader
+            epoch, offset = epoch + 1, 0

@@ -384,3 +384,36 @@ def prefix_shared_forward(
         num_sequences=2 * num_pairs,
     )
     return logps[:num_pairs], logps[num_pairs:]
+
+
+# Prefix sharing feeds fewer tokens but attends over rows about twice as long (with a dense
+# mask); measured on CPU it pays once the rows hold at least this much fewer tokens.
+PREFIX_SHARING_MIN_SAVING = 0.2
+
+
+def prefix_sharing_pays(prompt_lengths: Tensor, chosen_lengths: Tensor,
+                        rejected_lengths: Tensor) -> bool:
+    """Whether one prefix-shared row per pair (prompt + chosen + rejected) is at least
+    PREFIX_SHARING_MIN_SAVING narrower than the two padded rows per pair of the standard
+    forward (prompt + longer response). Lengths are per pair, [B], in tokens; a response
+    length here counts the prompt too, as the attention masks do."""
+    shared_width = (chosen_lengths + rejected_lengths - prompt_lengths).max()
+    two_rows_width = 2 * torch.maximum(chosen_lengths, rejected_lengths).max()
+    return bool(shared_width <= (1 - PREFIX_SHARING_MIN_SAVING) * two_rows_width)
+
+
+def prefix_sharing_when_it_pays(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple:
+    """`prefix_shared_forward` for batches where `prefix_sharing_pays` (long prompts), else
+    `concatenated_forward`. Both give the same log-probs, so the choice is per batch."""
+    if prefix_sharing_pays(batch["prompt_lengths"], batch["chosen_attention_mask"].sum(-1),
+                           batch["rejected_attention_mask"].sum(-1)):
+        return prefix_shared_forward(model, batch)
+    return concatenated_forward(model, batch)
+
+
+def select_logps_fn(prefix_sharing: bool | None, attn_implementation: str | None):
+    """--prefix_sharing on: always; unset: per batch when it pays; off, or when the model's
+    attention cannot take a 4D mask: the standard two-row forward."""
+    if prefix_sharing is False or attn_implementation not in FOUR_D_MASK_ATTENTION:
+        return concatenated_forward
+    return prefix_shared_forward if prefix_sharing else prefix_sharing_when_it_pays

@@ -23,7 +23,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dpo_core.batching import epoch_order, length_sorted_order, pair_length
+from dpo_core.batching import MicroBatchStream, length_sorted_order, pair_length
 from dpo_core.checkpoint import (
     TrainState,
     checkpoint_dirs,
@@ -34,7 +34,7 @@ from dpo_core.checkpoint import (
 )
 from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.data import load_pairs, split_pairs
-from dpo_core.logps import FOUR_D_MASK_ATTENTION, concatenated_forward, prefix_shared_forward
+from dpo_core.logps import FOUR_D_MASK_ATTENTION, prefix_shared_forward, select_logps_fn
 from dpo_core.loss import preference_metrics
 from dpo_core.model import (
     add_lora,
@@ -276,37 +276,6 @@ def build_policy(config: TrainConfig, dtype: torch.dtype, quantize: bool,
     return model
 
 
-class MicroBatchStream:
-    """Micro-batches over epochs; epoch e is ordered with seed + e (shuffled, or grouped by
-    `lengths` when given), so any position in the stream can be reproduced from the number of
-    micro-batches already consumed."""
-
-    def __init__(self, accelerator: Accelerator, pairs: list[TokenizedPair], batch_size: int,
-                 collator: PreferenceCollator, seed: int, lengths: list[int] | None = None):
-        self.accelerator, self.pairs, self.batch_size = accelerator, pairs, batch_size
-        self.collator, self.seed, self.lengths = collator, seed, lengths
-        self.batches_per_epoch = len(self._epoch_loader(0))
-
-    def _epoch_loader(self, epoch: int):
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        order = epoch_order(len(self.pairs), self.batch_size, generator, self.lengths)
-        # A DataLoader draws a seed for every new iterator, from the global RNG unless it has
-        # its own generator; a resumed run opens an iterator where the original did not, so
-        # drawing globally would shift every dropout mask after a resume.
-        loader = DataLoader(self.pairs, batch_size=self.batch_size, sampler=order,
-                            collate_fn=self.collator, generator=generator)
-        return self.accelerator.prepare_data_loader(loader)
-
-    def iterate(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        epoch, offset = divmod(start, self.batches_per_epoch)
-        while True:
-            loader = self._epoch_loader(epoch)
-            if offset:
-                loader = self.accelerator.skip_first_batches(loader, offset)
-            yield from loader
-            epoch, offset = epoch + 1, 0
-
-
 @torch.no_grad()
 def evaluate(model, loader, objective: PreferenceObjective, accelerator: Accelerator) -> dict:
     """Preference metrics over every eval pair exactly once (duplicates from padding to
@@ -358,38 +327,6 @@ def covers_every_pair(config: TrainConfig, num_pairs: int, num_processes: int) -
         pairs_per_step = config.batch_size * config.gradient_accumulation_steps * num_processes
         return config.max_steps * pairs_per_step >= num_pairs
     return config.epochs >= 1
-
-
-# Prefix sharing feeds fewer tokens but attends over rows about twice as long (with a dense
-# mask); measured on CPU it pays once the rows hold at least this much fewer tokens.
-PREFIX_SHARING_MIN_SAVING = 0.2
-
-
-def prefix_sharing_when_it_pays(model: torch.nn.Module, batch: dict) -> tuple:
-    """`prefix_shared_forward` for batches where one row per pair saves at least
-    PREFIX_SHARING_MIN_SAVING of the padded tokens of two rows per pair (long prompts), else
-    `concatenated_forward`. Both give the same log-probs, so the choice is per batch."""
-    prompt = batch["prompt_lengths"]
-    shared_width = (batch["chosen_attention_mask"].sum(-1)
-                    + batch["rejected_attention_mask"].sum(-1) - prompt).max()
-    two_rows_width = 2 * batch["chosen_input_ids"].shape[1]
-    if shared_width <= (1 - PREFIX_SHARING_MIN_SAVING) * two_rows_width:
-        return prefix_shared_forward(model, batch)
-    return concatenated_forward(model, batch)
-
-
-def select_logps_fn(config: TrainConfig, model: torch.nn.Module, announce: bool) -> LogpsFn:
-    """--prefix_sharing: always; unset: per batch when it pays; off, or when the model's
-    attention cannot take a 4D mask: the standard two-row forward."""
-    if config.prefix_sharing is False:
-        return concatenated_forward
-    attn_implementation = getattr(model.config, "_attn_implementation", None)
-    if attn_implementation not in FOUR_D_MASK_ATTENTION:
-        if announce and config.prefix_sharing:
-            print(f"--prefix_sharing needs attn_implementation sdpa or eager, and this model "
-                  f"uses {attn_implementation!r}: using the standard two-row forward instead.")
-        return concatenated_forward
-    return prefix_shared_forward if config.prefix_sharing else prefix_sharing_when_it_pays
 
 
 @dataclass
@@ -504,7 +441,7 @@ def setup_run(config: TrainConfig) -> TrainingRun:
         loss_type=config.loss_type, beta=config.beta, label_smoothing=config.label_smoothing,
         rpo_alpha=config.rpo_alpha, simpo_gamma=config.simpo_gamma,
         reference_free=config.reference_free,
-        logps_fn=select_logps_fn(config, model, announce=is_main))
+        logps_fn=_logps_fn(config, model, announce=is_main))
     with accelerator.main_process_first():
         train_pairs, eval_pairs, sample_prompts = prepare_data(config, tokenizer,
                                                                show_progress=is_main)
@@ -572,6 +509,14 @@ def setup_run(config: TrainConfig) -> TrainingRun:
         train_pairs=train_pairs, eval_pairs=eval_pairs, sample_prompts=sample_prompts,
         stream=stream, eval_loader=eval_loader, total_steps=total_steps, warmup=warmup,
         state=state, log_path=log_path, reference_pass_s=reference_pass_s)
+
+
+def _logps_fn(config: TrainConfig, model: torch.nn.Module, announce: bool) -> LogpsFn:
+    attn_implementation = getattr(model.config, "_attn_implementation", None)
+    if announce and config.prefix_sharing and attn_implementation not in FOUR_D_MASK_ATTENTION:
+        print(f"--prefix_sharing needs attn_implementation sdpa or eager, and this model "
+              f"uses {attn_implementation!r}: using the standard two-row forward instead.")
+    return select_logps_fn(config.prefix_sharing, attn_implementation)
 
 
 def wants_precomputed_reference(config: TrainConfig, objective: PreferenceObjective,

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from conftest import ROOT, learnable_pairs, read_log, train_args
 
 import train
-from dpo_core.batching import epoch_order, length_sorted_order, pair_length
+from dpo_core.batching import MicroBatchStream, epoch_order, length_sorted_order, pair_length
 from dpo_core.config import ConfigError, TrainConfig, build_parser
 from dpo_core.data import PreferencePair
 from dpo_core.model import add_lora, load_base_model, resolve_gradient_checkpointing
@@ -31,7 +31,7 @@ from dpo_core.reference_cache import (
     with_reference_logps,
 )
 from dpo_core.tokenization import PreferenceCollator, TokenizedPair, tokenize_pairs
-from dpo_core.trainer import MicroBatchStream, covers_every_pair
+from dpo_core.trainer import covers_every_pair
 
 LOGGED = ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm")
 
@@ -107,12 +107,12 @@ def test_speed_defaults_and_bad_settings():
 
 def test_prefix_sharing_is_chosen_per_batch_where_it_saves_tokens(tiny_tokenizer, tiny_model,
                                                                    monkeypatch):
-    from dpo_core import trainer
+    from dpo_core import logps
 
     calls = []
 
     def spy(name: str):
-        function = getattr(trainer, name)
+        function = getattr(logps, name)
 
         def recorded(model, batch):
             calls.append(name)
@@ -121,16 +121,16 @@ def test_prefix_sharing_is_chosen_per_batch_where_it_saves_tokens(tiny_tokenizer
         return recorded
 
     for name in ("prefix_shared_forward", "concatenated_forward"):
-        monkeypatch.setattr(trainer, name, spy(name))
+        monkeypatch.setattr(logps, name, spy(name))
     collator = PreferenceCollator(tiny_tokenizer.eos_token_id)
     long_prompts = collator(tokenized_pairs(tiny_tokenizer, 4))  # template + prompt > reply
     prompt, reply = [1] * 5, [7] * 20
     short_prompts = collator([TokenizedPair(prompt, reply, reply[:-1])] * 2)
     for batch, expected in ((long_prompts, "prefix_shared_forward"),
                             (short_prompts, "concatenated_forward")):
-        chosen, rejected = trainer.prefix_sharing_when_it_pays(tiny_model, batch)
+        chosen, rejected = logps.prefix_sharing_when_it_pays(tiny_model, batch)
         assert calls[-1] == expected
-        reference = trainer.concatenated_forward(tiny_model, batch)
+        reference = logps.concatenated_forward(tiny_model, batch)
         torch.testing.assert_close(chosen, reference[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rejected, reference[1], rtol=1e-5, atol=1e-5)
 
