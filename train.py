@@ -7,13 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from accelerate import PartialState
-
-from dpo_core.checkpoint import CheckpointError
-from dpo_core.config import ConfigError, TrainConfig, build_parser
-from dpo_core.data import DataError
-from dpo_core.model import ModelLoadError
-from dpo_core.trainer import DeviceMemoryError, NonFiniteError, train
+from dpo_core.cli import run_command
+from dpo_core.config import TrainConfig, build_parser
 
 EXAMPLES = """examples:
   python train.py --demo                                  # offline, bundled model and data
@@ -24,6 +19,11 @@ EXAMPLES = """examples:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status of a training run; argv None means this process's own command line."""
+    return run_command(_train, argv)
+
+
+def _train(argv: list[str] | None) -> int:
     parser = build_parser(TrainConfig, __doc__, EXAMPLES)
     explicit = vars(parser.parse_args(argv))
     hook = None
@@ -33,14 +33,16 @@ def main(argv: list[str] | None = None) -> int:
 
         presets, hook = DEMO_PRESETS, demo_evaluation
     config = TrainConfig(**{**presets, **explicit})
-    try:
-        metrics = train(config, evaluation_hook=hook)
-    except (ConfigError, DataError, ModelLoadError, CheckpointError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (NonFiniteError, DeviceMemoryError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    config.validate()  # bad flags are refused before the heavy imports below
+    from dpo_core.model import avoid_bitsandbytes, resolve_quantization
+
+    if argv is None and not resolve_quantization(config.quantization):
+        avoid_bitsandbytes()
+    from accelerate import PartialState
+
+    from dpo_core.trainer import train
+
+    metrics = train(config, evaluation_hook=hook)
     if not PartialState().is_main_process:  # under torchrun / accelerate launch
         return 0
     if config.demo:

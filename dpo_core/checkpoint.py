@@ -22,13 +22,15 @@ from accelerate import Accelerator
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from dpo_core.errors import UserError
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Hidden (leading dot) names: work in progress or being deleted, never a checkpoint.
 PARTIAL_RE = re.compile(r"^\.checkpoint-\d+\.(tmp|old)$")
 ADAPTER_DIR, OPTIMIZER_FILE, STATE_FILE = "adapter", "optimizer.pt", "trainer_state.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from; the message names it and says why."""
 
 

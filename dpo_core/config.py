@@ -15,10 +15,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpo_core.loss import validate_loss_options
+from dpo_core.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting, or a combination of settings, that cannot work; the message says which."""
 
 
@@ -217,7 +217,7 @@ class TrainConfig:
     report_to: str = _arg(
         "none",
         "Also send the train/ and eval/ metrics to an experiment tracker through Accelerate "
-        "(install it with pip install 'dpo[tensorboard]' or 'dpo[wandb]').",
+        "(install it with pip install 'dpo-core[tensorboard]' or 'dpo-core[wandb]').",
         LOG,
         choices=["none", "tensorboard", "wandb"],
     )
@@ -233,6 +233,9 @@ class TrainConfig:
         "Offline demo: the bundled tiny model and arithmetic preference data, tuned settings, "
         "a before/after table. Flags given explicitly still win.",
         LOG,
+    )
+    debug: bool = _arg(
+        False, "Show the full traceback of an error (also DPO_DEBUG=1).", LOG
     )
 
     def __post_init__(self) -> None:
@@ -258,6 +261,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the flag for settings that cannot work."""
+        from dpo_core.loss import validate_loss_options  # imports torch: not for --help
+
+        check_finite(self)
         checks = [
             (self.beta > 0, "--beta must be > 0"),
             (self.batch_size >= 1, "--batch_size must be >= 1"),
@@ -275,6 +281,9 @@ class TrainConfig:
                 f"--max_length ({self.max_length}), or no response token would fit",
             ),
             (self.lora_r >= 1, "--lora_r must be >= 1"),
+            (self.lora_alpha >= 1, "--lora_alpha must be >= 1 (0 would scale the adapter to "
+             "nothing: zero gradient)"),
+            (self.weight_decay >= 0, "--weight_decay must be >= 0"),
             (0 <= self.lora_dropout < 1, "--lora_dropout must be in [0, 1)"),
             (bool(self.target_modules), "--lora_target_modules names no module"),
             (self.max_grad_norm >= 0, "--max_grad_norm must be >= 0"),
@@ -307,10 +316,35 @@ class TrainConfig:
             value = getattr(self, flag)
             if value and _looks_like_path(value) and not os.path.exists(value):
                 raise ConfigError(f"--{flag}: path {value!r} does not exist")
+        check_writable_dir("--output_dir", self.output_dir)
 
     def to_json(self, path: str) -> None:
         with open(path, "w") as f:
             json.dump(dataclasses.asdict(self), f, indent=2)
+
+
+def check_finite(config: Any) -> None:
+    """Every float setting of a config dataclass must be a finite number: argparse's float()
+    takes 'nan' and 'inf', which no setting here can use."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name} must be a finite number, got {value}")
+
+
+def check_writable_dir(flag: str, path: str) -> None:
+    """`path` is, or can be created as, a directory this process can write into."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag} {path!r} is a file, not a directory; choose another path")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{flag} {path!r}: {existing!r} is a file, so no directory can be "
+                          "made there; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path!r}: {existing!r} is not writable; choose a directory "
+                          "you can write to")
 
 
 def _looks_like_path(value: str) -> bool:

@@ -41,6 +41,8 @@ from typing import Any, TypeVar
 import datasets
 import numpy as np
 
+from dpo_core.errors import UserError
+
 ROLES = ("system", "user", "assistant")
 HH_ASSISTANT = "\n\nAssistant:"
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -54,7 +56,7 @@ DropCounts = Counter[str]
 T = TypeVar("T")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the source (file or dataset), row and field.
 
     `reason` is the same problem without the row index, for counting dropped rows.

@@ -1,21 +1,30 @@
 """Base model, tokenizer and LoRA adapter: one model in memory, the reference is the same
 model with its adapter disabled.
+
+peft is imported where it is used: importing it imports bitsandbytes, which a run without
+4-bit weights must not pay for (see `avoid_bitsandbytes`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import sys
+import warnings
+from collections.abc import Iterator
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from dpo_core.config import ConfigError
+from dpo_core.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The model or tokenizer could not be loaded; the message names it and says what to do."""
 
 
@@ -42,7 +51,31 @@ def resolve_gradient_checkpointing(setting: bool | None) -> bool:
     return setting
 
 
+def avoid_bitsandbytes() -> None:
+    """Make `import bitsandbytes` fail in this process, for a command that uses no 4-bit
+    weights: peft imports it eagerly, which costs time and, on CPU, prints a kernel warning
+    that is not the user's business. peft then treats it as not installed. Only for a fresh
+    process: once peft is imported, its view of bitsandbytes is fixed.
+    """
+    if "bitsandbytes" not in sys.modules and "peft" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft calls transformers' deprecated `is_gradient_checkpointing`: a FutureWarning for
+    peft's maintainers, not for the user; only that warning is hidden."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
+
+
 def _load_error(kind: str, name: str, error: Exception) -> ModelLoadError:
+    if isinstance(error, SafetensorError):
+        return ModelLoadError(
+            f"could not load the {kind} from {name!r}: a weights file is damaged or truncated "
+            f"({error}); copy or download the model again")
     if os.path.isdir(name):
         return ModelLoadError(f"could not load the {kind} from {name!r}: {error}")
     return ModelLoadError(
@@ -97,7 +130,7 @@ def load_base_model(
         kwargs["device_map"] = device_map
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         raise _load_error("model", name, error) from None
 
 
@@ -125,8 +158,10 @@ def add_lora(
     target_modules: str | list[str],
     gradient_checkpointing: bool,
     quantized: bool,
-) -> PeftModel:
+) -> torch.nn.Module:
     """Wrap `model` with a fresh LoRA adapter; only the adapter's weights train."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
     if quantized:
         # Casts norms to fp32 and hooks input grads, as QLoRA training needs.
         model = prepare_model_for_kbit_training(
@@ -150,7 +185,8 @@ def add_lora(
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, config)
+        with _quiet_peft():
+            return get_peft_model(model, config)
     except ValueError as error:
         raise ConfigError(f"--lora_target_modules: {error}") from None
 
@@ -172,10 +208,44 @@ def load_inference_model(
         device_map=_default_device_map(),
     )
     if adapter_path is not None:
-        try:
-            model = PeftModel.from_pretrained(model, adapter_path)
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(
-                f"could not load the adapter from {adapter_path!r}: {error}"
-            ) from None
+        model = load_adapter(model, adapter_path, base_model)
     return model.eval()
+
+
+def load_adapter(model: torch.nn.Module, adapter_path: str, base_model: str) -> torch.nn.Module:
+    """`model` with the trained LoRA adapter in `adapter_path`; ModelLoadError saying what to
+    do when the directory holds no adapter, a damaged one, or one trained on another base."""
+    from peft import PeftModel
+
+    if not os.path.isfile(os.path.join(adapter_path, "adapter_config.json")):
+        raise ModelLoadError(
+            f"{adapter_path!r} holds no trained adapter (no adapter_config.json): pass the "
+            "--output_dir of a finished train.py run as --adapter_path, or --no_adapter")
+    try:
+        with _quiet_peft():
+            return PeftModel.from_pretrained(model, adapter_path)
+    except RuntimeError as error:  # shape mismatch: the adapter belongs to another base model
+        if "size mismatch" not in str(error):
+            raise
+        raise ModelLoadError(
+            f"the adapter in {adapter_path!r} does not fit the base model {base_model!r} "
+            f"(its weights have other shapes: it was trained on "
+            f"{_adapter_base(adapter_path)!r}); pass that model as --base_model") from None
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ModelLoadError(
+            f"could not load the adapter from {adapter_path!r}: {_first_line(error)}"
+        ) from None
+
+
+def _adapter_base(adapter_path: str) -> str:
+    """The base model an adapter records in adapter_config.json ('unknown' if none)."""
+    try:
+        with open(os.path.join(adapter_path, "adapter_config.json")) as f:
+            return json.load(f).get("base_model_name_or_path") or "unknown"
+    except (OSError, ValueError):
+        return "unknown"
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

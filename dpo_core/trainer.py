@@ -34,6 +34,7 @@ from dpo_core.checkpoint import (
 )
 from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.data import load_pairs, split_pairs
+from dpo_core.errors import RunFailure
 from dpo_core.logps import FOUR_D_MASK_ATTENTION, prefix_shared_forward, select_logps_fn
 from dpo_core.loss import preference_metrics
 from dpo_core.model import (
@@ -73,11 +74,11 @@ STAT_KEYS = ("losses", "chosen_rewards", "rejected_rewards", "policy_chosen_logp
 EvaluationHook = Callable[[torch.nn.Module, object], dict]
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunFailure, RuntimeError):
     """The loss or the gradient stopped being finite; the message names the step."""
 
 
-class DeviceMemoryError(RuntimeError):
+class DeviceMemoryError(RunFailure, RuntimeError):
     """The accelerator ran out of memory; the message names the step and what to change."""
 
 
