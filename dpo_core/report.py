@@ -71,7 +71,7 @@ def check_tracker_installed(report_to: str) -> None:
         raise ConfigError(f"--report_to must be one of {', '.join(TRACKERS)}, got {report_to!r}")
     if not available[report_to]():
         raise ConfigError(f"--report_to {report_to} needs the {report_to} package: "
-                          f"pip install 'dpo[{report_to}]'")
+                          f"pip install 'dpo-core[{report_to}]'")
 
 
 def tracker_options(report_to: str, output_dir: str) -> dict:
