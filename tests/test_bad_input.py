@@ -362,3 +362,26 @@ def test_help_imports_no_torch_and_a_run_no_bitsandbytes(tiny_model_dir, pairs_f
     others = [line for line in run.stderr.splitlines() if not line.startswith("import time:")]
     assert not [line for line in others if "Warning" in line or "gemm_4bit" in line], others
 
+
+
+def test_report_redraw_keeps_the_demos_before_after_panel(tmp_path, capsys):
+    """`python -m dpo_core.report demo_output` redraws the figure training drew: with the
+    before/after panel (a 21-inch-wide figure) when metrics.json has one."""
+    from dpo_core import report
+
+    run = tmp_path / "demo_output"
+    run.mkdir()
+    (run / "train_log.jsonl").write_text(
+        json.dumps({"step": 1, "split": "train", "loss": 0.69, "learning_rate": 1e-3}) + "\n")
+    (run / "metrics.json").write_text(json.dumps({"before": {"accuracy": 0.5},
+                                                  "after": {"accuracy": 0.9}}))
+    widths = {}
+    for name, argv in (("training", None), ("report", [str(run)])):
+        if argv is None:
+            report.write_training_curves(str(run))
+        else:
+            assert report.main(argv) == 0
+        header = (run / report.CURVES_FILE).read_bytes()[:24]
+        widths[name] = int.from_bytes(header[16:20], "big")
+    assert widths == {"training": 2100, "report": 2100}
+    capsys.readouterr()
