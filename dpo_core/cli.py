@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from dpo_core.errors import RunFailure, UserError
+from dpo_core.errors import RunFailure, TrainingInterrupted, UserError
 
 DEBUG_ENV = "DPO_DEBUG"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -25,6 +25,9 @@ def run_command(command: Callable[[list[str] | None], int], argv: list[str] | No
     debug = wants_traceback(argv)
     try:
         return command(argv)
+    except TrainingInterrupted as stopped:  # Ctrl-C handled at a safe point
+        print(stopped, file=sys.stderr)
+        return stopped.exit_status
     except KeyboardInterrupt:
         if debug:
             raise

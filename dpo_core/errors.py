@@ -18,3 +18,10 @@ class RunFailure(Exception):
     the message says what was kept and how to continue. Exit status 1."""
 
     exit_status = 1
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped by Ctrl-C at a safe point; the message says what was saved and how
+    to continue. Exit status 130, as a shell reports Ctrl-C."""
+
+    exit_status = 130

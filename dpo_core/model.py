@@ -8,6 +8,7 @@ peft is imported where it is used: importing it imports bitsandbytes, which a ru
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -85,6 +86,46 @@ def _load_error(kind: str, name: str, error: Exception) -> ModelLoadError:
     )
 
 
+def hub_access(name: str) -> dict:
+    """`from_pretrained` options for `name`, decided with one quick request instead of the
+    minute of retries a machine without network spends in transformers before failing:
+    {} for a local directory or a reachable Hub; `local_files_only` when the Hub cannot be
+    reached but the model is in the local cache; ModelLoadError when it is in neither."""
+    if os.path.isdir(name) or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return {}
+    state = _hub_state(name)
+    if state == "unreachable":
+        raise ModelLoadError(
+            f"could not reach the Hugging Face Hub to download {name!r}, and it is not in the "
+            "local cache. If this machine is offline, pass a local directory instead, or try "
+            "`--demo`, which uses the model bundled with dpo.")
+    return {"local_files_only": True} if state == "cached" else {}
+
+
+@functools.lru_cache(maxsize=8)
+def _hub_state(name: str) -> str:
+    """'online' (or an answer such as not-found that from_pretrained will explain), 'cached'
+    or 'unreachable'."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    try:
+        HfApi().model_info(name, timeout=10)
+        return "online"
+    except Exception as error:  # noqa: BLE001 - only connection failures matter here
+        if not _is_connection_error(error):
+            return "online"
+    return "cached" if isinstance(try_to_load_from_cache(name, "config.json"), str) \
+        else "unreachable"
+
+
+def _is_connection_error(error: Exception) -> bool:
+    # The HTTP client (httpx or requests, by huggingface_hub version) has its own classes.
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return isinstance(error, (ConnectionError, TimeoutError)) or bool(names & {
+        "TransportError", "ConnectError", "ConnectionError", "Timeout", "TimeoutException",
+        "OfflineModeIsEnabled"})
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make sure it can pad.
 
@@ -92,7 +133,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     `<pad>` token is added only when the tokenizer has no EOS either.
     """
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code,
+                                                  **hub_access(name))
     except (OSError, ValueError) as error:
         raise _load_error("tokenizer", name, error) from None
     if tokenizer.pad_token is None:
@@ -113,7 +155,7 @@ def load_base_model(
     device_map: dict | str | None = None,
 ) -> torch.nn.Module:
     """`AutoModelForCausalLM`, optionally with NF4 double-quantised 4-bit weights (QLoRA)."""
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code, **hub_access(name)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantize_4bit:

@@ -385,3 +385,28 @@ def test_report_redraw_keeps_the_demos_before_after_panel(tmp_path, capsys):
         widths[name] = int.from_bytes(header[16:20], "big")
     assert widths == {"training": 2100, "report": 2100}
     capsys.readouterr()
+
+
+def test_unreachable_hub_fails_at_once_or_uses_the_cache(monkeypatch):
+    """No minute of retries: one quick request decides (the client's own error classes count)."""
+    import huggingface_hub
+
+    from dpo_core import model
+
+    class ConnectError(Exception):  # what httpx raises, named as it names it
+        pass
+
+    def offline(self, name, **kwargs):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", offline)
+    cached = {"org/cached": "/cache/org/cached/config.json"}
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda name, filename: cached.get(name))
+    model._hub_state.cache_clear()
+    with pytest.raises(model.ModelLoadError, match="could not reach the Hugging Face Hub to "
+                       "download 'org/absent', and it is not in the local cache"):
+        model.hub_access("org/absent")
+    assert model.hub_access("org/cached") == {"local_files_only": True}
+    model._hub_state.cache_clear()
