@@ -208,6 +208,12 @@ class TrainConfig:
     eval_steps: int = _arg(50, "Evaluate every N optimizer steps (0 = only at the end).", LOG)
     save_steps: int = _arg(100, "Save a resumable checkpoint every N steps (0 = never).", LOG)
     save_total_limit: int = _arg(2, "Keep only the newest N checkpoints (0 = keep all).", LOG)
+    save_on_interrupt: bool = _arg(
+        True,
+        "On Ctrl-C, finish the current step, save a checkpoint and print how to resume "
+        "(a second Ctrl-C stops at once).",
+        LOG,
+    )
     resume_from_checkpoint: str | None = _arg(
         None, "A checkpoint directory, or 'latest' for the newest in --output_dir.", LOG
     )

@@ -410,3 +410,100 @@ def test_unreachable_hub_fails_at_once_or_uses_the_cache(monkeypatch):
         model.hub_access("org/absent")
     assert model.hub_access("org/cached") == {"local_files_only": True}
     model._hub_state.cache_clear()
+
+
+# -- interruptions and runs without a training signal ---------------------------------------
+
+def interrupt_at_training_call(monkeypatch, call_number: int) -> None:
+    """Send this process a real SIGINT (Ctrl-C) during the given training micro-batch."""
+    import signal
+
+    from dpo_core.objective import PreferenceObjective
+
+    original = PreferenceObjective.__call__
+    calls = []
+
+    def call(self, model, batch):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == call_number:
+                os.kill(os.getpid(), signal.SIGINT)
+        return original(self, model, batch)
+
+    monkeypatch.setattr(PreferenceObjective, "__call__", call)
+
+
+def test_ctrl_c_stops_at_a_safe_point_saves_and_says_how_to_resume(
+        tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = train_args(tiny_model_dir, pairs_file, out, "--max_steps", "5", "--save_steps", "0")
+    interrupt_at_training_call(monkeypatch, 2)
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    assert train.main(args) == 130
+    err = capsys.readouterr().err
+    no_traceback(err)
+    assert f"Stopped by Ctrl-C after step 2 of 5; saved {out / 'checkpoint-2'}." in err
+    assert "--resume_from_checkpoint latest" in err and "python train.py --model_name" in err
+    assert not (out / "metrics.json").exists()
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").open()
+             if json.loads(line)["split"] == "train"]
+    assert steps == [1, 2]
+    monkeypatch.undo()
+    assert train.main([*args, "--resume_from_checkpoint", "latest"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").open()
+             if json.loads(line)["split"] == "train"]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_ctrl_c_without_save_on_interrupt_says_what_is_kept(tiny_model_dir, pairs_file, tmp_path,
+                                                           monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = train_args(tiny_model_dir, pairs_file, out, "--max_steps", "5", "--save_steps", "0",
+                      "--no-save_on_interrupt")
+    interrupt_at_training_call(monkeypatch, 2)
+    assert train.main(args) == 130
+    err = capsys.readouterr().err
+    assert "Stopped by Ctrl-C after step 2 of 5; no checkpoint saved" in err
+    no_traceback(err)
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_pairs_identical_after_truncation_are_refused_or_warned(tiny_model_dir, tmp_path,
+                                                               capsys):
+    # The replies differ only after a long shared beginning that --max_length cuts.
+    shared = " ".join(["yes"] * 40)
+    rows = [{"prompt": "q", "chosen": f"{shared} good", "rejected": f"{shared} bad"}] * 8
+    rows = [dict(r, prompt=f"q {i}") for i, r in enumerate(rows)]
+    path = tmp_path / "same_start.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert train.main(train_args(tiny_model_dir, str(path), out, "--max_steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "every training pair (6) is identical after truncation, so DPO has no gradient" in err
+    assert "--max_length 64" in err
+    no_traceback(err)
+    mixed = rows + [{"prompt": f"p {i}", "chosen": "yes a", "rejected": "no b"} for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    assert train.main(train_args(tiny_model_dir, str(path), out, "--max_steps", "1",
+                                 "--eval_fraction", "0")) == 0
+    printed = capsys.readouterr()
+    assert "WARNING: 8 of 16 train pairs are identical after truncation" in printed.out + \
+        printed.err
+
+
+def test_a_run_with_zero_gradient_says_so(tiny_model_dir, pairs_file, tmp_path, monkeypatch,
+                                          capsys):
+    from dpo_core.objective import PreferenceObjective
+
+    original = PreferenceObjective.__call__
+
+    def flat(self, model, batch):  # a loss that does not depend on the weights
+        stats = original(self, model, batch)
+        return {**stats, "losses": stats["losses"] * 0}
+
+    monkeypatch.setattr(PreferenceObjective, "__call__", flat)
+    assert train.main(train_args(tiny_model_dir, pairs_file, tmp_path / "run",
+                                 "--max_steps", "2")) == 0
+    printed = capsys.readouterr()
+    assert "WARNING: all 2 optimizer steps had a zero gradient: the adapter did not change" \
+        in printed.out + printed.err
