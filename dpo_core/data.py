@@ -92,37 +92,28 @@ class RowSource:
 
     `rows` holds dicts (JSON, JSONL and CSV files, read here so that a key that is missing
     stays missing) or is a `datasets.Dataset` (Parquet, save_to_disk, Hub). `locations[i]`
-    names row i as the user's editor or spreadsheet shows it, e.g. "line 7"; `dropped` counts
-    the rows that could not even be parsed and were skipped (only with skip_bad_rows).
+    names row i as the user's editor or spreadsheet shows it, e.g. "line 7" (None: "row i+1");
+    `dropped` counts the rows that could not even be parsed and were skipped (only with
+    skip_bad_rows).
     """
 
     name: str
     rows: Sequence[Mapping[str, Any]]
     columns: list[str]
-    locations: Sequence[str]
+    locations: Sequence[str] | None = None
     dropped: DropCounts = dataclasses.field(default_factory=Counter)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def location(self, index: int) -> str:
+        return self.locations[index] if self.locations is not None else f"row {index + 1}"
 
     def take(self, indices: Sequence[int]) -> list[Mapping[str, Any]]:
         """The rows at `indices` as Python objects (only these are converted)."""
         if isinstance(self.rows, datasets.Dataset):
             return self.rows.select(indices).to_list()
         return [self.rows[i] for i in indices]
-
-
-class _DatasetRowLocations(Sequence[str]):
-    """'row N' (1-based) for the i-th row of a dataset, computed on demand."""
-
-    def __init__(self, length: int):
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index):  # type: ignore[override]
-        return f"row {index + 1}"
 
 
 def load_rows(name_or_path: str, split: str = "train", *, skip_bad_rows: bool = False) -> RowSource:
@@ -164,7 +155,7 @@ def load_rows(name_or_path: str, split: str = "train", *, skip_bad_rows: bool = 
 
 
 def _dataset_source(name: str, rows: datasets.Dataset) -> RowSource:
-    return RowSource(name, rows, list(rows.column_names), _DatasetRowLocations(len(rows)))
+    return RowSource(name, rows, list(rows.column_names))
 
 
 def _load_parquet(path: Path) -> datasets.Dataset:
@@ -397,7 +388,7 @@ def load_pairs(
     converted: dict[int, PreferencePair] = {}
     for index, row in zip(in_file_order, source.take(in_file_order), strict=True):
         try:
-            pair = to_pair(row, f"{source.name}: {source.locations[index]}",
+            pair = to_pair(row, f"{source.name}: {source.location(index)}",
                            prompt_column=prompt_column)
         except DataError as error:
             if not skip_bad_rows:
