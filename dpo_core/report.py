@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.generation import generate_replies
-from dpo_core.run_files import CURVES_FILE, LOG_FILE, METRICS_FILE
+from dpo_core.run_files import CURVES_FILE, LOG_FILE, METRICS_FILE, read_run_plan
 
 TRACKERS = ("none", "tensorboard", "wandb")
 TRACKER_PROJECT = "dpo"  # the wandb project; TensorBoard writes to output_dir/tensorboard/dpo
@@ -246,8 +246,10 @@ def final_metrics(records: Sequence[dict]) -> dict[str, dict]:
     return last
 
 
-def format_final_metrics(runs: dict[str, Sequence[dict]]) -> str:
-    """A plain-text table: one row per train/eval metric, one column per run."""
+def format_final_metrics(runs: dict[str, Sequence[dict]],
+                         plans: dict[str, dict | None] | None = None) -> str:
+    """A plain-text table: one row per train/eval metric, one column per run; then, from
+    each run's training_config.json, what its "auto" settings resolved to ("plan/...")."""
     finals = {run: final_metrics(records) for run, records in runs.items()}
     rows = [["metric", *runs]]
     for split in SPLITS:
@@ -255,6 +257,9 @@ def format_final_metrics(runs: dict[str, Sequence[dict]]) -> str:
         for metric in TABLE_METRICS:
             rows.append([f"{split}/{metric}",
                          *(_number(f[split].get(metric)) for f in finals.values())])
+    known = [plan for plan in (plans or {}).values() if plan]
+    for name in dict.fromkeys(key for plan in known for key in plan):
+        rows.append([f"plan/{name}", *(str((plans[run] or {}).get(name, "-")) for run in runs)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
              for row in rows]
@@ -364,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         path = "compare_" + "_vs_".join(
             os.path.basename(os.path.normpath(d)) for d in dirs) + ".png"
     plot_runs(runs, path)
-    print(format_final_metrics(runs))
+    plans = {label: read_run_plan(d) for label, d in zip(runs, dirs, strict=True)}
+    print(format_final_metrics(runs, plans))
     print(f"Wrote {path}")
     return 0
 
