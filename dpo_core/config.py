@@ -63,10 +63,10 @@ class TrainConfig:
     )
     gradient_checkpointing: bool | None = _arg(
         None,
-        "Recompute activations in the backward pass: much less activation memory, about 20%% "
-        "slower (measured on CPU: benchmarks/RESULTS.md). Unset: on where CUDA is present, "
-        "as in the original project (GPU memory is what limits a 1.1B model at 1024 tokens), "
-        "off on CPU, where the faster exact setting wins.",
+        "Recompute activations in the backward pass: much less activation memory, slower "
+        "(measured in benchmarks/RESULTS.md). Unset: on where CUDA is present, as in the "
+        "original project (GPU memory is what limits a 1.1B model at 1024 tokens), off on "
+        "CPU, where the faster exact setting wins.",
         MODEL,
     )
     attn_implementation: str = _arg(
@@ -171,9 +171,8 @@ class TrainConfig:
         None,
         "Encode each prompt once: chosen and rejected share one row with a 4D attention mask "
         "(same log-probs, fewer tokens; needs --attn_implementation sdpa or eager). Unset "
-        "(None): per batch, where it saves at least 20%% of the tokens (prompt 2.5x the "
-        "response: 1.36x the tokens/s on CPU; on short prompts the longer rows' attention "
-        "eats the saving).",
+        "(None): per batch, where it saves enough tokens to pay for the longer rows' attention "
+        "(logps.PREFIX_SHARING_MIN_SAVING; measured in benchmarks/RESULTS.md).",
         SPEED,
     )
     precompute_ref_log_probs: bool | None = _arg(
