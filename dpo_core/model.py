@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from dpo_core.config import ConfigError
+from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -291,3 +291,34 @@ def _adapter_base(adapter_path: str) -> str:
 def _first_line(error: Exception) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+def build_policy(config: TrainConfig, dtype: torch.dtype, quantize: bool,
+                 gradient_checkpointing: bool) -> torch.nn.Module:
+    """Base model + fresh LoRA adapter; dropout off (unless asked) so both passes see one
+    network."""
+    base = load_base_model(config.model_name, dtype=dtype, quantize_4bit=quantize,
+                           attn_implementation=config.attn_implementation,
+                           trust_remote_code=config.trust_remote_code)
+    model = add_lora(base, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                     target_modules=config.target_modules,
+                     gradient_checkpointing=gradient_checkpointing, quantized=quantize)
+    if config.disable_dropout:
+        disable_dropout(model)
+    return model
+
+
+def save_merged_model(config: TrainConfig, adapter_dir: str, dtype: torch.dtype) -> str:
+    """Base weights (reloaded unquantized: a 4-bit base cannot absorb the adapter exactly)
+    plus the adapter saved in `adapter_dir`, merged, written to adapter_dir/merged."""
+    from peft import PeftModel
+
+    base = load_base_model(config.model_name, dtype=dtype, quantize_4bit=False,
+                           attn_implementation=config.attn_implementation,
+                           trust_remote_code=config.trust_remote_code)
+    with _quiet_peft():
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged_dir = os.path.join(adapter_dir, "merged")
+    merged.save_pretrained(merged_dir)
+    load_tokenizer(config.model_name, config.trust_remote_code).save_pretrained(merged_dir)
+    return merged_dir
