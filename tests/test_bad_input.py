@@ -159,6 +159,7 @@ def test_bad_data_ends_train_py_with_exit_2_and_a_named_line(tiny_model_dir, tmp
     err = capsys.readouterr().err
     assert f"error: {path}: line 9: not valid JSON" in err
     no_traceback(err)
+    assert not out.exists()  # a failed start leaves no empty output_dir behind
 
 
 # -- flags --------------------------------------------------------------------------------
@@ -471,7 +472,7 @@ def test_ctrl_c_without_save_on_interrupt_says_what_is_kept(tiny_model_dir, pair
 def test_pairs_identical_after_truncation_are_refused_or_warned(tiny_model_dir, tmp_path,
                                                                capsys):
     # The replies differ only after a long shared beginning that --max_length cuts.
-    shared = " ".join(["yes"] * 40)
+    shared = " ".join(["yes"] * 100)
     rows = [{"prompt": "q", "chosen": f"{shared} good", "rejected": f"{shared} bad"}] * 8
     rows = [dict(r, prompt=f"q {i}") for i, r in enumerate(rows)]
     path = tmp_path / "same_start.jsonl"
@@ -507,3 +508,54 @@ def test_a_run_with_zero_gradient_says_so(tiny_model_dir, pairs_file, tmp_path, 
     printed = capsys.readouterr()
     assert "WARNING: all 2 optimizer steps had a zero gradient: the adapter did not change" \
         in printed.out + printed.err
+
+
+def test_a_failed_restart_leaves_no_file_of_the_old_run(finished_run, tiny_model_dir, pairs_file,
+                                                        tmp_path, monkeypatch, capsys):
+    """--overwrite_output_dir, then a failure after setup: the old adapter, tokenizer, merged
+    model, curves and samples are gone with the old log, so chat.py cannot load an adapter
+    beside a config it does not belong to; a user's own file stays."""
+    from dpo_core.objective import PreferenceObjective
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    (out / "merged").mkdir()
+    (out / "merged" / "model.safetensors").write_bytes(b"old")
+    (out / "samples.md").write_text("old samples")
+    (out / "notes.txt").write_text("mine")
+    old_files = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "metrics.json", "training_curves.png"}
+    assert old_files <= set(os.listdir(out))
+
+    def crash(self, model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(PreferenceObjective, "__call__", crash)
+    assert train.main(train_args(tiny_model_dir, pairs_file, out, "--max_steps", "2",
+                                 "--overwrite_output_dir")) == 1
+    assert "out of device memory" in capsys.readouterr().err
+    left = set(os.listdir(out))
+    assert not left & (old_files | {"merged", "samples.md", "checkpoint-2", "README.md"}), left
+    assert {"training_config.json", "notes.txt"} <= left
+    assert chat.main(["--base_model", tiny_model_dir, "--adapter_path", str(out),
+                      "--prompt", "hi"]) == 2
+    assert "holds no trained adapter" in capsys.readouterr().err
+
+
+def test_an_output_dir_holding_only_an_adapter_is_not_overwritten(finished_run, tiny_model_dir,
+                                                                 pairs_file, tmp_path, capsys):
+    out = tmp_path / "adapter_only"
+    out.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy(os.path.join(finished_run, name), out / name)
+    assert train.main(train_args(tiny_model_dir, pairs_file, out)) == 2
+    assert "holds a trained adapter; pass --overwrite_output_dir" in capsys.readouterr().err
+
+
+def test_no_samples_without_an_eval_set_is_said(tiny_model_dir, pairs_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(train_args(tiny_model_dir, pairs_file, out, "--max_steps", "1",
+                                 "--eval_fraction", "0", "--num_sample_prompts", "2")) == 0
+    assert ("No samples.md: its prompts come from the eval set, and this run has none "
+            "(--eval_fraction 0 and no --eval_dataset).") in capsys.readouterr().out
+    assert not (out / "samples.md").exists()
