@@ -21,6 +21,7 @@ from dpo_core.errors import RunFailure, TrainingInterrupted, UserError
 
 DEBUG_ENV = "DPO_DEBUG"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 TRAIN_DESCRIPTION = """Align a causal language model with Direct Preference Optimization
 (LoRA / QLoRA).
@@ -150,7 +151,9 @@ def run_command(command: Callable[[list[str] | None], int], argv: list[str] | No
         if debug:
             raise
         print(f"error: {describe_os_error(error)}", file=sys.stderr)
-        return 1
+        # A path the user gave that is missing or forbidden is theirs to fix; a full disk or
+        # an I/O error is the run's failure.
+        return 2 if isinstance(error, PATH_ERRORS) else 1
     except Exception as error:  # a bug, not a user mistake: say so, keep the way to the details
         if debug:
             raise

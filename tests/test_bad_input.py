@@ -341,6 +341,13 @@ def test_os_errors_name_the_path(capsys):
     assert capsys.readouterr().err == ("error: no space left on the device (/data/out/log); "
                                        "free some space and run again\n")
 
+    def forbidden(argv):
+        raise PermissionError(13, "Permission denied", "/data/out")
+
+    assert cli.run_command(forbidden, []) == 2
+    assert capsys.readouterr().err == ("error: not allowed to write (/data/out): Permission "
+                                       "denied; choose another location\n")
+
 
 def test_help_imports_no_torch_and_a_run_no_bitsandbytes(tiny_model_dir, pairs_file, tmp_path):
     """-X importtime lists every module a process imports: `--help` needs no torch, and a
