@@ -35,7 +35,6 @@ from dpo_core.checkpoint import (
 from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.data import load_pairs, split_pairs
 from dpo_core.logps import FOUR_D_MASK_ATTENTION, prefix_shared_forward, select_logps_fn
-from dpo_core.loss import preference_metrics
 from dpo_core.model import (
     add_lora,
     disable_dropout,
@@ -45,7 +44,7 @@ from dpo_core.model import (
     resolve_gradient_checkpointing,
     resolve_quantization,
 )
-from dpo_core.objective import LogpsFn, PreferenceObjective
+from dpo_core.objective import LogpsFn, PreferenceObjective, merged_metrics
 from dpo_core.reference_cache import ReferenceLogpsCollator, with_reference_logps
 from dpo_core.report import (
     LOG_FILE,
@@ -65,8 +64,6 @@ from dpo_core.tokenization import (
 )
 
 METRICS_FILE, CONFIG_FILE = "metrics.json", "training_config.json"
-STAT_KEYS = ("losses", "chosen_rewards", "rejected_rewards", "policy_chosen_logps",
-             "policy_rejected_logps")
 
 # An extra evaluation run after training on the base model (adapter off) and on the trained
 # model: hook(model, tokenizer) -> {"metric": value}. The demo's before/after table uses it.
@@ -104,12 +101,6 @@ def out_of_memory_message(config: TrainConfig, step: int, checkpointing: bool) -
     parts.append(("Or start" if not checkpointing else "Start") + " over (--overwrite_output_dir)"
                  " with " + " or ".join(restart) + ".")
     return " ".join(parts)
-
-
-def merged_metrics(stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Preference metrics over every pair in `stats` (per-batch dicts of per-pair tensors)."""
-    merged = [torch.cat([s[k] for s in stats]) for k in STAT_KEYS]
-    return {k: v.item() for k, v in preference_metrics(*merged).items()}
 
 
 @dataclass
@@ -284,7 +275,7 @@ def evaluate(model, loader, objective: PreferenceObjective, accelerator: Acceler
     gathered = []
     for batch in loader:
         stats = objective(model, batch)
-        gathered.append(accelerator.gather_for_metrics({k: stats[k].detach() for k in STAT_KEYS}))
+        gathered.append(accelerator.gather_for_metrics({k: v.detach() for k, v in stats.items()}))
     model.train()
     return merged_metrics(gathered)
 
@@ -437,11 +428,8 @@ def setup_run(config: TrainConfig) -> TrainingRun:
     tokenizer = load_tokenizer(config.model_name, config.trust_remote_code)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=config.learning_rate, weight_decay=config.weight_decay)
-    objective = PreferenceObjective(
-        loss_type=config.loss_type, beta=config.beta, label_smoothing=config.label_smoothing,
-        rpo_alpha=config.rpo_alpha, simpo_gamma=config.simpo_gamma,
-        reference_free=config.reference_free,
-        logps_fn=_logps_fn(config, model, announce=is_main))
+    objective = PreferenceObjective.from_config(config,
+                                                _logps_fn(config, model, announce=is_main))
     with accelerator.main_process_first():
         train_pairs, eval_pairs, sample_prompts = prepare_data(config, tokenizer,
                                                                show_progress=is_main)
@@ -549,7 +537,7 @@ def optimizer_step(run: TrainingRun, batches: Iterator[dict[str, torch.Tensor]],
         with nullcontext() if last_micro else accelerator.no_sync(run.model):
             stats = run.objective(run.model, batch)
             accelerator.backward(stats["losses"].sum() / pairs_in_step)
-        gathered = accelerator.gather({k: stats[k].detach() for k in STAT_KEYS})
+        gathered = accelerator.gather({k: v.detach() for k, v in stats.items()})
         window.stats.append(gathered)
         step_losses.append(gathered["losses"])
         tokens = batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
