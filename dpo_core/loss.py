@@ -696,12 +696,19 @@ def cpo_loss(
                     beta, label_smoothing, cpo_alpha, nll_normalization)
 
 
+def _listed(value: str | list | tuple) -> list:
+    """A comma-separated flag value as a list; a list (trl's form, e.g. from a config file)
+    as it is."""
+    return value.split(",") if isinstance(value, str) else list(value)
+
+
 @dataclass(frozen=True)
 class LossSettings:
     """Every loss option, under its command-line name (``train.py --help`` explains each).
 
     ``loss_type`` is one name of ``LOSS_TYPES`` or a comma-separated mixture
     ("sigmoid,bco_pair,sft"), weighted by ``loss_weights`` ("0.8,0.2,1.0"; default all 1).
+    Lists, as trl's ``DPOConfig`` takes them, work as well.
     """
 
     loss_type: str = "sigmoid"
@@ -719,7 +726,7 @@ class LossSettings:
 
     @property
     def loss_types(self) -> tuple[str, ...]:
-        return tuple(name.strip() for name in self.loss_type.split(","))
+        return tuple(name.strip() for name in _listed(self.loss_type))
 
     @property
     def weights(self) -> tuple[float, ...]:
@@ -728,8 +735,8 @@ class LossSettings:
         if self.loss_weights is None:
             return (1.0,) * len(self.loss_types)
         try:
-            return tuple(float(w) for w in self.loss_weights.split(","))
-        except ValueError:
+            return tuple(float(w) for w in _listed(self.loss_weights))
+        except (TypeError, ValueError):
             raise ValueError(f"--loss_weights {self.loss_weights!r} is not a comma-separated "
                              "list of numbers") from None
 

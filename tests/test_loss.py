@@ -799,5 +799,7 @@ def test_validate_accepts_mixtures_trl_users_write():
     ]:
         validate_loss_options(settings, reference_free=reference_free)
     assert LossSettings(loss_type="sigmoid, sft", loss_weights="1, 0.5").weights == (1.0, 0.5)
+    as_lists = LossSettings(loss_type=["sigmoid", "sft"], loss_weights=[1, 0.5])  # trl's form
+    assert (as_lists.loss_types, as_lists.weights) == (("sigmoid", "sft"), (1.0, 0.5))
     assert not LossSettings(loss_type="cpo,sft").needs_reference
     assert LossSettings(loss_type="simpo,sigmoid").needs_reference
