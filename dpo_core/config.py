@@ -152,17 +152,61 @@ class TrainConfig:
     beta: float = _arg(0.1, "DPO temperature: strength of the KL pull toward the reference.", LOSS)
     loss_type: str = _arg(
         "sigmoid",
-        "Preference loss.",
+        "Preference loss, trl's names; several comma-separated make a weighted mixture "
+        "(e.g. sigmoid,bco_pair,sft). With a reference: sigmoid (DPO; cDPO with "
+        "--label_smoothing), robust, ipo, hinge, rpo (DPO + NLL of chosen), exo_pair, "
+        "nca_pair, bco_pair, sppo_hard, aot, aot_unpaired (sorted within the micro-batch), "
+        "apo_zero, apo_down, discopop, sigmoid_norm (length-normalised DPO). Without one: "
+        "simpo, orpo, cpo, and sft (the NLL term alone). The README's metrics table gives each "
+        "one's reward and step-1 value.",
         LOSS,
-        choices=["sigmoid", "robust", "ipo", "hinge", "rpo", "simpo"],
+    )
+    loss_weights: str | None = _arg(
+        None,
+        "Comma-separated weight per --loss_type, e.g. 0.8,0.2,1.0 (MPO); default all 1.",
+        LOSS,
     )
     label_smoothing: float = _arg(
-        0.0, "Assumed label-noise rate: conservative DPO (sigmoid) or robust DPO.", LOSS
+        0.0,
+        "Assumed label-noise rate eps in [0, 0.5): conservative DPO (sigmoid, rpo, cpo; trl's "
+        "sigmoid has none), robust DPO, aot, aot_unpaired; exo_pair's eps (needs > 0, paper: "
+        "1e-3).",
+        LOSS,
     )
     rpo_alpha: float = _arg(
         1.0, "Weight of the chosen-response NLL term for --loss_type rpo.", LOSS
     )
-    simpo_gamma: float = _arg(0.5, "Target reward margin for --loss_type simpo.", LOSS)
+    simpo_gamma: float = _arg(
+        0.5, "Target reward margin for --loss_type simpo (the paper's gamma, as trl's).", LOSS
+    )
+    discopop_tau: float = _arg(
+        0.05, "Temperature of --loss_type discopop's blend (trl's and the paper's default).", LOSS
+    )
+    f_divergence_type: str = _arg(
+        "reverse_kl",
+        "f-DPO: the divergence from the reference (reverse_kl = DPO). Applies to sigmoid, "
+        "sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, rpo, sft.",
+        LOSS,
+        choices=["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"],
+    )
+    f_alpha_divergence_coef: float = _arg(
+        0.5, "alpha of --f_divergence_type alpha_divergence (1 = reverse_kl).", LOSS
+    )
+    nll_normalization: str = _arg(
+        "tokens",
+        "The NLL term of sft, rpo, cpo and orpo: 'tokens' averages over every chosen token of "
+        "the micro-batch (trl); 'pairs' averages each pair's per-token NLL over the pairs.",
+        LOSS,
+        choices=["tokens", "pairs"],
+    )
+    orpo_alpha: float = _arg(
+        0.1,
+        "Weight lambda of ORPO's odds-ratio term (trl's ORPOConfig.beta); --loss_type orpo.",
+        LOSS,
+    )
+    cpo_alpha: float = _arg(
+        1.0, "Weight of CPO's NLL (behaviour cloning) term for --loss_type cpo, as trl.", LOSS
+    )
     reference_free: bool = _arg(
         False, "Use a uniform reference (log-prob 0) instead of the base model.", LOSS
     )
@@ -268,7 +312,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the flag for settings that cannot work."""
-        from dpo_core.loss import validate_loss_options  # imports torch: not for --help
+        # imports torch: not needed for --help
+        from dpo_core.loss import loss_settings_of, validate_loss_options
 
         check_finite(self)
         checks = [
@@ -313,9 +358,7 @@ class TrainConfig:
                 raise ConfigError(message)
         try:  # the loss module's own checks, reported like every other bad setting
             validate_loss_options(
-                self.loss_type, reference_free=self.reference_free,
-                label_smoothing=self.label_smoothing, beta=self.beta, rpo_alpha=self.rpo_alpha,
-                simpo_gamma=self.simpo_gamma,
+                loss_settings_of(self), reference_free=self.reference_free,
                 precompute_ref_log_probs=bool(self.precompute_ref_log_probs))
         except ValueError as error:
             raise ConfigError(str(error)) from None

@@ -44,7 +44,7 @@ from dpo_core.failures import (
 )
 from dpo_core.interrupt import StopOnInterrupt, stopped
 from dpo_core.logps import LOGPS_FNS, resolve_prefix_sharing
-from dpo_core.metrics import STAT_KEYS, MetricWindow, format_record, merged_metrics
+from dpo_core.metrics import MetricWindow, format_record, merged_metrics
 from dpo_core.model import (
     build_policy,
     load_tokenizer,
@@ -176,11 +176,8 @@ class Trainer:
             logger.warning(f"--prefix_sharing needs attn_implementation sdpa or eager, and this "
                            f"model uses {attn_implementation!r}: using the standard two-row "
                            "forward instead.")
-        self.objective = PreferenceObjective(
-            loss_type=config.loss_type, beta=config.beta, label_smoothing=config.label_smoothing,
-            rpo_alpha=config.rpo_alpha, simpo_gamma=config.simpo_gamma,
-            reference_free=config.reference_free,
-            logps_fn=LOGPS_FNS[self.plan.prefix_sharing])
+        self.objective = PreferenceObjective.from_config(config,
+                                                         LOGPS_FNS[self.plan.prefix_sharing])
 
     def _setup_data(self) -> None:
         with self.accelerator.main_process_first():
@@ -336,7 +333,7 @@ class Trainer:
             with nullcontext() if last_micro else accelerator.no_sync(self.model):
                 stats = self.objective(self.model, batch)
                 accelerator.backward(stats["losses"].sum() / pairs_in_step)
-            gathered = accelerator.gather({k: stats[k].detach() for k in STAT_KEYS})
+            gathered = accelerator.gather({k: v.detach() for k, v in stats.items()})
             window.stats.append(gathered)
             step_losses.append(gathered["losses"])
             tokens = batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
@@ -389,7 +386,7 @@ class Trainer:
         for batch in self.eval_loader:
             stats = self.objective(self.model, batch)
             gathered.append(self.accelerator.gather_for_metrics(
-                {k: stats[k].detach() for k in STAT_KEYS}))
+                {k: v.detach() for k, v in stats.items()}))
         self.model.train()
         return merged_metrics(gathered)
 
