@@ -1,4 +1,5 @@
-"""Resumable checkpoints: adapter, optimizer, position in the data order and RNG states.
+"""Resumable checkpoints: trained weights (the LoRA adapter, or the whole model under full
+fine-tuning), optimizer, position in the data order and RNG states.
 
 A checkpoint is written into a hidden temporary directory and renamed into place, and an old
 one is renamed to a hidden name before it is deleted, so a run killed mid-save or mid-rotation
@@ -19,13 +20,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from accelerate import Accelerator
-from peft import set_peft_model_state_dict
+from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
+
+from dpo_core.model import POLICY_ADAPTER
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Hidden (leading dot) names: work in progress or being deleted, never a checkpoint.
 PARTIAL_RE = re.compile(r"^\.checkpoint-\d+\.(tmp|old)$")
-ADAPTER_DIR, OPTIMIZER_FILE, STATE_FILE = "adapter", "optimizer.pt", "trainer_state.json"
+ADAPTER_DIR, MODEL_DIR = "adapter", "model"  # what a checkpoint's weights are, by name
+OPTIMIZER_FILE, STATE_FILE = "optimizer.pt", "trainer_state.json"
 
 
 class CheckpointError(RuntimeError):
@@ -106,7 +110,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     # Each process has its own RNG streams; the optimizer state is replicated under DDP.
     torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pt"))
-    save_adapter(accelerator, model, os.path.join(tmp, ADAPTER_DIR))
+    save_trained_weights(accelerator, model, os.path.join(tmp, _weights_dir(accelerator, model)))
     accelerator.wait_for_everyone()  # every process's files are in before the rename
     if accelerator.is_main_process:
         torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
@@ -122,12 +126,25 @@ def save_checkpoint(
     return final
 
 
-def save_adapter(accelerator: Accelerator, model: torch.nn.Module, directory: str) -> None:
-    """Write the adapter (safetensors) from the main process. Call it on every process: under
-    FSDP and ZeRO-3 each holds a shard of the weights, and gathering them is collective."""
+def save_trained_weights(accelerator: Accelerator, model: torch.nn.Module,
+                         directory: str) -> None:
+    """Write what trains, as safetensors, from the main process: the policy adapter alone (a
+    plain PEFT adapter on the base; a frozen reference adapter is not saved), or the whole
+    model (`save_pretrained`, loadable by AutoModelForCausalLM). Call it on every process:
+    under FSDP and ZeRO-3 each holds a shard of the weights, and gathering them is collective."""
     state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict)
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    if isinstance(unwrapped, PeftModel):
+        unwrapped.save_pretrained(directory, state_dict=state_dict,
+                                  selected_adapters=[POLICY_ADAPTER])
+    else:
+        unwrapped.save_pretrained(directory, state_dict=state_dict)
+
+
+def _weights_dir(accelerator: Accelerator, model: torch.nn.Module) -> str:
+    return ADAPTER_DIR if isinstance(accelerator.unwrap_model(model), PeftModel) else MODEL_DIR
 
 
 def _discard(checkpoint: str) -> None:
@@ -152,8 +169,9 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     data_order: dict,
 ) -> TrainState:
-    """Restore adapter weights, optimizer, RNG streams; return where the run stood.
-    Refuse, before changing anything, a checkpoint saved under another `data_order`."""
+    """Restore trained weights, optimizer, RNG streams; return where the run stood. Refuse,
+    before changing anything, a checkpoint saved under another `data_order` or holding the
+    other kind of weights (an adapter for full fine-tuning, or the reverse)."""
     with open(os.path.join(path, STATE_FILE)) as f:
         state = TrainState(**json.load(f))
     changed = [f"{key} {state.data_order[key]!r} (now {value!r})"
@@ -164,12 +182,22 @@ def load_checkpoint(
             f"checkpoint {path!r} was saved with {', '.join(changed)}; resuming with other "
             "values would not replay the same pairs. Resume with the checkpoint's settings.")
     state.data_order = data_order
-    weights = load_file(os.path.join(path, ADAPTER_DIR, "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise CheckpointError(
-            f"checkpoint {path!r} has weights this model lacks: {unexpected[:3]}")
+    wanted = _weights_dir(accelerator, model)
+    if not os.path.isdir(os.path.join(path, wanted)):
+        kind = {ADAPTER_DIR: "LoRA adapter (--finetuning_type lora)",
+                MODEL_DIR: "whole model (--finetuning_type full)"}
+        raise CheckpointError(f"checkpoint {path!r} holds no {kind[wanted]}; resume with the "
+                              "--finetuning_type it was saved with")
+    unwrapped = accelerator.unwrap_model(model)
+    if wanted == ADAPTER_DIR:
+        weights = load_file(os.path.join(path, ADAPTER_DIR, "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(unwrapped, weights, adapter_name=POLICY_ADAPTER)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise CheckpointError(
+                f"checkpoint {path!r} has weights this model lacks: {unexpected[:3]}")
+    else:
+        _load_whole_model(unwrapped, os.path.join(path, MODEL_DIR), path)
     # Read onto the CPU (a process's device name, e.g. 'cpu:1' under gloo, may not be one
     # torch.load can map to); load_state_dict moves each state to its parameter's device.
     optimizer.load_state_dict(_load_plain(os.path.join(path, OPTIMIZER_FILE)))
@@ -177,6 +205,29 @@ def load_checkpoint(
     if os.path.isfile(rng_file):
         _set_rng_state(_load_plain(rng_file))
     return state
+
+
+def _load_whole_model(model: torch.nn.Module, directory: str, checkpoint: str) -> None:
+    """Load `save_pretrained` safetensors (one file or shards) into `model`; every weight must
+    be there, except copies of a tied weight, which `save_pretrained` writes once."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    weights: dict[str, torch.Tensor] = {}
+    for name in files:
+        weights.update(load_file(os.path.join(directory, name)))
+    result = model.load_state_dict(weights, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[name]) for name in weights if name in params}
+    missing = [name for name in result.missing_keys
+               if name not in params or id(params[name]) not in loaded]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"checkpoint {checkpoint!r} does not match this model: missing {missing[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}")
 
 
 def _load_plain(path: str):

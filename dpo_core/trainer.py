@@ -29,8 +29,8 @@ from dpo_core.checkpoint import (
     checkpoint_dirs,
     load_checkpoint,
     resolve_checkpoint,
-    save_adapter,
     save_checkpoint,
+    save_trained_weights,
 )
 from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.data import load_pairs, split_pairs
@@ -590,7 +590,7 @@ def finish_run(run: TrainingRun, metrics: dict, evaluation_hook: EvaluationHook 
             metrics["before"] = evaluation_hook(unwrapped, run.tokenizer)
         metrics["after"] = evaluation_hook(unwrapped, run.tokenizer)
     accelerator.wait_for_everyone()
-    save_adapter(accelerator, run.model, config.output_dir)
+    save_trained_weights(accelerator, run.model, config.output_dir)
     if run.is_main:
         run.tokenizer.save_pretrained(config.output_dir)
         if config.merge_adapter:
