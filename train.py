@@ -19,6 +19,8 @@ EXAMPLES = """examples:
   python train.py --demo                                  # offline, bundled model and data
   python train.py --num_samples 2000 --epochs 1           # TinyLlama-Chat on UltraFeedback
   python train.py --model_name ./my-model --dataset_name pairs.jsonl --no_quantization
+  python train.py --adapter_path ./sft-adapter            # DPO from an SFT LoRA adapter
+  python train.py --model_name ./small-model --finetuning_type full --no_quantization
   accelerate launch --multi_gpu --num_processes 2 train.py --batch_size 4
 """
 
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         from dpo_core.demo import format_before_after
 
         print(format_before_after(metrics))
-    print(f"Saved the adapter, tokenizer, training_config.json and metrics.json to "
+    trained = "model" if config.finetuning_type == "full" else "adapter"
+    print(f"Saved the {trained}, tokenizer, training_config.json and metrics.json to "
           f"{config.output_dir}")
     return 0
 

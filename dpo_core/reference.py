@@ -23,7 +23,11 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
+
+from dpo_core.config import TrainConfig
+from dpo_core.model import POLICY_ADAPTER, REFERENCE_ADAPTER, frozen_copy, load_base_model
 
 # (policy model, possibly wrapped by DDP/Accelerate) -> context yielding the reference module.
 ReferenceContext = Callable[[torch.nn.Module], AbstractContextManager[torch.nn.Module]]
@@ -90,3 +94,26 @@ class ReloadedModel:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def reference_for(config: TrainConfig, model: torch.nn.Module, accelerator: Accelerator, *,
+                  precomputed: bool) -> ReferenceContext:
+    """The reference of a run that trains `model` (built, not yet given to `accelerator`):
+    `precomputed` says whether its log-probs are computed before training (then, under full
+    fine-tuning, no second model is kept; the pass itself runs on `policy_itself`)."""
+    if config.finetuning_type == "lora":
+        if config.adapter_path:
+            return AdapterSwitched(reference=REFERENCE_ADAPTER, policy=POLICY_ADAPTER)
+        return adapter_disabled
+    if precomputed:
+        weights_dtype = next(model.parameters()).dtype
+
+        def load() -> torch.nn.Module:
+            return load_base_model(config.model_name, dtype=weights_dtype, quantize_4bit=False,
+                                   attn_implementation=config.attn_implementation,
+                                   trust_remote_code=config.trust_remote_code
+                                   ).to(accelerator.device)
+
+        return ReloadedModel(load=load, autocast=accelerator.autocast)
+    # Prepared for evaluation: on the device, under the policy's autocast, never DDP-wrapped.
+    return FrozenCopy(accelerator.prepare_model(frozen_copy(model), evaluation_mode=True))

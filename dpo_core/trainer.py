@@ -15,7 +15,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from accelerate import Accelerator
@@ -41,11 +41,14 @@ from dpo_core.model import (
     disable_dropout,
     load_base_model,
     load_tokenizer,
+    load_trainable_adapter,
+    prepare_full_finetuning,
     resolve_dtype,
     resolve_gradient_checkpointing,
     resolve_quantization,
 )
 from dpo_core.objective import LogpsFn, PreferenceObjective
+from dpo_core.reference import policy_itself, reference_for
 from dpo_core.reference_cache import ReferenceLogpsCollator, with_reference_logps
 from dpo_core.report import (
     LOG_FILE,
@@ -264,13 +267,23 @@ def launched_without_accelerator() -> bool:
 
 def build_policy(config: TrainConfig, dtype: torch.dtype, quantize: bool,
                  gradient_checkpointing: bool) -> torch.nn.Module:
-    """Base model + fresh LoRA adapter; dropout off so both passes see one network."""
-    base = load_base_model(config.model_name, dtype=dtype, quantize_4bit=quantize,
-                           attn_implementation=config.attn_implementation,
+    """Base model + fresh LoRA adapter, the --adapter_path adapter, or every weight trainable;
+    dropout off so both passes see one network."""
+    full = config.finetuning_type == "full"
+    # Full fine-tuning keeps fp32 master weights: --dtype is then the autocast precision.
+    base = load_base_model(config.model_name, dtype=torch.float32 if full else dtype,
+                           quantize_4bit=quantize, attn_implementation=config.attn_implementation,
                            trust_remote_code=config.trust_remote_code)
-    model = add_lora(base, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                     target_modules=config.target_modules,
-                     gradient_checkpointing=gradient_checkpointing, quantized=quantize)
+    if full:
+        model = prepare_full_finetuning(base, gradient_checkpointing=gradient_checkpointing)
+    elif config.adapter_path:
+        model = load_trainable_adapter(base, config.adapter_path,
+                                       gradient_checkpointing=gradient_checkpointing,
+                                       quantized=quantize)
+    else:
+        model = add_lora(base, r=config.lora_r, alpha=config.lora_alpha,
+                         dropout=config.lora_dropout, target_modules=config.target_modules,
+                         gradient_checkpointing=gradient_checkpointing, quantized=quantize)
     if config.disable_dropout:
         disable_dropout(model)
     return model
@@ -419,7 +432,7 @@ def setup_run(config: TrainConfig) -> TrainingRun:
     resume_path = (resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
                    if config.resume_from_checkpoint else None)
     dtype = resolve_dtype(config.dtype)
-    quantize = resolve_quantization(config.quantization)
+    quantize = resolve_quantization(config.quantization, config.finetuning_type == "full")
     accelerator = Accelerator(mixed_precision=mixed_precision_for(dtype),
                               cpu=launched_without_accelerator(),
                               **tracker_options(config.report_to, config.output_dir))
@@ -451,10 +464,16 @@ def setup_run(config: TrainConfig) -> TrainingRun:
         # this loop prepares its own.
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = config.batch_size
+    precompute = wants_precomputed_reference(config, objective, len(train_pairs), accelerator)
+    objective = replace(objective, reference=reference_for(config, model, accelerator,
+                                                           precomputed=precompute))
     model, optimizer = accelerator.prepare(model, optimizer)
     reference_pass_s = 0.0
-    if wants_precomputed_reference(config, objective, len(train_pairs), accelerator):
-        reference_pass = {"model": model, "objective": objective, "collator": collator,
+    if precompute:
+        # Full fine-tuning: the policy before its first step is the reference.
+        pass_objective = (replace(objective, reference=policy_itself)
+                          if config.finetuning_type == "full" else objective)
+        reference_pass = {"model": model, "objective": pass_objective, "collator": collator,
                           "accelerator": accelerator,
                           "batch_size": config.ref_batch_size or 4 * config.batch_size,
                           "cache_dir": config.ref_cache_dir or os.path.join(config.output_dir,
@@ -586,8 +605,8 @@ def finish_run(run: TrainingRun, metrics: dict, evaluation_hook: EvaluationHook 
     config, accelerator = run.config, run.accelerator
     unwrapped = accelerator.unwrap_model(run.model)
     if evaluation_hook is not None and run.is_main:
-        with unwrapped.disable_adapter():
-            metrics["before"] = evaluation_hook(unwrapped, run.tokenizer)
+        with torch.no_grad(), run.objective.reference(unwrapped) as before:
+            metrics["before"] = evaluation_hook(before, run.tokenizer)
         metrics["after"] = evaluation_hook(unwrapped, run.tokenizer)
     accelerator.wait_for_everyone()
     save_trained_weights(accelerator, run.model, config.output_dir)
@@ -603,7 +622,8 @@ def finish_run(run: TrainingRun, metrics: dict, evaluation_hook: EvaluationHook 
                           os.path.join(config.output_dir, SAMPLES_FILE),
                           use_chat_template=resolve_chat_template(run.tokenizer,
                                                                   config.chat_template),
-                          max_new_tokens=config.sample_max_new_tokens)
+                          max_new_tokens=config.sample_max_new_tokens,
+                          reference=run.objective.reference)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics

@@ -9,20 +9,27 @@ exactly ln 2, and the reference does not move while the policy does.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
-from conftest import learnable_pairs
+from conftest import learnable_pairs, read_log, train_args, train_records
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dpo_core.config import ConfigError, TrainConfig
+import chat
+import train
+from dpo_core.config import ConfigError, TrainConfig, build_parser
 from dpo_core.data import PreferencePair
 from dpo_core.logps import concatenated_forward
 from dpo_core.model import (
     POLICY_ADAPTER,
     REFERENCE_ADAPTER,
     ModelLoadError,
+    load_inference_model,
+    load_tokenizer,
     load_trainable_adapter,
     resolve_quantization,
 )
@@ -31,6 +38,7 @@ from dpo_core.reference import AdapterSwitched
 from dpo_core.reference_cache import reference_cache_key, weights_fingerprint
 from dpo_core.tiny import tiny_llama
 from dpo_core.tokenization import PreferenceCollator, tokenize_pairs
+from dpo_core.trainer import prepare_data
 
 SWITCHED = AdapterSwitched(reference=REFERENCE_ADAPTER, policy=POLICY_ADAPTER)
 
@@ -173,3 +181,175 @@ def test_full_finetuning_never_resolves_auto_to_4bit(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_quantization("auto") is True
     assert resolve_quantization("auto", full_finetuning=True) is False
+
+
+# ------------------------------------------------------------------ train.py end to end
+
+# 4 steps of 4 pairs reach 16 of the 36 training pairs: the reference is not precomputed
+# unless asked, so it runs every step (switched adapter, or a frozen copy).
+RUN = ("--max_steps", "4", "--save_steps", "2", "--save_total_limit", "0")
+
+
+def assert_same_losses(out, reference) -> None:
+    mine, theirs = train_records(out), train_records(reference)
+    assert [r["step"] for r in mine] == [r["step"] for r in theirs]  # each step exactly once
+    for a, b in zip(mine, theirs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-6), a["step"]
+
+
+def resume_copy(out, tmp_path, args: list[str]) -> str:
+    """Resume a copy of the finished run `out` from its checkpoint-2 and run steps 3-4 again."""
+    resumed = shutil.copytree(out, tmp_path / "resumed")
+    assert train.main([*args, "--output_dir", str(resumed),
+                       "--resume_from_checkpoint", str(resumed / "checkpoint-2")]) == 0
+    return str(resumed)
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tiny_model_dir, pairs_file, sft_adapter, tmp_path_factory):
+    out = tmp_path_factory.mktemp("from_adapter")
+    args = train_args(tiny_model_dir, pairs_file, out, *RUN, "--adapter_path", sft_adapter,
+                      "--merge_adapter")
+    assert train.main(args) == 0
+    return str(out), args
+
+
+def test_dpo_from_adapter_starts_at_ln2_and_saves_a_plain_adapter(adapter_run, tiny_model_dir,
+                                                                  sft_adapter):
+    out, _ = adapter_run
+    steps = train_records(out)
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    # Only the trained copy is saved, under the adapter's own names: a plain PEFT adapter.
+    assert not os.path.exists(os.path.join(out, REFERENCE_ADAPTER))
+    trained = load_file(os.path.join(out, "adapter_model.safetensors"))
+    started = load_file(os.path.join(sft_adapter, "adapter_model.safetensors"))
+    assert trained.keys() == started.keys()
+    assert any(not torch.equal(trained[k], started[k]) for k in started)
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                            out)(ids).logits
+        # --merge_adapter merged the trained adapter into the base.
+        merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged"))(ids).logits
+        chat_model = load_inference_model(tiny_model_dir, out, dtype=torch.float32,
+                                          quantize_4bit=False)
+        torch.testing.assert_close(chat_model(ids).logits, adapted, rtol=0, atol=1e-6)
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
+    assert chat.main(["--base_model", tiny_model_dir, "--adapter_path", out, "--prompt", "hello",
+                      "--temperature", "0", "--max_new_tokens", "3",
+                      "--quantization", "none"]) == 0
+
+
+def test_dpo_from_adapter_resumes_exactly(adapter_run, tmp_path):
+    out, args = adapter_run
+    resumed = resume_copy(out, tmp_path, args)
+    assert_same_losses(resumed, out)
+    final, expected = (load_file(os.path.join(d, "adapter_model.safetensors"))
+                       for d in (resumed, out))
+    for name in expected:
+        torch.testing.assert_close(final[name], expected[name], rtol=0, atol=1e-6)
+
+
+def test_precomputed_reference_from_adapter_is_the_sft_model(tiny_model_dir, pairs_file,
+                                                             sft_adapter, tmp_path):
+    out = tmp_path / "precomputed"
+    args = train_args(tiny_model_dir, pairs_file, out, "--max_steps", "1", "--adapter_path",
+                      sft_adapter, "--precompute_ref_log_probs")
+    assert train.main(args) == 0
+    # Computed in other batches (other padding) than the policy's: equal to fp32 noise.
+    step = train_records(out)[0]
+    assert step["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert step["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    # The cached eval values are the SFT model's log-probs, computed here independently.
+    caches = [load_file(out / "reference_logps" / name)["reference_logps"]
+              for name in os.listdir(out / "reference_logps")]
+    cached = next(values for values in caches if len(values) == 12)
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                    sft_adapter).eval()
+    chosen, rejected = run_logps(sft, tiny_model_dir, args)
+    torch.testing.assert_close(cached, torch.stack([chosen, rejected], dim=1), rtol=0,
+                               atol=1e-4)
+
+
+def full_weights(path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def run_logps(model: torch.nn.Module, model_dir: str,
+              args: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected log-probs ([N] each) of the run's eval pairs under `model`, with
+    the run's own data preparation."""
+    config = TrainConfig(**vars(build_parser(TrainConfig, "").parse_args(args)))
+    tokenizer = load_tokenizer(model_dir)
+    _, eval_pairs, _ = prepare_data(config, tokenizer, show_progress=False)
+    with torch.no_grad():
+        return concatenated_forward(model, PreferenceCollator(tokenizer.pad_token_id)(eval_pairs))
+
+
+def eval_chosen_logps(model_dir: str, args: list[str]) -> float:
+    """Mean chosen log-prob of the run's eval pairs under the model saved in `model_dir`."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return run_logps(model, model_dir, args)[0].mean().item()
+
+
+def test_full_finetuning_two_steps_saves_a_loadable_trained_model(tiny_model_dir, pairs_file,
+                                                                  tmp_path):
+    out = tmp_path / "full"
+    # Precomputed reference (the default for full fine-tuning when every pair is trained on;
+    # asked for here to keep the run at two steps); one sample reloads the starting model.
+    args = train_args(tiny_model_dir, pairs_file, out, "--finetuning_type", "full",
+                      "--max_steps", "2", "--precompute_ref_log_probs", "--learning_rate",
+                      "1e-3", "--num_sample_prompts", "1")
+    assert train.main(args) == 0
+    steps = train_records(out)
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert steps[1]["loss"] < steps[0]["loss"]
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    before, after = full_weights(tiny_model_dir), full_weights(out)
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(before)  # every weight trained (norms and embeddings too)
+    # The saved model gives the trained model's numbers: the final evaluation's log-probs.
+    final_eval = [r for r in read_log(out) if r["split"] == "eval"][-1]
+    assert eval_chosen_logps(str(out), args) == pytest.approx(final_eval["logps/chosen"],
+                                                              abs=1e-4)
+    assert eval_chosen_logps(tiny_model_dir, args) != pytest.approx(
+        final_eval["logps/chosen"], abs=1e-2)
+    assert (out / "samples.md").is_file()
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model_dir, pairs_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full_frozen_copy")
+    args = train_args(tiny_model_dir, pairs_file, out, *RUN, "--finetuning_type", "full",
+                      "--learning_rate", "1e-3")
+    assert train.main(args) == 0
+    return str(out), args
+
+
+def test_full_finetuning_with_a_frozen_reference_copy_resumes_exactly(full_run, tmp_path):
+    out, args = full_run
+    steps = train_records(out)
+    # The frozen copy runs the same network as the policy at step 1: h = 0 exactly.
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert sorted(os.listdir(os.path.join(out, "checkpoint-2"))) == [
+        "model", "optimizer.pt", "rng_state_0.pt", "trainer_state.json"]
+    resumed = resume_copy(out, tmp_path, args)
+    assert_same_losses(resumed, out)
+    final, expected = full_weights(resumed), full_weights(out)
+    for name in expected:
+        torch.testing.assert_close(final[name], expected[name], rtol=0, atol=1e-6)
+
+
+def test_checkpoint_of_the_other_kind_is_refused(full_run, tiny_model_dir, pairs_file,
+                                                 tmp_path, capsys):
+    out, _ = full_run
+    copy = shutil.copytree(out, tmp_path / "lora_resume")
+    args = train_args(tiny_model_dir, pairs_file, copy, *RUN, "--resume_from_checkpoint",
+                      str(copy / "checkpoint-2"))
+    assert train.main(args) == 2
+    assert "holds no LoRA adapter" in capsys.readouterr().err
