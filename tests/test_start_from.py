@@ -17,6 +17,7 @@ import torch
 from conftest import learnable_pairs, read_log, train_args, train_records
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
+from test_distributed import BIN, free_port, launch
 from transformers import AutoModelForCausalLM
 
 import chat
@@ -274,6 +275,19 @@ def test_precomputed_reference_from_adapter_is_the_sft_model(tiny_model_dir, pai
                                atol=1e-4)
 
 
+def test_qlora_from_adapter(tiny_model_dir, pairs_file, sft_adapter, tmp_path):
+    out = tmp_path / "qlora"
+    assert train.main(train_args(tiny_model_dir, pairs_file, out, "--max_steps", "2",
+                                 "--quantization", "4bit", "--adapter_path", sft_adapter)) == 0
+    steps = train_records(out)
+    # Both passes run the one 4-bit base with equal adapters: h = 0 exactly at step 1.
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert math.isfinite(steps[1]["loss"]) and steps[1]["grad_norm"] > 0
+    trained = load_file(out / "adapter_model.safetensors")
+    assert trained.keys() == load_file(os.path.join(sft_adapter,
+                                                    "adapter_model.safetensors")).keys()
+
+
 def full_weights(path) -> dict[str, torch.Tensor]:
     return AutoModelForCausalLM.from_pretrained(path).state_dict()
 
@@ -353,3 +367,30 @@ def test_checkpoint_of_the_other_kind_is_refused(full_run, tiny_model_dir, pairs
                       str(copy / "checkpoint-2"))
     assert train.main(args) == 2
     assert "holds no LoRA adapter" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["adapter", "full"])
+def test_two_processes_match_one(kind, adapter_run, full_run, tmp_path):
+    """`accelerate launch` with 2 CPU processes x 2 pairs against the 1 x 4 pairs run above:
+    the switched reference adapter and the full model's gradients are shared alike."""
+    out, args = adapter_run if kind == "adapter" else full_run
+    ddp = tmp_path / "ddp"
+    launch([os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())],
+           [*args, "--output_dir", str(ddp), "--batch_size", "2"], tmp_path)
+    mine, theirs = train_records(ddp), train_records(out)
+    assert [r["step"] for r in mine] == [1, 2, 3, 4]
+    for a, b in zip(mine, theirs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), a["step"]
+    if kind == "adapter":
+        final, expected = (load_file(os.path.join(d, "adapter_model.safetensors"))
+                           for d in (ddp, out))
+    else:
+        final, expected = full_weights(ddp), full_weights(out)
+    assert final.keys() == expected.keys()
+    for name in expected:
+        # As in test_distributed: Adam amplifies fp32 round-off in near-zero gradients.
+        torch.testing.assert_close(final[name], expected[name], rtol=1e-4, atol=1e-5)
