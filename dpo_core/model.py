@@ -5,7 +5,6 @@ copy and a frozen reference copy), or every weight (full fine-tuning).
 
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
@@ -21,7 +20,7 @@ from peft import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from dpo_core.config import ConfigError
+from dpo_core.config import ConfigError, TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Adapter names when DPO starts from an SFT adapter: PEFT's default name for the one that
@@ -247,12 +246,6 @@ def prepare_full_finetuning(model: torch.nn.Module, *,
     return model
 
 
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A second, non-trainable copy of `model` as it is now (the full fine-tuning reference
-    when it cannot be precomputed): its weights cost as much memory again."""
-    return copy.deepcopy(model).requires_grad_(False).eval()
-
-
 def load_inference_model(
     base_model: str,
     adapter_path: str | None,
@@ -277,3 +270,40 @@ def load_inference_model(
                 f"could not load the adapter from {adapter_path!r}: {error}"
             ) from None
     return model.eval()
+
+
+def build_policy(config: TrainConfig, dtype: torch.dtype, quantize: bool,
+                 gradient_checkpointing: bool) -> torch.nn.Module:
+    """Base model + fresh LoRA adapter, the --adapter_path adapter, or every weight trainable
+    (--finetuning_type full); dropout off (unless asked) so both passes see one network."""
+    full = config.finetuning_type == "full"
+    # Full fine-tuning keeps fp32 master weights: --dtype is then the autocast precision.
+    base = load_base_model(config.model_name, dtype=torch.float32 if full else dtype,
+                           quantize_4bit=quantize, attn_implementation=config.attn_implementation,
+                           trust_remote_code=config.trust_remote_code)
+    if full:
+        model = prepare_full_finetuning(base, gradient_checkpointing=gradient_checkpointing)
+    elif config.adapter_path:
+        model = load_trainable_adapter(base, config.adapter_path,
+                                       gradient_checkpointing=gradient_checkpointing,
+                                       quantized=quantize)
+    else:
+        model = add_lora(base, r=config.lora_r, alpha=config.lora_alpha,
+                         dropout=config.lora_dropout, target_modules=config.target_modules,
+                         gradient_checkpointing=gradient_checkpointing, quantized=quantize)
+    if config.disable_dropout:
+        disable_dropout(model)
+    return model
+
+
+def save_merged_model(config: TrainConfig, adapter_dir: str, dtype: torch.dtype) -> str:
+    """Base weights (reloaded unquantized: a 4-bit base cannot absorb the adapter exactly)
+    plus the adapter saved in `adapter_dir`, merged, written to adapter_dir/merged."""
+    base = load_base_model(config.model_name, dtype=dtype, quantize_4bit=False,
+                           attn_implementation=config.attn_implementation,
+                           trust_remote_code=config.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged_dir = os.path.join(adapter_dir, "merged")
+    merged.save_pretrained(merged_dir)
+    load_tokenizer(config.model_name, config.trust_remote_code).save_pretrained(merged_dir)
+    return merged_dir

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
 
 from dpo_core.config import TrainConfig
-from dpo_core.model import POLICY_ADAPTER, REFERENCE_ADAPTER, frozen_copy, load_base_model
+from dpo_core.model import POLICY_ADAPTER, REFERENCE_ADAPTER, load_base_model
 
 # (policy model, possibly wrapped by DDP/Accelerate) -> context yielding the reference module.
 ReferenceContext = Callable[[torch.nn.Module], AbstractContextManager[torch.nn.Module]]
@@ -85,7 +85,7 @@ class ReloadedModel:
 
     @contextmanager
     def __call__(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        model = self.load().eval().requires_grad_(False)
+        model = self.load()
         try:
             with self.autocast():
                 yield model
@@ -98,22 +98,23 @@ class ReloadedModel:
 
 def reference_for(config: TrainConfig, model: torch.nn.Module, accelerator: Accelerator, *,
                   precomputed: bool) -> ReferenceContext:
-    """The reference of a run that trains `model` (built, not yet given to `accelerator`):
-    `precomputed` says whether its log-probs are computed before training (then, under full
-    fine-tuning, no second model is kept; the pass itself runs on `policy_itself`)."""
+    """The reference of a run that trains `model`, before any optimizer step. `precomputed`:
+    whether its log-probs are computed before training; then full fine-tuning keeps no second
+    model (the pass itself runs on `policy_itself`, and the starting weights are read from
+    disk again only if samples or a before/after evaluation need them)."""
     if config.finetuning_type == "lora":
         if config.adapter_path:
             return AdapterSwitched(reference=REFERENCE_ADAPTER, policy=POLICY_ADAPTER)
         return adapter_disabled
+    weights_dtype = next(model.parameters()).dtype  # the policy's (fp32 master weights)
+
+    def load() -> torch.nn.Module:
+        return load_base_model(config.model_name, dtype=weights_dtype, quantize_4bit=False,
+                               attn_implementation=config.attn_implementation,
+                               trust_remote_code=config.trust_remote_code
+                               ).to(accelerator.device).eval().requires_grad_(False)
+
     if precomputed:
-        weights_dtype = next(model.parameters()).dtype
-
-        def load() -> torch.nn.Module:
-            return load_base_model(config.model_name, dtype=weights_dtype, quantize_4bit=False,
-                                   attn_implementation=config.attn_implementation,
-                                   trust_remote_code=config.trust_remote_code
-                                   ).to(accelerator.device)
-
         return ReloadedModel(load=load, autocast=accelerator.autocast)
-    # Prepared for evaluation: on the device, under the policy's autocast, never DDP-wrapped.
-    return FrozenCopy(accelerator.prepare_model(frozen_copy(model), evaluation_mode=True))
+    # Prepared for evaluation: under the policy's autocast, never wrapped for DDP.
+    return FrozenCopy(accelerator.prepare_model(load(), evaluation_mode=True))

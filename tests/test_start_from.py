@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 import chat
 import train
-from dpo_core.config import ConfigError, TrainConfig, build_parser
+from dpo_core.config import ConfigError, TrainConfig, build_parser, parse_config
 from dpo_core.data import PreferencePair
 from dpo_core.logps import concatenated_forward
 from dpo_core.model import (
@@ -39,7 +39,7 @@ from dpo_core.reference import AdapterSwitched
 from dpo_core.reference_cache import reference_cache_key, weights_fingerprint
 from dpo_core.tiny import tiny_llama
 from dpo_core.tokenization import PreferenceCollator, tokenize_pairs
-from dpo_core.trainer import prepare_data
+from dpo_core.training_data import build_training_data
 
 SWITCHED = AdapterSwitched(reference=REFERENCE_ADAPTER, policy=POLICY_ADAPTER)
 
@@ -296,11 +296,11 @@ def run_logps(model: torch.nn.Module, model_dir: str,
               args: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected log-probs ([N] each) of the run's eval pairs under `model`, with
     the run's own data preparation."""
-    config = TrainConfig(**vars(build_parser(TrainConfig, "").parse_args(args)))
+    config = parse_config(TrainConfig, build_parser(TrainConfig, ""), args)
     tokenizer = load_tokenizer(model_dir)
-    _, eval_pairs, _ = prepare_data(config, tokenizer, show_progress=False)
+    data = build_training_data(config, tokenizer, use_chat_template=True, show_progress=False)
     with torch.no_grad():
-        return concatenated_forward(model, PreferenceCollator(tokenizer.pad_token_id)(eval_pairs))
+        return concatenated_forward(model, PreferenceCollator(tokenizer.pad_token_id)(data.eval))
 
 
 def eval_chosen_logps(model_dir: str, args: list[str]) -> float:
