@@ -9,20 +9,23 @@ safely: safetensors for weights, `torch.load(weights_only=True)` for the rest.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import random
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from peft import PeftModel, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from dpo_core.errors import RunFailure, UserError
 from dpo_core.model import POLICY_ADAPTER
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -32,8 +35,13 @@ ADAPTER_DIR, MODEL_DIR = "adapter", "model"  # what a checkpoint's weights are, 
 OPTIMIZER_FILE, STATE_FILE = "optimizer.pt", "trainer_state.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from; the message names it and says why."""
+
+
+class CheckpointSaveError(RunFailure, OSError):
+    """A checkpoint could not be written (e.g. the disk is full); nothing half-written is
+    left behind and the earlier checkpoints are intact."""
 
 
 @dataclass
@@ -93,12 +101,14 @@ def resolve_checkpoint(path: str, output_dir: str) -> str:
     if path == "latest":
         found = checkpoint_dirs(output_dir)
         if not found:
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint latest: no checkpoint in {output_dir!r}")
+            raise CheckpointError(
+                f"--resume_from_checkpoint latest: no checkpoint in {output_dir!r} (a run saves "
+                "one every --save_steps steps); start without --resume_from_checkpoint")
         return found[-1]
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint: {path!r} is not a checkpoint directory")
+        raise CheckpointError(
+            f"--resume_from_checkpoint: {path!r} is not a checkpoint directory (no "
+            f"{STATE_FILE}); pass a checkpoint-<step> directory or 'latest'")
     return path
 
 
@@ -113,18 +123,33 @@ def save_checkpoint(
     """Write `checkpoint-<step>` atomically; keep only the newest `total_limit` (0 = all)."""
     final = os.path.join(output_dir, f"checkpoint-{state.step}")
     tmp = os.path.join(output_dir, f".checkpoint-{state.step}.tmp")
+    try:
+        if accelerator.is_main_process:
+            _remove_partial(output_dir)
+            os.makedirs(tmp)
+        accelerator.wait_for_everyone()
+        # Each process has its own RNG streams; the optimizer state is replicated under DDP.
+        torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pt"))
+        save_trained_weights(accelerator, model,
+                             os.path.join(tmp, _weights_dir(accelerator.unwrap_model(model))))
+        accelerator.wait_for_everyone()  # every process's files are in before the rename
+        if accelerator.is_main_process:
+            torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(asdict(state), f, indent=2)
+    except (OSError, RuntimeError, SafetensorError) as error:
+        # torch.save reports a full disk as a RuntimeError, safetensors as its own error.
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = checkpoint_dirs(output_dir)
+        raise CheckpointSaveError(
+            f"could not write checkpoint {final!r}: {_save_problem(error)}. Nothing partial "
+            f"was left behind; the last complete checkpoint is "
+            f"{kept[-1] if kept else 'none'}. Free some space (or pick another --output_dir) "
+            "and continue with --resume_from_checkpoint latest.") from None
+    except BaseException:  # Ctrl-C mid-save: no half-written directory either
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        _remove_partial(output_dir)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    # Each process has its own RNG streams; the optimizer state is replicated under DDP.
-    torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pt"))
-    save_trained_weights(accelerator, model, os.path.join(tmp, _weights_dir(accelerator, model)))
-    accelerator.wait_for_everyone()  # every process's files are in before the rename
-    if accelerator.is_main_process:
-        torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump(asdict(state), f, indent=2)
         if os.path.isdir(final):  # the same step saved again after resuming from earlier
             _discard(final)
         os.rename(tmp, final)
@@ -133,6 +158,14 @@ def save_checkpoint(
                 _discard(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _save_problem(error: Exception) -> str:
+    text = str(error)
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or \
+            "os error 28" in text:
+        return "no space left on the device"
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
 def save_trained_weights(accelerator: Accelerator, model: torch.nn.Module,
@@ -145,15 +178,21 @@ def save_trained_weights(accelerator: Accelerator, model: torch.nn.Module,
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
-    if isinstance(unwrapped, PeftModel):
+    if _is_peft(unwrapped):
         unwrapped.save_pretrained(directory, state_dict=state_dict,
                                   selected_adapters=[POLICY_ADAPTER])
     else:
         unwrapped.save_pretrained(directory, state_dict=state_dict)
 
 
-def _weights_dir(accelerator: Accelerator, model: torch.nn.Module) -> str:
-    return ADAPTER_DIR if isinstance(accelerator.unwrap_model(model), PeftModel) else MODEL_DIR
+def _is_peft(model: torch.nn.Module) -> bool:
+    # Without peft imported (full fine-tuning need not import it) no model is a PeftModel.
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def _weights_dir(model: torch.nn.Module) -> str:
+    return ADAPTER_DIR if _is_peft(model) else MODEL_DIR
 
 
 def _discard(checkpoint: str) -> None:
@@ -178,11 +217,14 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     data_order: dict,
 ) -> TrainState:
-    """Restore trained weights, optimizer, RNG streams; return where the run stood. Refuse,
-    before changing anything, a checkpoint saved under another `data_order` or holding the
-    other kind of weights (an adapter for full fine-tuning, or the reverse)."""
-    with open(os.path.join(path, STATE_FILE)) as f:
-        state = TrainState(**json.load(f))
+    """Restore trained weights (adapter or whole model), optimizer, RNG streams; return where
+    the run stood.
+
+    Every file is read and checked before anything is changed: a checkpoint saved under
+    another `data_order`, another adapter shape or the other --finetuning_type, or a damaged
+    file, raises CheckpointError naming the checkpoint and what to do.
+    """
+    state = _read_state(path)
     changed = [f"{key} {state.data_order[key]!r} (now {value!r})"
                for key, value in data_order.items()
                if key in state.data_order and state.data_order[key] != value]
@@ -191,44 +233,91 @@ def load_checkpoint(
             f"checkpoint {path!r} was saved with {', '.join(changed)}; resuming with other "
             "values would not replay the same pairs. Resume with the checkpoint's settings.")
     state.data_order = data_order
-    wanted = _weights_dir(accelerator, model)
-    if not os.path.isdir(os.path.join(path, wanted)):
-        kind = {ADAPTER_DIR: "LoRA adapter (--finetuning_type lora)",
-                MODEL_DIR: "whole model (--finetuning_type full)"}
-        raise CheckpointError(f"checkpoint {path!r} holds no {kind[wanted]}; resume with the "
-                              "--finetuning_type it was saved with")
     unwrapped = accelerator.unwrap_model(model)
-    if wanted == ADAPTER_DIR:
-        weights = load_file(os.path.join(path, ADAPTER_DIR, "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(unwrapped, weights, adapter_name=POLICY_ADAPTER)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise CheckpointError(
-                f"checkpoint {path!r} has weights this model lacks: {unexpected[:3]}")
+    weights_dir = _weights_dir(unwrapped)
+    if not os.path.isdir(os.path.join(path, weights_dir)):
+        kind = {ADAPTER_DIR: "LoRA adapter (--finetuning_type lora)",
+                MODEL_DIR: "whole model (--finetuning_type full)"}[weights_dir]
+        raise CheckpointError(f"checkpoint {path!r} holds no {kind}; resume with the "
+                              "--finetuning_type it was saved with")
+    if weights_dir == ADAPTER_DIR:
+        _check_adapter_shape(path, unwrapped)
+        weights = _read_weights(path, [os.path.join(ADAPTER_DIR, "adapter_model.safetensors")])
     else:
-        _load_whole_model(unwrapped, os.path.join(path, MODEL_DIR), path)
+        weights = _read_weights(path, _model_files(path))
     # Read onto the CPU (a process's device name, e.g. 'cpu:1' under gloo, may not be one
     # torch.load can map to); load_state_dict moves each state to its parameter's device.
-    optimizer.load_state_dict(_load_plain(os.path.join(path, OPTIMIZER_FILE)))
+    optimizer_state = _load_plain(os.path.join(path, OPTIMIZER_FILE), path)
     rng_file = os.path.join(path, f"rng_state_{accelerator.process_index}.pt")
-    if os.path.isfile(rng_file):
-        _set_rng_state(_load_plain(rng_file))
+    rng_state = _load_plain(rng_file, path) if os.path.isfile(rng_file) else None
+    if weights_dir == ADAPTER_DIR:
+        _load_adapter_weights(unwrapped, weights, path)
+    else:
+        _load_whole_model(unwrapped, weights, path)
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise _damaged(path, os.path.join(path, OPTIMIZER_FILE), error) from None
+    if rng_state is not None:
+        try:
+            _set_rng_state(rng_state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise _damaged(path, rng_file, error) from None
     return state
 
 
-def _load_whole_model(model: torch.nn.Module, directory: str, checkpoint: str) -> None:
-    """Load `save_pretrained` safetensors (one file or shards) into `model`; every weight must
-    be there, except copies of a tied weight, which `save_pretrained` writes once."""
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
+def _read_weights(checkpoint: str, files: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors `files` (relative to `checkpoint`), merged."""
     weights: dict[str, torch.Tensor] = {}
     for name in files:
-        weights.update(load_file(os.path.join(directory, name)))
-    result = model.load_state_dict(weights, strict=False)
+        try:
+            weights.update(load_file(os.path.join(checkpoint, name)))
+        except (OSError, SafetensorError) as error:
+            raise _damaged(checkpoint, os.path.join(checkpoint, name), error) from None
+    return weights
+
+
+def _model_files(checkpoint: str) -> list[str]:
+    """The safetensors files `save_pretrained` wrote: one, or the shards its index names."""
+    index = os.path.join(checkpoint, MODEL_DIR, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        return [os.path.join(MODEL_DIR, "model.safetensors")]
+    try:
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError) as error:
+        raise _damaged(checkpoint, index, error) from None
+    return [os.path.join(MODEL_DIR, shard) for shard in shards]
+
+
+def _load_adapter_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
+                          checkpoint: str) -> None:
+    from peft import set_peft_model_state_dict
+
+    try:
+        result = set_peft_model_state_dict(model, weights, adapter_name=POLICY_ADAPTER)
+    except RuntimeError as error:  # shapes that _check_adapter_shape could not foresee
+        raise CheckpointError(
+            f"checkpoint {checkpoint!r} holds adapter weights of other shapes than this "
+            f"model's ({str(error).strip().splitlines()[-1].strip()}); resume with the "
+            "settings in its run's training_config.json") from None
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint {checkpoint!r} has weights this model lacks: {unexpected[:3]}")
+
+
+def _load_whole_model(model: torch.nn.Module, weights: dict[str, torch.Tensor],
+                      checkpoint: str) -> None:
+    """Every weight of `model` must be in `weights`, except copies of a tied weight, which
+    `save_pretrained` writes once."""
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # other shapes: another model
+        raise CheckpointError(
+            f"checkpoint {checkpoint!r} holds a model of other shapes than this run's "
+            f"({str(error).strip().splitlines()[-1].strip()}); resume with the settings in "
+            "its run's training_config.json") from None
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = {id(params[name]) for name in weights if name in params}
     missing = [name for name in result.missing_keys
@@ -239,7 +328,62 @@ def _load_whole_model(model: torch.nn.Module, directory: str, checkpoint: str) -
             f"unexpected {result.unexpected_keys[:3]}")
 
 
-def _load_plain(path: str):
+def _damaged(checkpoint: str, file: str, error: Exception) -> CheckpointError:
+    """A checkpoint file that cannot be read back: name it and the way forward."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    parent = os.path.dirname(os.path.abspath(checkpoint))
+    earlier = [c for c in checkpoint_dirs(parent)
+               if os.path.abspath(c) != os.path.abspath(checkpoint)]
+    hint = (f"resume from an earlier one (--resume_from_checkpoint {earlier[-1]})" if earlier
+            else "start over with --overwrite_output_dir")
+    return CheckpointError(f"checkpoint {checkpoint!r} is damaged: {os.path.basename(file)} "
+                           f"cannot be read ({detail}); {hint}")
+
+
+def _read_state(path: str) -> TrainState:
+    state_file = os.path.join(path, STATE_FILE)
+    try:
+        with open(state_file) as f:
+            return TrainState(**json.load(f))
+    except (OSError, ValueError, TypeError) as error:  # ValueError: bad JSON or not UTF-8
+        raise _damaged(path, state_file, error) from None
+
+
+def _check_adapter_shape(path: str, model: torch.nn.Module) -> None:
+    """The checkpoint's LoRA rank, alpha and target modules must be this model's."""
+    config_file = os.path.join(path, ADAPTER_DIR, "adapter_config.json")
+    try:
+        with open(config_file) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as error:
+        raise _damaged(path, config_file, error) from None
+    current = model.peft_config["default"]
+    flags = {"r": "--lora_r", "lora_alpha": "--lora_alpha",
+             "target_modules": "--lora_target_modules"}
+    changed = []
+    for key, flag in flags.items():
+        was, now = saved.get(key), getattr(current, key, None)
+        if key == "target_modules":
+            was, now = _module_set(was), _module_set(now)
+        if was is not None and was != now:
+            changed.append(f"{flag} {_show(was)} (now {_show(now)})")
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {path!r} was saved with {', '.join(changed)}; its adapter does not "
+            "fit this run's. Resume with the checkpoint's settings.")
+
+
+def _module_set(value) -> frozenset | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return frozenset(value)
+
+
+def _show(value) -> str:
+    return ",".join(sorted(value)) if isinstance(value, frozenset) else str(value)
+
+
+def _load_plain(path: str, checkpoint: str):
     """`torch.load` restricted to tensors and plain containers: a tampered file cannot run code."""
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
@@ -247,3 +391,5 @@ def _load_plain(path: str):
         raise CheckpointError(
             f"{path!r} holds more than tensors and plain data; refusing to load it "
             f"({str(error).splitlines()[0]})") from None
+    except (OSError, RuntimeError, EOFError) as error:  # truncated or not a torch file
+        raise _damaged(checkpoint, path, error) from None
