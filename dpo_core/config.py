@@ -46,6 +46,14 @@ class TrainConfig:
     model_name: str = _arg(
         "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "Hub id or local directory of the base model.", MODEL
     )
+    adapter_path: str | None = _arg(
+        None,
+        "Start from this trained LoRA adapter of --model_name (a local directory or Hub id, "
+        "e.g. an SFT adapter): the policy trains it, and the reference is the adapter as "
+        "loaded, frozen, on the same base. Its own rank, alpha and targets replace the --lora_* "
+        "flags.",
+        MODEL,
+    )
     quantization: str = _arg(
         "auto",
         "Base weights: 'auto' = 4-bit NF4 QLoRA when CUDA is present, none on CPU; '4bit' "
@@ -82,6 +90,13 @@ class TrainConfig:
         MODEL,
     )
     # -- LoRA -------------------------------------------------------------------------------
+    finetuning_type: str = _arg(
+        "lora",
+        "'lora' trains an adapter (fresh, or --adapter_path); 'full' trains every weight, with "
+        "fp32 master weights, and saves the whole model (no 4-bit: see README).",
+        LORA,
+        choices=["lora", "full"],
+    )
     lora_r: int = _arg(16, "LoRA rank.", LORA)
     lora_alpha: int = _arg(32, "LoRA scaling numerator (scale = alpha / r).", LORA)
     lora_dropout: float = _arg(0.05, "LoRA dropout (inactive while --disable_dropout).", LORA)
@@ -356,17 +371,35 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self._validate_finetuning_type()
         try:  # the loss module's own checks, reported like every other bad setting
             validate_loss_options(
                 loss_settings_of(self), reference_free=self.reference_free,
                 precompute_ref_log_probs=bool(self.precompute_ref_log_probs))
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        for flag in ("model_name", "dataset_name", "eval_dataset"):
+        for flag in ("model_name", "adapter_path", "dataset_name", "eval_dataset"):
             value = getattr(self, flag)
             if value and _looks_like_path(value) and not os.path.exists(value):
                 raise ConfigError(f"--{flag}: path {value!r} does not exist")
         check_writable_dir("--output_dir", self.output_dir)
+
+    def _validate_finetuning_type(self) -> None:
+        if self.finetuning_type != "full":
+            return
+        if self.quantization == "4bit":
+            raise ConfigError(
+                "--finetuning_type full cannot train 4-bit weights: NF4 weights are frozen "
+                "integer codes with no gradient or optimizer state (QLoRA trains an adapter "
+                "beside them). Use --quantization none, or --finetuning_type lora for 4-bit.")
+        if self.adapter_path:
+            raise ConfigError(
+                "--adapter_path trains a LoRA adapter; for --finetuning_type full, merge the "
+                "adapter into its base first (PeftModel.merge_and_unload) and pass the merged "
+                "model as --model_name.")
+        if self.merge_adapter:
+            raise ConfigError("--merge_adapter merges a LoRA adapter; --finetuning_type full "
+                              "already saves the whole model to --output_dir.")
 
     def to_json(self, path: str) -> None:
         with open(path, "w") as f:

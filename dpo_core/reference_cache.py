@@ -1,11 +1,13 @@
 """Reference log-probs computed once before training and cached on disk.
 
-The reference model is the policy with its adapter switched off, and it never changes, so its
+The reference model (the policy with its adapter switched off, a frozen copy of the SFT adapter
+it started from, or the full model before training) never changes, so its
 log-probs of every pair can be computed in one no-grad pass (larger batches, pairs sorted by
 length so batches carry little padding) and reused by every epoch and every evaluation. The
 values are cached in a safetensors file named after a key that covers everything they depend
-on: the model's configuration, a fingerprint of its adapter-free weights, the token ids of the
-pairs and the log-prob settings. A restart or a second run on the same model and data loads
+on: the model's configuration, a fingerprint of its weights other than the trained adapter's
+(the starting adapter's frozen copy included), the token ids of the pairs and the log-prob
+settings. A restart or a second run on the same model and data loads
 them; any change gives another key and a fresh pass. An unreadable or mismatched file is
 recomputed and replaced.
 """
@@ -29,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dpo_core.batching import length_sorted_order, pair_length
+from dpo_core.model import POLICY_ADAPTER
 from dpo_core.objective import PreferenceObjective
 from dpo_core.tokenization import PreferenceCollator, TokenizedPair
 
@@ -81,15 +84,22 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     return get_base_model() if callable(get_base_model) else inner
 
 
+def is_policy_adapter_weight(name: str) -> bool:
+    """A weight of the LoRA adapter that trains (`...lora_A.default.weight`, ...)."""
+    parts = name.split(".")
+    return POLICY_ADAPTER in parts and any(part.startswith("lora_") for part in parts)
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over every non-LoRA parameter and buffer: name, shape, dtype, an evenly spaced
-    sample of its values and its fp64 sum. Adapter weights are left out: the reference is the
-    model with its adapter off, whatever the adapter holds."""
+    """sha256 over every parameter and buffer but the trained adapter's: name, shape, dtype, an
+    evenly spaced sample of its values and its fp64 sum. The trained adapter is left out: the
+    reference never runs it, whatever it holds. A frozen reference adapter (DPO started from an
+    SFT adapter) is in: other starting adapters give other reference log-probs."""
     digest = hashlib.sha256()
     base = _base_model(model)
     tensors = list(base.named_parameters()) + list(base.named_buffers())
     for name, tensor in tensors:
-        if "lora_" in name:
+        if is_policy_adapter_weight(name):
             continue
         flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES]

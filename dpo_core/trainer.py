@@ -30,8 +30,8 @@ from dpo_core.checkpoint import (
     data_order,
     load_checkpoint,
     resolve_checkpoint,
-    save_adapter,
     save_checkpoint,
+    save_trained_weights,
 )
 from dpo_core.config import TrainConfig
 from dpo_core.console import configure_console, logger
@@ -55,6 +55,7 @@ from dpo_core.model import (
 )
 from dpo_core.objective import PreferenceObjective
 from dpo_core.plan import RunPlan, resolve_precompute
+from dpo_core.reference import policy_itself, reference_for
 from dpo_core.reference_cache import ReferenceLogpsCollator, with_reference_logps
 from dpo_core.report import (
     start_trackers,
@@ -80,13 +81,15 @@ from dpo_core.tokenization import PreferenceCollator, resolve_chat_template
 from dpo_core.training_data import build_training_data
 from dpo_core.training_signal import ZeroGradientWatch
 
-# An extra evaluation run after training on the base model (adapter off) and on the trained
-# model: hook(model, tokenizer) -> {"metric": value}. The demo's before/after table uses it.
+# An extra evaluation run after training on the reference (the model training started from)
+# and on the trained model: hook(model, tokenizer) -> {"metric": value}. The demo's
+# before/after table uses it.
 EvaluationHook = Callable[[torch.nn.Module, object], dict]
 
 
 def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) -> dict:
-    """Train a LoRA adapter with DPO as `config` says; return the final metrics."""
+    """Train a LoRA adapter (or every weight) with DPO as `config` says; return the final
+    metrics."""
     trainer = Trainer(config, evaluation_hook)
     with removed_if_left_empty(config.output_dir):
         trainer.setup()
@@ -140,7 +143,8 @@ class Trainer:
     def _setup_accelerator(self) -> None:
         config, plan = self.config, self.plan
         self.dtype = resolve_dtype(config.dtype)
-        self.quantize = resolve_quantization(config.quantization)
+        self.quantize = resolve_quantization(config.quantization,
+                                             config.finetuning_type == "full")
         self.gradient_checkpointing = resolve_gradient_checkpointing(config.gradient_checkpointing)
         self.accelerator = make_accelerator(self.dtype,
                                             tracker_options(config.report_to, config.output_dir))
@@ -195,15 +199,21 @@ class Trainer:
         plan.precompute_ref_log_probs = resolve_precompute(
             config, self.objective.uses_reference, len(self.train_pairs),
             self.accelerator.num_processes)
+        self.objective = dataclasses.replace(self.objective, reference=reference_for(
+            config, self.model, self.accelerator, precomputed=plan.precompute_ref_log_probs))
         self.reference_pass_s = 0.0
         if not plan.precompute_ref_log_probs:
             return
+        # Full fine-tuning: the policy before its first step (and before a resumed
+        # checkpoint is loaded) is the reference.
+        pass_objective = (dataclasses.replace(self.objective, reference=policy_itself)
+                          if config.finetuning_type == "full" else self.objective)
         plan.ref_batch_size = config.ref_batch_size or 4 * config.batch_size
         cache_dir = config.ref_cache_dir or os.path.join(config.output_dir, "reference_logps")
         settings = {"logps_fn": self.objective.logps_fn.__name__,
                     "attn_implementation": config.attn_implementation,
                     "dtype": str(self.dtype), "quantize": self.quantize}
-        passes = [with_reference_logps(pairs, model=self.model, objective=self.objective,
+        passes = [with_reference_logps(pairs, model=self.model, objective=pass_objective,
                                        collator=self.collator, accelerator=self.accelerator,
                                        batch_size=plan.ref_batch_size, cache_dir=cache_dir,
                                        settings=settings, show_progress=self.is_main)
@@ -403,11 +413,11 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         unwrapped = accelerator.unwrap_model(self.model)
         if self.evaluation_hook is not None and self.is_main:
-            with unwrapped.disable_adapter():
-                metrics["before"] = self.evaluation_hook(unwrapped, self.tokenizer)
+            with torch.no_grad(), self.objective.reference(unwrapped) as before:
+                metrics["before"] = self.evaluation_hook(before, self.tokenizer)
             metrics["after"] = self.evaluation_hook(unwrapped, self.tokenizer)
         accelerator.wait_for_everyone()
-        save_adapter(accelerator, self.model, config.output_dir)
+        save_trained_weights(accelerator, self.model, config.output_dir)
         if self.is_main:
             self.tokenizer.save_pretrained(config.output_dir)
             if config.merge_adapter:
@@ -419,7 +429,8 @@ class Trainer:
                 write_samples(unwrapped, self.tokenizer, self.data.sample_prompts,
                               os.path.join(config.output_dir, SAMPLES_FILE),
                               use_chat_template=self.plan.chat_template,
-                              max_new_tokens=config.sample_max_new_tokens)
+                              max_new_tokens=config.sample_max_new_tokens,
+                              reference=self.objective.reference)
             elif config.num_sample_prompts:
                 logger.warning(f"No {SAMPLES_FILE}: its prompts come from the eval set, and "
                                "this run has none (--eval_fraction 0 and no --eval_dataset).")
