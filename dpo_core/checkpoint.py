@@ -4,6 +4,11 @@ A checkpoint is written into a hidden temporary directory and renamed into place
 one is renamed to a hidden name before it is deleted, so a run killed mid-save or mid-rotation
 never leaves a half-written `checkpoint-N` that `latest` could pick. Everything is read back
 safely: safetensors for weights, `torch.load(weights_only=True)` for the rest.
+
+Under FSDP2 no process holds the whole optimizer state: each process writes its own shards of
+the trainable weights and their AdamW state with `torch.distributed.checkpoint` (`sharded/`,
+one file per process plus `.metadata`) and reads them back the same way. The gathered adapter
+is saved beside them, so any checkpoint's `adapter/` loads into `chat.py`.
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ from accelerate import Accelerator
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from dpo_core.distributed import is_fsdp2_model
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Hidden (leading dot) names: work in progress or being deleted, never a checkpoint.
 PARTIAL_RE = re.compile(r"^\.checkpoint-\d+\.(tmp|old)$")
 ADAPTER_DIR, OPTIMIZER_FILE, STATE_FILE = "adapter", "optimizer.pt", "trainer_state.json"
+SHARDED_DIR = "sharded"  # FSDP2: trainable weights and optimizer state, one file per process
 
 
 class CheckpointError(RuntimeError):
@@ -107,9 +115,13 @@ def save_checkpoint(
     # Each process has its own RNG streams; the optimizer state is replicated under DDP.
     torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pt"))
     save_adapter(accelerator, model, os.path.join(tmp, ADAPTER_DIR))
+    sharded = is_fsdp2_model(model)
+    if sharded:
+        save_sharded_state(model, optimizer, os.path.join(tmp, SHARDED_DIR))
     accelerator.wait_for_everyone()  # every process's files are in before the rename
     if accelerator.is_main_process:
-        torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+        if not sharded:
+            torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump(asdict(state), f, indent=2)
         if os.path.isdir(final):  # the same step saved again after resuming from earlier
@@ -125,7 +137,8 @@ def save_checkpoint(
 def save_adapter(accelerator: Accelerator, model: torch.nn.Module, directory: str) -> None:
     """Write the adapter (safetensors) from the main process. Call it on every process: under
     FSDP and ZeRO-3 each holds a shard of the weights, and gathering them is collective."""
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = (gathered_trainable_state(model) if is_fsdp2_model(model)
+                  else accelerator.get_state_dict(model))
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict)
 
@@ -164,6 +177,24 @@ def load_checkpoint(
             f"checkpoint {path!r} was saved with {', '.join(changed)}; resuming with other "
             "values would not replay the same pairs. Resume with the checkpoint's settings.")
     state.data_order = data_order
+    if is_fsdp2_model(model):
+        load_sharded_state(path, model, optimizer)
+    else:
+        _load_whole_state(path, accelerator, model, optimizer)
+    rng_file = os.path.join(path, f"rng_state_{accelerator.process_index}.pt")
+    if os.path.isfile(rng_file):
+        _set_rng_state(_load_plain(rng_file))
+    return state
+
+
+def _load_whole_state(path: str, accelerator: Accelerator, model: torch.nn.Module,
+                      optimizer: torch.optim.Optimizer) -> None:
+    """One process or DDP: the adapter from `adapter/`, the optimizer from `optimizer.pt`."""
+    if not os.path.isfile(os.path.join(path, OPTIMIZER_FILE)) and os.path.isdir(
+            os.path.join(path, SHARDED_DIR)):
+        raise CheckpointError(
+            f"checkpoint {path!r} holds sharded state saved under FSDP2; resume it under FSDP2 "
+            f"with the same number of processes (its adapter/ can still be used as an adapter)")
     weights = load_file(os.path.join(path, ADAPTER_DIR, "adapter_model.safetensors"))
     result = set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
     unexpected = getattr(result, "unexpected_keys", [])
@@ -173,10 +204,66 @@ def load_checkpoint(
     # Read onto the CPU (a process's device name, e.g. 'cpu:1' under gloo, may not be one
     # torch.load can map to); load_state_dict moves each state to its parameter's device.
     optimizer.load_state_dict(_load_plain(os.path.join(path, OPTIMIZER_FILE)))
-    rng_file = os.path.join(path, f"rng_state_{accelerator.process_index}.pt")
-    if os.path.isfile(rng_file):
-        _set_rng_state(_load_plain(rng_file))
-    return state
+
+
+# Only what trains is saved: the frozen base weights come from the base model again.
+_TRAINABLE_ONLY = {"ignore_frozen_params": True}
+
+
+def _inner_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper -> the AdamW
+
+
+def gathered_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable weights of an FSDP2 model, whole, on the CPU of the main process (an
+    empty dict elsewhere). Collective: every process must call it. The frozen base weights
+    are left out, so saving an adapter never gathers the whole model onto one process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, **_TRAINABLE_ONLY)
+    return get_model_state_dict(model, options=options)
+
+
+def save_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       directory: str) -> None:
+    """Each process writes its shards of the trainable weights and of their optimizer state
+    into `directory` (torch.distributed.checkpoint). Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optimizer_state = get_state_dict(model, _inner_optimizer(optimizer),
+                                              options=StateDictOptions(**_TRAINABLE_ONLY))
+    dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=directory)
+
+
+def load_sharded_state(path: str, model: torch.nn.Module,
+                       optimizer: torch.optim.Optimizer) -> None:
+    """Read the shards `save_sharded_state` wrote into checkpoint `path` back into `model`
+    and `optimizer`, each process its own. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    directory = os.path.join(path, SHARDED_DIR)
+    if not os.path.isfile(os.path.join(directory, ".metadata")):
+        raise CheckpointError(
+            f"checkpoint {path!r} has no sharded state ({SHARDED_DIR}/): it was saved by a run "
+            "without FSDP2. Resume it with the backend and number of processes it was saved "
+            "under.")
+    inner = _inner_optimizer(optimizer)
+    # Templates with this process's shards; dcp.load fills them in place.
+    weights, optimizer_state = get_state_dict(model, inner,
+                                              options=StateDictOptions(**_TRAINABLE_ONLY))
+    state = {"model": weights, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=directory)
+    # Not strict: the frozen base weights are not in the checkpoint, by design. Every
+    # trainable weight was in the template, so dcp.load has already failed if one is missing.
+    set_state_dict(model, inner, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=False, **_TRAINABLE_ONLY))
 
 
 def _load_plain(path: str):

@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, extract_model_from_parallel
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -91,6 +92,8 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     for name, tensor in tensors:
         if "lora_" in name:
             continue
+        if isinstance(tensor, DTensor):  # FSDP2: every process gathers the same whole weight
+            tensor = tensor.full_tensor()
         flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES]
         total = torch.sum(flat, dtype=torch.float64).item() if flat.numel() else 0.0

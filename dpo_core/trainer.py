@@ -34,6 +34,15 @@ from dpo_core.checkpoint import (
 )
 from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.data import load_pairs, split_pairs
+from dpo_core.distributed import (
+    backend_record,
+    check_backend,
+    create_accelerator,
+    describe_backend,
+    prepare_model,
+    root_weights_gathered,
+    weights_are_sharded,
+)
 from dpo_core.logps import FOUR_D_MASK_ATTENTION, prefix_shared_forward, select_logps_fn
 from dpo_core.loss import preference_metrics
 from dpo_core.model import (
@@ -215,53 +224,6 @@ def data_order(config: TrainConfig, num_processes: int, train_pairs: int) -> dic
             "processes": num_processes, "training pairs": train_pairs}
 
 
-def check_backend(config: TrainConfig, state, quantize: bool) -> None:
-    """Refuse, naming the fix, what this loop cannot do correctly under FSDP or DeepSpeed
-    (`state`: the AcceleratorState). Untested on GPUs so far, so kept narrow:
-
-    - resumable checkpoints hold one replicated optimizer state (exact under DDP), which FSDP
-      and DeepSpeed shard; the final adapter is saved either way;
-    - 4-bit weights are not set up for sharding (no bnb_4bit_quant_storage);
-    - samples and the demo's evaluation run on the main process alone, which cannot work
-      while the weights are sharded (FSDP, ZeRO-3);
-    - DeepSpeed steps its optimizer inside backward: no accumulation across this loop's
-      micro-batches, and a non-finite step is applied before the loop could skip it.
-    """
-    if state.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return
-    fsdp = state.distributed_type == DistributedType.FSDP
-    zero_stage = 0 if fsdp else state.deepspeed_plugin.zero_stage
-    needs = []
-    if quantize:
-        needs.append("--quantization none (use the DDP config for 4-bit QLoRA)")
-    if config.save_steps or config.resume_from_checkpoint:
-        needs.append("--save_steps 0 and no --resume_from_checkpoint (checkpoints are for "
-                     "single-process and DDP runs, and the final adapter is still saved)")
-    if (fsdp or zero_stage == 3) and (config.num_sample_prompts or config.demo):
-        needs.append("--num_sample_prompts 0 and no --demo (they generate on one process)")
-    if fsdp and state.fsdp_plugin.fsdp_version == 1 and not state.fsdp_plugin.use_orig_params:
-        needs.append("fsdp_use_orig_params: true in the Accelerate config (frozen and LoRA "
-                     "weights share FSDP units)")
-    if not fsdp and config.gradient_accumulation_steps > 1:
-        needs.append("--gradient_accumulation_steps 1 (raise --batch_size or add processes)")
-    if not fsdp and config.skip_nonfinite_steps:
-        needs.append("--skip_nonfinite_steps 0")
-    if needs:
-        backend = "FSDP" if fsdp else f"DeepSpeed ZeRO-{zero_stage}"
-        raise ConfigError(f"under {backend} this trainer needs " + "; ".join(needs))
-
-
-def launched_without_accelerator() -> bool:
-    """One of several processes (torchrun, `accelerate launch --multi_gpu`) on a machine with
-    no GPU. Accelerate starts a CPU (gloo) process group only when told it runs on the CPU;
-    otherwise every process would train alone, all writing into one output_dir."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, XPU, NPU, MPS, ...
-        return not torch.accelerator.is_available()
-    return not torch.cuda.is_available()
-
-
 def build_policy(config: TrainConfig, dtype: torch.dtype, quantize: bool,
                  gradient_checkpointing: bool) -> torch.nn.Module:
     """Base model + fresh LoRA adapter; dropout off so both passes see one network."""
@@ -402,6 +364,7 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) ->
         "eval": {k: v for k, v in last_eval.items() if k != "split"},
         "steps": state.step,
         "num_processes": run.accelerator.num_processes,
+        **backend_record(run.accelerator),
         "train_pairs": len(run.train_pairs),
         "eval_pairs": len(run.eval_pairs),
         "train_runtime_s": time.perf_counter() - started,
@@ -420,9 +383,8 @@ def setup_run(config: TrainConfig) -> TrainingRun:
                    if config.resume_from_checkpoint else None)
     dtype = resolve_dtype(config.dtype)
     quantize = resolve_quantization(config.quantization)
-    accelerator = Accelerator(mixed_precision=mixed_precision_for(dtype),
-                              cpu=launched_without_accelerator(),
-                              **tracker_options(config.report_to, config.output_dir))
+    accelerator = create_accelerator(mixed_precision_for(dtype),
+                                     **tracker_options(config.report_to, config.output_dir))
     check_backend(config, accelerator.state, quantize)
     is_main = accelerator.is_main_process
     set_seed(config.seed)
@@ -451,7 +413,9 @@ def setup_run(config: TrainConfig) -> TrainingRun:
         # this loop prepares its own.
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = config.batch_size
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare_model(accelerator, model, optimizer)
+    if is_main:
+        print(describe_backend(accelerator, model))
     reference_pass_s = 0.0
     if wants_precomputed_reference(config, objective, len(train_pairs), accelerator):
         reference_pass = {"model": model, "objective": objective, "collator": collator,
@@ -585,10 +549,20 @@ def finish_run(run: TrainingRun, metrics: dict, evaluation_hook: EvaluationHook 
     samples (and the merged model if asked) into output_dir; returns `metrics`."""
     config, accelerator = run.config, run.accelerator
     unwrapped = accelerator.unwrap_model(run.model)
-    if evaluation_hook is not None and run.is_main:
-        with unwrapped.disable_adapter():
-            metrics["before"] = evaluation_hook(unwrapped, run.tokenizer)
-        metrics["after"] = evaluation_hook(unwrapped, run.tokenizer)
+    # With sharded weights every process takes part in each forward pass, so every process
+    # evaluates and generates (the same text); only the main process writes.
+    generates = run.is_main or weights_are_sharded(accelerator)
+    with root_weights_gathered(unwrapped):
+        if evaluation_hook is not None and generates:
+            with unwrapped.disable_adapter():
+                metrics["before"] = evaluation_hook(unwrapped, run.tokenizer)
+            metrics["after"] = evaluation_hook(unwrapped, run.tokenizer)
+        if run.sample_prompts and generates:
+            write_samples(unwrapped, run.tokenizer, run.sample_prompts,
+                          os.path.join(config.output_dir, SAMPLES_FILE) if run.is_main else None,
+                          use_chat_template=resolve_chat_template(run.tokenizer,
+                                                                  config.chat_template),
+                          max_new_tokens=config.sample_max_new_tokens)
     accelerator.wait_for_everyone()
     save_adapter(accelerator, run.model, config.output_dir)
     if run.is_main:
@@ -598,12 +572,6 @@ def finish_run(run: TrainingRun, metrics: dict, evaluation_hook: EvaluationHook 
         with open(os.path.join(config.output_dir, METRICS_FILE), "w") as f:
             json.dump(metrics, f, indent=2)
         write_training_curves(config.output_dir)
-        if run.sample_prompts:
-            write_samples(unwrapped, run.tokenizer, run.sample_prompts,
-                          os.path.join(config.output_dir, SAMPLES_FILE),
-                          use_chat_template=resolve_chat_template(run.tokenizer,
-                                                                  config.chat_template),
-                          max_new_tokens=config.sample_max_new_tokens)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
