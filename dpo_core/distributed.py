@@ -49,8 +49,13 @@ def create_accelerator(mixed_precision: str, **kwargs) -> Accelerator:
     `kwargs` go to `Accelerator` (trackers). Raises ConfigError when the asked-for backend
     cannot run here."""
     on_cpu = launched_without_accelerator()
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=on_cpu, **kwargs)
     wanted = requested_backend()
+    try:
+        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=on_cpu, **kwargs)
+    except ImportError as error:  # e.g. a DeepSpeed config without deepspeed installed
+        raise ConfigError(f"the Accelerate config asks for "
+                          f"{wanted.value if wanted else 'a backend'} that cannot start here: "
+                          f"{error}") from None
     if on_cpu and wanted == DistributedType.FSDP:
         _switch_to_fsdp(accelerator)
     if wanted is not None and accelerator.distributed_type != wanted:
@@ -160,7 +165,9 @@ def sharding_summary(model: torch.nn.Module) -> dict:
     # the PEFT and FSDP wrappers do not pass the attribute on).
     layer_classes = {name for module in model.modules()
                      for name in getattr(module, "_no_split_modules", None) or []}
-    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    # fully_shard swaps a module's class for a subclass (FSDPLlamaDecoderLayer): match the MRO.
+    layers = [m for m in model.modules()
+              if any(cls.__name__ in layer_classes for cls in type(m).__mro__)]
     local = total = 0
     for param in model.parameters():
         total += param.numel()
@@ -207,7 +214,7 @@ def check_backend(config: TrainConfig, state, quantize: bool) -> None:
         needs.append("--quantization none (use the DDP config for 4-bit QLoRA)")
     if (fsdp1 or not fsdp) and (config.save_steps or config.resume_from_checkpoint):
         needs.append("--save_steps 0 and no --resume_from_checkpoint (resumable checkpoints "
-                     "are for one process, DDP and FSDP2; the final adapter is still saved)")
+                     "are for one process, DDP and FSDP2, and the final adapter is still saved)")
     if (fsdp1 or zero_stage == 3) and (config.num_sample_prompts or config.demo):
         needs.append("--num_sample_prompts 0 and no --demo (generation with sharded weights "
                      "is built for FSDP2)")
