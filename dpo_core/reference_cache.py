@@ -98,7 +98,10 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES]
         total = torch.sum(flat, dtype=torch.float64).item() if flat.numel() else 0.0
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{total!r}|".encode())
-        digest.update(sample.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # A copy: `.numpy()` marks the storage it shares as not resizable, and FSDP2 frees
+        # the storage of the whole weights it gathered (the root's stay gathered after a
+        # forward) by resizing it.
+        digest.update(sample.cpu().contiguous().clone().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
