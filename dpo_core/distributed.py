@@ -4,7 +4,7 @@
 environment variables (`ACCELERATE_USE_FSDP`, `FSDP_VERSION`, ...). On GPUs Accelerate turns
 them into an FSDP run; on a machine without GPUs it silently runs plain `MULTI_CPU` data
 parallelism instead (its `AcceleratorState` only applies an FSDP plugin to GPU-like backends),
-although FSDP2's `fully_shard` works over gloo. `create_accelerator` closes that gap: it
+although FSDP2's `fully_shard` works over gloo. `make_accelerator` closes that gap: it
 switches the CPU state to FSDP with the plugin read from the same variables, so
 `accelerator.prepare` shards the model with Accelerate's own FSDP2 code (`fully_shard` per
 decoder layer, then the embeddings, the head and the root) on CPU and GPU alike. A run that
@@ -44,14 +44,20 @@ def launched_without_accelerator() -> bool:
     return not torch.cuda.is_available()
 
 
-def create_accelerator(mixed_precision: str, **kwargs) -> Accelerator:
-    """An `Accelerator` running the backend the launcher asked for, FSDP included on CPU;
-    `kwargs` go to `Accelerator` (trackers). Raises ConfigError when the asked-for backend
-    cannot run here."""
+def mixed_precision_for(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+
+
+def make_accelerator(dtype: torch.dtype, tracker_options: dict) -> Accelerator:
+    """The run's Accelerator, running the backend the launcher asked for (FSDP2 included on a
+    machine without GPUs): mixed precision from the compute dtype, CPU process groups where
+    several processes share a machine without an accelerator. Raises ConfigError when the
+    asked-for backend cannot run here."""
     on_cpu = launched_without_accelerator()
     wanted = requested_backend()
     try:
-        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=on_cpu, **kwargs)
+        accelerator = Accelerator(mixed_precision=mixed_precision_for(dtype), cpu=on_cpu,
+                                  **tracker_options)
     except ImportError as error:  # e.g. a DeepSpeed config without deepspeed installed
         raise ConfigError(f"the Accelerate config asks for "
                           f"{wanted.value if wanted else 'a backend'} that cannot start here: "
@@ -92,6 +98,14 @@ def _fallback_message(wanted: DistributedType, accelerator: Accelerator) -> str:
     why = "; ".join(reasons) or "see the Accelerate config"
     return (f"the Accelerate config asks for {wanted.value}, but this run would use "
             f"{got.value} instead ({why}). Stopping rather than running unsharded.")
+
+
+def prepare_for_backend(accelerator: Accelerator, batch_size: int) -> None:
+    """Accelerate reads DeepSpeed's micro-batch size off the dataloaders given to prepare();
+    this loop prepares its own, so it is set here."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = batch_size
 
 
 def prepare_model(
