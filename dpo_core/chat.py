@@ -3,37 +3,14 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
-from dpo_core.config import _arg
+from dpo_core.chat_config import ChatConfig
 from dpo_core.tokenization import render_prompt
 
-MODEL, GEN, SESSION = "model", "generation", "session"
-
-
-@dataclass
-class ChatConfig:
-    base_model: str = _arg("TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-                           "Hub id or local directory of the base model.", MODEL)
-    adapter_path: str = _arg("dpo_tinyllama_model",
-                             "Directory holding the trained adapter (train.py's --output_dir).",
-                             MODEL)
-    quantization: str = _arg("auto", "'auto' = 4-bit where CUDA is present; '4bit'; 'none'.",
-                             MODEL, choices=["auto", "4bit", "none"])
-    dtype: str = _arg("auto", "bfloat16/float16 on GPU, float32 on CPU.", MODEL,
-                      choices=["auto", "float32", "bfloat16", "float16"])
-    no_adapter: bool = _arg(False, "Chat with the base model alone (for comparison).", MODEL)
-    trust_remote_code: bool = _arg(False, "Run modelling code shipped with the model.", MODEL)
-    max_new_tokens: int = _arg(250, "Longest reply, in tokens.", GEN)
-    temperature: float = _arg(0.7, "Sampling temperature (0 = greedy).", GEN)
-    top_p: float = _arg(0.9, "Nucleus sampling threshold.", GEN)
-    system: str | None = _arg(None, "System message that starts the conversation.", SESSION)
-    prompt: str | None = _arg(None, "Answer this one message and exit (scriptable).", SESSION)
-    demo: bool = _arg(False, "The bundled demo model plus the adapter `train.py --demo` wrote.",
-                      SESSION)
+__all__ = ["ChatConfig", "ChatSession", "interactive"]
 
 
 class ChatSession:

@@ -9,6 +9,7 @@ from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.console import logger
 from dpo_core.data import load_pairs, split_pairs
 from dpo_core.tokenization import TokenizedPair, tokenize_pairs
+from dpo_core.training_signal import check_identical_pairs
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ def build_training_data(config: TrainConfig, tokenizer, use_chat_template: bool,
         if dropped:
             logger.info(f"Dropped {dropped} {name} pairs whose response would not fit in "
                         f"--max_length {config.max_length} after the prompt.")
+        if warning := check_identical_pairs(tokenized[name], name, config.max_length):
+            logger.warning(warning)
     logger.info(f"Pairs: {len(tokenized['train'])} train, {len(tokenized['eval'])} eval.")
     if not tokenized["train"]:
         raise ConfigError("no training pairs left after loading and truncation")

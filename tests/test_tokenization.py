@@ -141,7 +141,7 @@ SHAPES = {
 @pytest.mark.parametrize("shape", SHAPES)
 def test_each_shape_gives_the_right_prompt_and_response_tokens(tiny_tokenizer, shape):
     row, use_template, prompt_text, chosen, rejected = SHAPES[shape]
-    pair = to_pair(row, 0, "test")
+    pair = to_pair(row, "test")
     tokenized = tokenize_pair(tiny_tokenizer, pair, use_chat_template=use_template, **ROOMY)
     eos = tiny_tokenizer.eos_token_id
     # These texts have clean boundaries: prompt and replies tokenize the same alone or joined.
