@@ -5,6 +5,11 @@ A checkpoint is written into a hidden temporary directory and renamed into place
 one is renamed to a hidden name before it is deleted, so a run killed mid-save or mid-rotation
 never leaves a half-written `checkpoint-N` that `latest` could pick. Everything is read back
 safely: safetensors for weights, `torch.load(weights_only=True)` for the rest.
+
+Under FSDP2 no process holds the whole optimizer state: each process writes its own shards of
+the trainable weights and their AdamW state with `torch.distributed.checkpoint` (`sharded/`,
+one file per process plus `.metadata`) and reads them back the same way. The gathered adapter
+is saved beside them, so any checkpoint's `adapter/` loads into `chat.py`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from dpo_core.distributed import is_fsdp2_model
 from dpo_core.errors import RunFailure, UserError
 from dpo_core.model import POLICY_ADAPTER
 
@@ -33,6 +39,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 PARTIAL_RE = re.compile(r"^\.checkpoint-\d+\.(tmp|old)$")
 ADAPTER_DIR, MODEL_DIR = "adapter", "model"  # what a checkpoint's weights are, by name
 OPTIMIZER_FILE, STATE_FILE = "optimizer.pt", "trainer_state.json"
+SHARDED_DIR = "sharded"  # FSDP2: trainable weights and optimizer state, one file per process
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -132,9 +139,13 @@ def save_checkpoint(
         torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pt"))
         save_trained_weights(accelerator, model,
                              os.path.join(tmp, _weights_dir(accelerator.unwrap_model(model))))
+        sharded = is_fsdp2_model(model)
+        if sharded:
+            save_sharded_state(model, optimizer, os.path.join(tmp, SHARDED_DIR))
         accelerator.wait_for_everyone()  # every process's files are in before the rename
         if accelerator.is_main_process:
-            torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+            if not sharded:
+                torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(asdict(state), f, indent=2)
     except (OSError, RuntimeError, SafetensorError) as error:
@@ -174,7 +185,8 @@ def save_trained_weights(accelerator: Accelerator, model: torch.nn.Module,
     plain PEFT adapter on the base; a frozen reference adapter is not saved), or the whole
     model (`save_pretrained`, loadable by AutoModelForCausalLM). Call it on every process:
     under FSDP and ZeRO-3 each holds a shard of the weights, and gathering them is collective."""
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = (gathered_trainable_state(model) if is_fsdp2_model(model)
+                  else accelerator.get_state_dict(model))
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
@@ -242,6 +254,11 @@ def load_checkpoint(
                               "--finetuning_type it was saved with")
     if weights_dir == ADAPTER_DIR:
         _check_adapter_shape(path, unwrapped)
+    if is_fsdp2_model(model):
+        load_sharded_state(path, accelerator, model, optimizer)
+        return state
+    _check_not_sharded(path)
+    if weights_dir == ADAPTER_DIR:
         weights = _read_weights(path, [os.path.join(ADAPTER_DIR, "adapter_model.safetensors")])
     else:
         weights = _read_weights(path, _model_files(path))
@@ -326,6 +343,82 @@ def _load_whole_model(model: torch.nn.Module, weights: dict[str, torch.Tensor],
         raise CheckpointError(
             f"checkpoint {checkpoint!r} does not match this model: missing {missing[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}")
+
+
+# Only what trains is saved: the frozen base weights come from the base model again.
+_TRAINABLE_ONLY = {"ignore_frozen_params": True}
+
+
+def _inner_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper -> the AdamW
+
+
+def gathered_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable weights of an FSDP2 model, whole, on the CPU of the main process (an
+    empty dict elsewhere). Collective: every process must call it. The frozen base weights
+    are left out, so saving an adapter never gathers the whole model onto one process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, **_TRAINABLE_ONLY)
+    return get_model_state_dict(model, options=options)
+
+
+def save_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       directory: str) -> None:
+    """Each process writes its shards of the trainable weights and of their optimizer state
+    into `directory` (torch.distributed.checkpoint). Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optimizer_state = get_state_dict(model, _inner_optimizer(optimizer),
+                                              options=StateDictOptions(**_TRAINABLE_ONLY))
+    dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=directory)
+
+
+def load_sharded_state(path: str, accelerator: Accelerator, model: torch.nn.Module,
+                       optimizer: torch.optim.Optimizer) -> None:
+    """Read the shards `save_sharded_state` wrote into checkpoint `path` back into `model`
+    and `optimizer`, each process its own, and the process's RNG streams. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    directory = os.path.join(path, SHARDED_DIR)
+    if not os.path.isfile(os.path.join(directory, ".metadata")):
+        raise CheckpointError(
+            f"checkpoint {path!r} has no sharded state ({SHARDED_DIR}/): it was saved by a run "
+            "without FSDP2. Resume it with the backend and number of processes it was saved "
+            "under.")
+    rng_file = os.path.join(path, f"rng_state_{accelerator.process_index}.pt")
+    rng_state = _load_plain(rng_file, path) if os.path.isfile(rng_file) else None
+    inner = _inner_optimizer(optimizer)
+    # Templates with this process's shards; dcp.load fills them in place.
+    weights, optimizer_state = get_state_dict(model, inner,
+                                              options=StateDictOptions(**_TRAINABLE_ONLY))
+    state = {"model": weights, "optimizer": optimizer_state}
+    try:
+        dcp.load(state, checkpoint_id=directory)
+    except Exception as error:  # dcp wraps each process's failure in its own exception type
+        raise _damaged(path, directory, error) from None
+    # Not strict: the frozen base weights are not in the checkpoint, by design. Every
+    # trainable weight was in the template, so dcp.load has already failed if one is missing.
+    set_state_dict(model, inner, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=False, **_TRAINABLE_ONLY))
+    if rng_state is not None:
+        _set_rng_state(rng_state)
+
+
+def _check_not_sharded(path: str) -> None:
+    """A run without FSDP2 cannot resume an FSDP2 checkpoint (no optimizer.pt in it)."""
+    if not os.path.isfile(os.path.join(path, OPTIMIZER_FILE)) and os.path.isdir(
+            os.path.join(path, SHARDED_DIR)):
+        raise CheckpointError(
+            f"checkpoint {path!r} holds sharded state saved under FSDP2; resume it under FSDP2 "
+            f"with the same number of processes (its adapter/ can still be used as an adapter)")
 
 
 def _damaged(checkpoint: str, file: str, error: Exception) -> CheckpointError:

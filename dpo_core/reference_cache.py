@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, extract_model_from_parallel
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -101,11 +102,16 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     for name, tensor in tensors:
         if is_policy_adapter_weight(name):
             continue
+        if isinstance(tensor, DTensor):  # FSDP2: every process gathers the same whole weight
+            tensor = tensor.full_tensor()
         flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES]
         total = torch.sum(flat, dtype=torch.float64).item() if flat.numel() else 0.0
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{total!r}|".encode())
-        digest.update(sample.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # A copy: `.numpy()` marks the storage it shares as not resizable, and FSDP2 frees
+        # the storage of the whole weights it gathered (the root's stay gathered after a
+        # forward) by resizing it.
+        digest.update(sample.cpu().contiguous().clone().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

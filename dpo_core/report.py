@@ -282,7 +282,7 @@ def write_samples(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[list[dict[str, str]] | str],
-    path: str,
+    path: str | None,
     *,
     use_chat_template: bool,
     max_new_tokens: int,
@@ -290,11 +290,14 @@ def write_samples(
 ) -> tuple[list[str], list[str]]:
     """Greedy replies of the model training started from (`reference`, by default a PEFT
     model's adapter disabled) and of the trained model to `prompts`, written to `path` as a
-    markdown table; returns (base, trained)."""
+    markdown table; returns (base, trained). `path` None: generate only (the other processes
+    of a run with sharded weights)."""
     options = {"use_chat_template": use_chat_template, "max_new_tokens": max_new_tokens}
     with torch.no_grad(), reference(model) as before:
         base = generate_replies(before, tokenizer, list(prompts), **options)
     trained = generate_replies(model, tokenizer, list(prompts), **options)
+    if path is None:
+        return base, trained
     with open(path, "w") as f:
         f.write(format_samples(prompts, base, trained, use_chat_template=use_chat_template,
                                max_new_tokens=max_new_tokens))

@@ -35,7 +35,17 @@ from dpo_core.checkpoint import (
 )
 from dpo_core.config import TrainConfig
 from dpo_core.console import configure_console, logger
-from dpo_core.distributed import check_backend, make_accelerator, prepare_for_backend
+from dpo_core.distributed import (
+    backend_record,
+    check_backend,
+    describe_backend,
+    fsdp_version,
+    make_accelerator,
+    prepare_for_backend,
+    prepare_model,
+    root_weights_gathered,
+    weights_are_sharded,
+)
 from dpo_core.failures import (
     DeviceMemoryError,
     NonFiniteError,
@@ -156,6 +166,7 @@ class Trainer:
         plan.dtype = str(self.dtype).removeprefix("torch.")
         plan.gradient_checkpointing = self.gradient_checkpointing
         plan.distributed_type = self.accelerator.distributed_type.value
+        plan.fsdp_version = fsdp_version(self.accelerator)
         plan.num_processes = self.accelerator.num_processes
 
     def _setup_model(self) -> None:
@@ -190,7 +201,8 @@ class Trainer:
         self.train_pairs, self.eval_pairs = self.data.train, self.data.eval
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id)
         prepare_for_backend(self.accelerator, self.config.batch_size)
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.model, self.optimizer = prepare_model(self.accelerator, self.model, self.optimizer)
+        logger.info(describe_backend(self.accelerator, self.model))
 
     def _setup_reference(self) -> None:
         """The reference log-probs of every pair in one no-grad pass, cached on disk, where
@@ -315,6 +327,7 @@ class Trainer:
             "eval": {k: v for k, v in last_eval.items() if k != "split"},
             "steps": state.step,
             "num_processes": self.accelerator.num_processes,
+            **backend_record(self.accelerator),
             "train_pairs": len(self.train_pairs),
             "eval_pairs": len(self.eval_pairs),
             "train_runtime_s": time.perf_counter() - started,
@@ -412,10 +425,24 @@ class Trainer:
         samples (and the merged model if asked) into output_dir; returns `metrics`."""
         config, accelerator = self.config, self.accelerator
         unwrapped = accelerator.unwrap_model(self.model)
-        if self.evaluation_hook is not None and self.is_main:
-            with torch.no_grad(), self.objective.reference(unwrapped) as before:
-                metrics["before"] = self.evaluation_hook(before, self.tokenizer)
-            metrics["after"] = self.evaluation_hook(unwrapped, self.tokenizer)
+        # With sharded weights every process takes part in each forward pass, so every
+        # process evaluates and generates (the same text); only the main process writes.
+        generates = self.is_main or weights_are_sharded(accelerator)
+        with root_weights_gathered(unwrapped):
+            if self.evaluation_hook is not None and generates:
+                with torch.no_grad(), self.objective.reference(unwrapped) as before:
+                    metrics["before"] = self.evaluation_hook(before, self.tokenizer)
+                metrics["after"] = self.evaluation_hook(unwrapped, self.tokenizer)
+            if self.data.sample_prompts and generates:
+                write_samples(unwrapped, self.tokenizer, self.data.sample_prompts,
+                              os.path.join(config.output_dir, SAMPLES_FILE) if self.is_main
+                              else None,
+                              use_chat_template=self.plan.chat_template,
+                              max_new_tokens=config.sample_max_new_tokens,
+                              reference=self.objective.reference)
+            elif config.num_sample_prompts and not self.data.sample_prompts:
+                logger.warning(f"No {SAMPLES_FILE}: its prompts come from the eval set, and "
+                               "this run has none (--eval_fraction 0 and no --eval_dataset).")
         accelerator.wait_for_everyone()
         save_trained_weights(accelerator, self.model, config.output_dir)
         if self.is_main:
@@ -425,15 +452,6 @@ class Trainer:
                                                             self.dtype)
             write_json(config.output_dir, METRICS_FILE, metrics)
             write_training_curves(config.output_dir)
-            if self.data.sample_prompts:
-                write_samples(unwrapped, self.tokenizer, self.data.sample_prompts,
-                              os.path.join(config.output_dir, SAMPLES_FILE),
-                              use_chat_template=self.plan.chat_template,
-                              max_new_tokens=config.sample_max_new_tokens,
-                              reference=self.objective.reference)
-            elif config.num_sample_prompts:
-                logger.warning(f"No {SAMPLES_FILE}: its prompts come from the eval set, and "
-                               "this run has none (--eval_fraction 0 and no --eval_dataset).")
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return metrics
