@@ -60,6 +60,7 @@ from dpo_core.schedule import get_lr
 from dpo_core.tokenization import (
     PreferenceCollator,
     TokenizedPair,
+    pair_view,
     resolve_chat_template,
     tokenize_pairs,
 )
@@ -150,21 +151,20 @@ def prepare_data(
         train_pairs, eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
     use_template = resolve_chat_template(tokenizer, config.chat_template)
     lengths = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
-               "use_chat_template": use_template}
-    train_tok, train_dropped = tokenize_pairs(tokenizer, train_pairs, desc="Tokenizing train",
-                                              disable=not show_progress, **lengths)
-    eval_tok, eval_dropped = tokenize_pairs(tokenizer, eval_pairs, desc="Tokenizing eval",
+               "use_chat_template": use_template, "skip_bad_rows": config.skip_bad_rows}
+    train_tok, train_drops = tokenize_pairs(tokenizer, train_pairs, desc="Tokenizing train",
                                             disable=not show_progress, **lengths)
+    eval_tok, eval_drops = tokenize_pairs(tokenizer, eval_pairs, desc="Tokenizing eval",
+                                          disable=not show_progress, **lengths)
+    _report_drops("the train pairs", train_drops, show_progress)
+    _report_drops("the eval pairs", eval_drops, show_progress)
     if show_progress:
-        for name, dropped in (("train", train_dropped), ("eval", eval_dropped)):
-            if dropped:
-                print(f"Dropped {dropped} {name} pairs whose response would not fit in "
-                      f"--max_length {config.max_length} after the prompt.")
         print(f"Pairs: {len(train_tok)} train, {len(eval_tok)} eval "
               f"(chat template: {'on' if use_template else 'off'}).")
     if not train_tok:
         raise ConfigError("no training pairs left after loading and truncation")
-    sample_prompts = [pair.prompt for pair in eval_pairs[:config.num_sample_prompts]]
+    sample_prompts = [pair_view(pair, use_template)[0]
+                      for pair in eval_pairs[:config.num_sample_prompts]]
     return train_tok, eval_tok, sample_prompts
 
 
