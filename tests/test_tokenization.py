@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
 
 import pytest
 import torch
-from conftest import random_text, write_jsonl
+from conftest import FAMILIES, family_tokenizer, random_text, write_jsonl
 from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -396,9 +394,6 @@ def test_collated_tokenized_pairs_round_trip(tiny_tokenizer):
 
 # -- published chat templates ---------------------------------------------------------------
 
-with open(os.path.join(os.path.dirname(__file__), "data", "chat_templates.json")) as f:
-    FAMILIES = json.load(f)["families"]
-
 # What each template writes for an assistant reply, from its published source: the labels
 # must be exactly this text (the reply, as the template writes it, and its end-of-turn token).
 REPLY_AS_WRITTEN = {
@@ -447,21 +442,6 @@ def family_base_tokenizer():
     texts += [random_text(rng, 3) + "\n\n" + random_text(rng, 3) + "\n" for _ in range(300)]
     return train_tokenizer(texts, vocab_size=400, chat_template=None,
                            split_pattern=LLAMA3_SPLIT_PATTERN)
-
-
-def family_tokenizer(base, family: str, eos_token: str | None = None):
-    """`base` with the family's special tokens, bos/eos and published template."""
-    spec = FAMILIES[family]
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(base.backend_tokenizer.to_str()), unk_token="<unk>"
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": spec["special_tokens"]})
-    tokenizer.add_tokens(spec["added_tokens"])
-    if spec["bos_token"]:
-        tokenizer.bos_token = spec["bos_token"]
-    tokenizer.eos_token = eos_token or spec["eos_token"]
-    tokenizer.chat_template = spec["chat_template"]
-    return tokenizer
 
 
 def decode(tokenizer, token_ids) -> str:
