@@ -10,6 +10,7 @@ from conftest import FAMILIES, family_tokenizer, random_text, write_jsonl
 from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
+from dpo_core.config import TrainConfig
 from dpo_core.data import DataError, PreferencePair, load_pairs, to_pair
 from dpo_core.tiny import LLAMA3_SPLIT_PATTERN, train_tokenizer
 from dpo_core.tokenization import (
@@ -23,6 +24,7 @@ from dpo_core.tokenization import (
     tokenize_pairs,
     truncate,
 )
+from dpo_core.trainer import prepare_data
 
 ROOMY = {"max_length": 1000, "max_prompt_length": 500}
 
@@ -566,3 +568,22 @@ def test_template_error_names_the_file_and_row_it_came_from(family_base_tokenize
     gemma = family_tokenizer(family_base_tokenizer, "gemma")
     with pytest.raises(DataError, match=rf"{path}: row 1: .*System role not supported"):
         tokenize_pairs(gemma, pairs, use_chat_template=True, disable=True, **ROOMY)
+
+
+def test_training_data_with_a_rejecting_template_stops_or_counts_drops(
+    family_base_tokenizer, tmp_path, capsys
+):
+    rows = [{"prompt": [user(f"hello {i}")], "chosen": "yes", "rejected": "no"} for i in range(6)]
+    rows[4] = {"prompt": [{"role": "system", "content": "be happy"}, user("hi")],
+               "chosen": "yes", "rejected": "no"}
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    gemma = family_tokenizer(family_base_tokenizer, "gemma")
+    config = TrainConfig(dataset_name=path, num_samples=0, eval_fraction=0.0, max_length=64,
+                         max_prompt_length=32, num_sample_prompts=0)
+    with pytest.raises(DataError, match=rf"{path}: row 4: .*System role not supported"):
+        prepare_data(config, gemma, show_progress=False)
+    config.skip_bad_rows = True
+    train, _, _ = prepare_data(config, gemma, show_progress=True)
+    assert len(train) == 5
+    assert "Dropped 1 rows of the train pairs: 1 chat template error: System role not supported" \
+        in capsys.readouterr().out
