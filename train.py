@@ -10,30 +10,39 @@ import sys
 from accelerate import PartialState
 
 from dpo_core.checkpoint import CheckpointError
-from dpo_core.config import ConfigError, TrainConfig, build_parser
+from dpo_core.config import ConfigError, TrainConfig, build_parser, parse_config
 from dpo_core.data import DataError
+from dpo_core.failures import DeviceMemoryError, NonFiniteError
 from dpo_core.model import ModelLoadError
-from dpo_core.trainer import DeviceMemoryError, NonFiniteError, train
+from dpo_core.trainer import train
 
 EXAMPLES = """examples:
   python train.py --demo                                  # offline, bundled model and data
   python train.py --num_samples 2000 --epochs 1           # TinyLlama-Chat on UltraFeedback
+  python train.py --config examples/configs/tinyllama_qlora_ultrafeedback.yaml
   python train.py --model_name ./my-model --dataset_name pairs.jsonl --no_quantization
   accelerate launch --multi_gpu --num_processes 2 train.py --batch_size 4
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(TrainConfig, __doc__, EXAMPLES)
-    explicit = vars(parser.parse_args(argv))
-    hook = None
-    presets: dict = {}
-    if explicit.get("demo"):
-        from dpo_core.demo import DEMO_PRESETS, demo_evaluation
+def demo_presets(settings: dict) -> dict:
+    """The demo's tuned settings when `settings` ask for the demo (flags still win)."""
+    if not settings.get("demo"):
+        return {}
+    from dpo_core.demo import DEMO_PRESETS
 
-        presets, hook = DEMO_PRESETS, demo_evaluation
-    config = TrainConfig(**{**presets, **explicit})
+    return DEMO_PRESETS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(TrainConfig, __doc__, EXAMPLES, config_file=True)
     try:
+        config = parse_config(TrainConfig, parser, argv, presets=demo_presets)
+        hook = None
+        if config.demo:
+            from dpo_core.demo import demo_evaluation
+
+            hook = demo_evaluation
         metrics = train(config, evaluation_hook=hook)
     except (ConfigError, DataError, ModelLoadError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -8,16 +8,15 @@ generation config's and tokenizer's EOS (`stop_token_ids`).
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
-from dpo_core.config import _arg
+from dpo_core.config import RUN_PLAN_KEY, _arg
 from dpo_core.generation import until_stop
+from dpo_core.run_files import CONFIG_FILE, read_json
 from dpo_core.tokenization import (
     CHAT_TEMPLATE_MODES,
     encode_prompt,
@@ -54,30 +53,25 @@ class ChatConfig:
                       SESSION)
 
 
-TRAINING_CONFIG_FILE = "training_config.json"
-
-
 def trained_chat_template(adapter_dir: str) -> str | None:
-    """The chat-template mode ("auto" / "none") a run was trained with, read from
+    """The chat-template mode ("auto" / "none") a run was trained with, from the
     `training_config.json` in its output directory; None if that cannot be told.
 
-    A resolved run plan (`resolved` or `plan` holding `chat_template`, as a mode or as whether
-    the template was applied) wins over the flag value at the top level.
+    The run plan's `chat_template` (whether the template was really applied) wins over the
+    flag value recorded beside it (an older run has only the flag).
     """
     try:
-        recorded = json.loads((Path(adapter_dir) / TRAINING_CONFIG_FILE).read_text())
+        recorded = read_json(adapter_dir, CONFIG_FILE)
     except (OSError, ValueError):
         return None
     if not isinstance(recorded, dict):
         return None
-    candidates = [recorded.get(key) for key in ("resolved", "plan")]
-    values = [c.get("chat_template") for c in candidates if isinstance(c, dict)]
-    for value in values + [recorded.get("chat_template")]:
-        if value is True or value in ("auto", "on"):
-            return "auto"
-        if value is False or value in ("none", "off"):
-            return "none"
-    return None
+    plan = recorded.get(RUN_PLAN_KEY)
+    applied = plan.get("chat_template") if isinstance(plan, dict) else None
+    if isinstance(applied, bool):
+        return "auto" if applied else "none"
+    flag = recorded.get("chat_template")
+    return flag if flag in CHAT_TEMPLATE_MODES else None
 
 
 def chat_template_mode(config: ChatConfig) -> str:

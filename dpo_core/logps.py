@@ -411,9 +411,14 @@ def prefix_sharing_when_it_pays(model: torch.nn.Module, batch: dict[str, Tensor]
     return concatenated_forward(model, batch)
 
 
-def select_logps_fn(prefix_sharing: bool | None, attn_implementation: str | None):
-    """--prefix_sharing on: always; unset: per batch when it pays; off, or when the model's
-    attention cannot take a 4D mask: the standard two-row forward."""
-    if prefix_sharing is False or attn_implementation not in FOUR_D_MASK_ATTENTION:
-        return concatenated_forward
-    return prefix_shared_forward if prefix_sharing else prefix_sharing_when_it_pays
+def resolve_prefix_sharing(setting: bool | None, attn_implementation: str | None) -> str:
+    """--prefix_sharing on: "always"; unset: "per batch" (when it pays); off, or when the
+    model's attention cannot take a 4D mask: "off" (the standard two-row forward)."""
+    if setting is False or attn_implementation not in FOUR_D_MASK_ATTENTION:
+        return "off"
+    return "always" if setting else "per batch"
+
+
+# The log-prob function for each prefix-sharing mode; all give the same log-probs.
+LOGPS_FNS = {"off": concatenated_forward, "always": prefix_shared_forward,
+             "per batch": prefix_sharing_when_it_pays}

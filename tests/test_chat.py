@@ -16,6 +16,7 @@ from dpo_core.chat import (
     interactive,
     trained_chat_template,
 )
+from dpo_core.config import RUN_PLAN_KEY
 from dpo_core.generation import generate_replies
 from dpo_core.tiny import tiny_llama
 from dpo_core.tokenization import encode_prompt
@@ -108,12 +109,15 @@ def test_trained_chat_template_reads_the_run_record(tmp_path):
     assert trained_chat_template(run) == "none"
     write_training_config(tmp_path, {"chat_template": "auto"})
     assert trained_chat_template(run) == "auto"
-    # A resolved run plan says what was really applied, and wins over the flag's value.
-    for plan_key in ("resolved", "plan"):
-        write_training_config(tmp_path, {"chat_template": "auto",
-                                         plan_key: {"chat_template": False}})
-        assert trained_chat_template(run) == "none"
-    write_training_config(tmp_path, {"chat_template": "none", "resolved": {"other": 1}})
+    # The run plan says what was really applied ("auto" with a tokenizer that had no
+    # template: off), and wins over the flag's value.
+    write_training_config(tmp_path, {"chat_template": "auto",
+                                     RUN_PLAN_KEY: {"chat_template": False}})
+    assert trained_chat_template(run) == "none"
+    write_training_config(tmp_path, {"chat_template": "none",
+                                     RUN_PLAN_KEY: {"chat_template": True}})
+    assert trained_chat_template(run) == "auto"
+    write_training_config(tmp_path, {"chat_template": "none", RUN_PLAN_KEY: {"other": 1}})
     assert trained_chat_template(run) == "none"
 
 

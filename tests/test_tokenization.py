@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
 from dpo_core.config import TrainConfig
+from dpo_core.console import configure_console
 from dpo_core.data import DataError, PreferencePair, load_pairs, to_pair
 from dpo_core.tiny import LLAMA3_SPLIT_PATTERN, train_tokenizer
 from dpo_core.tokenization import (
@@ -24,7 +25,7 @@ from dpo_core.tokenization import (
     tokenize_pairs,
     truncate,
 )
-from dpo_core.trainer import prepare_data
+from dpo_core.training_data import build_training_data
 
 ROOMY = {"max_length": 1000, "max_prompt_length": 500}
 
@@ -581,9 +582,10 @@ def test_training_data_with_a_rejecting_template_stops_or_counts_drops(
     config = TrainConfig(dataset_name=path, num_samples=0, eval_fraction=0.0, max_length=64,
                          max_prompt_length=32, num_sample_prompts=0)
     with pytest.raises(DataError, match=rf"{path}: row 4: .*System role not supported"):
-        prepare_data(config, gemma, show_progress=False)
+        build_training_data(config, gemma, use_chat_template=True, show_progress=False)
     config.skip_bad_rows = True
-    train, _, _ = prepare_data(config, gemma, show_progress=True)
-    assert len(train) == 5
+    configure_console()
+    data = build_training_data(config, gemma, use_chat_template=True, show_progress=False)
+    assert len(data.train) == 5
     assert "Dropped 1 rows of the train pairs: 1 chat template error: System role not supported" \
         in capsys.readouterr().out
