@@ -9,12 +9,12 @@ generation config's and tokenizer's EOS (`stop_token_ids`).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
-from dpo_core.config import RUN_PLAN_KEY, _arg
+from dpo_core.chat_config import ChatConfig
+from dpo_core.config import RUN_PLAN_KEY
 from dpo_core.generation import until_stop
 from dpo_core.run_files import CONFIG_FILE, read_json
 from dpo_core.tokenization import (
@@ -24,33 +24,8 @@ from dpo_core.tokenization import (
     stop_token_ids,
 )
 
-MODEL, GEN, SESSION = "model", "generation", "session"
-
-
-@dataclass
-class ChatConfig:
-    base_model: str = _arg("TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-                           "Hub id or local directory of the base model.", MODEL)
-    adapter_path: str = _arg("dpo_tinyllama_model",
-                             "Directory holding the trained adapter (train.py's --output_dir).",
-                             MODEL)
-    quantization: str = _arg("auto", "'auto' = 4-bit where CUDA is present; '4bit'; 'none'.",
-                             MODEL, choices=["auto", "4bit", "none"])
-    dtype: str = _arg("auto", "bfloat16/float16 on GPU, float32 on CPU.", MODEL,
-                      choices=["auto", "float32", "bfloat16", "float16"])
-    no_adapter: bool = _arg(False, "Chat with the base model alone (for comparison).", MODEL)
-    trust_remote_code: bool = _arg(False, "Run modelling code shipped with the model.", MODEL)
-    max_new_tokens: int = _arg(250, "Longest reply, in tokens.", GEN)
-    temperature: float = _arg(0.7, "Sampling temperature (0 = greedy).", GEN)
-    top_p: float = _arg(0.9, "Nucleus sampling threshold.", GEN)
-    chat_template: str | None = _arg(
-        None, "'auto' (the tokenizer's chat template) or 'none' (plain text). Default: the "
-        "setting the adapter was trained with (its training_config.json), else 'auto'.",
-        SESSION, choices=list(CHAT_TEMPLATE_MODES))
-    system: str | None = _arg(None, "System message that starts the conversation.", SESSION)
-    prompt: str | None = _arg(None, "Answer this one message and exit (scriptable).", SESSION)
-    demo: bool = _arg(False, "The bundled demo model plus the adapter `train.py --demo` wrote.",
-                      SESSION)
+__all__ = ["ChatConfig", "ChatSession", "chat_template_mode", "interactive",
+           "trained_chat_template"]
 
 
 def trained_chat_template(adapter_dir: str) -> str | None:

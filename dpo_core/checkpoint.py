@@ -8,6 +8,7 @@ safely: safetensors for weights, `torch.load(weights_only=True)` for the rest.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -19,8 +20,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from accelerate import Accelerator
-from peft import set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from dpo_core.errors import RunFailure, UserError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Hidden (leading dot) names: work in progress or being deleted, never a checkpoint.
@@ -28,8 +31,13 @@ PARTIAL_RE = re.compile(r"^\.checkpoint-\d+\.(tmp|old)$")
 ADAPTER_DIR, OPTIMIZER_FILE, STATE_FILE = "adapter", "optimizer.pt", "trainer_state.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from; the message names it and says why."""
+
+
+class CheckpointSaveError(RunFailure, OSError):
+    """A checkpoint could not be written (e.g. the disk is full); nothing half-written is
+    left behind and the earlier checkpoints are intact."""
 
 
 @dataclass
@@ -89,12 +97,14 @@ def resolve_checkpoint(path: str, output_dir: str) -> str:
     if path == "latest":
         found = checkpoint_dirs(output_dir)
         if not found:
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint latest: no checkpoint in {output_dir!r}")
+            raise CheckpointError(
+                f"--resume_from_checkpoint latest: no checkpoint in {output_dir!r} (a run saves "
+                "one every --save_steps steps); start without --resume_from_checkpoint")
         return found[-1]
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint: {path!r} is not a checkpoint directory")
+        raise CheckpointError(
+            f"--resume_from_checkpoint: {path!r} is not a checkpoint directory (no "
+            f"{STATE_FILE}); pass a checkpoint-<step> directory or 'latest'")
     return path
 
 
@@ -109,18 +119,32 @@ def save_checkpoint(
     """Write `checkpoint-<step>` atomically; keep only the newest `total_limit` (0 = all)."""
     final = os.path.join(output_dir, f"checkpoint-{state.step}")
     tmp = os.path.join(output_dir, f".checkpoint-{state.step}.tmp")
+    try:
+        if accelerator.is_main_process:
+            _remove_partial(output_dir)
+            os.makedirs(tmp)
+        accelerator.wait_for_everyone()
+        # Each process has its own RNG streams; the optimizer state is replicated under DDP.
+        torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pt"))
+        save_adapter(accelerator, model, os.path.join(tmp, ADAPTER_DIR))
+        accelerator.wait_for_everyone()  # every process's files are in before the rename
+        if accelerator.is_main_process:
+            torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(asdict(state), f, indent=2)
+    except (OSError, RuntimeError, SafetensorError) as error:
+        # torch.save reports a full disk as a RuntimeError, safetensors as its own error.
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = checkpoint_dirs(output_dir)
+        raise CheckpointSaveError(
+            f"could not write checkpoint {final!r}: {_save_problem(error)}. Nothing partial "
+            f"was left behind; the last complete checkpoint is "
+            f"{kept[-1] if kept else 'none'}. Free some space (or pick another --output_dir) "
+            "and continue with --resume_from_checkpoint latest.") from None
+    except BaseException:  # Ctrl-C mid-save: no half-written directory either
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        _remove_partial(output_dir)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    # Each process has its own RNG streams; the optimizer state is replicated under DDP.
-    torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pt"))
-    save_adapter(accelerator, model, os.path.join(tmp, ADAPTER_DIR))
-    accelerator.wait_for_everyone()  # every process's files are in before the rename
-    if accelerator.is_main_process:
-        torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump(asdict(state), f, indent=2)
         if os.path.isdir(final):  # the same step saved again after resuming from earlier
             _discard(final)
         os.rename(tmp, final)
@@ -129,6 +153,14 @@ def save_checkpoint(
                 _discard(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _save_problem(error: Exception) -> str:
+    text = str(error)
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or \
+            "os error 28" in text:
+        return "no space left on the device"
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
 def save_adapter(accelerator: Accelerator, model: torch.nn.Module, directory: str) -> None:
@@ -162,9 +194,12 @@ def load_checkpoint(
     data_order: dict,
 ) -> TrainState:
     """Restore adapter weights, optimizer, RNG streams; return where the run stood.
-    Refuse, before changing anything, a checkpoint saved under another `data_order`."""
-    with open(os.path.join(path, STATE_FILE)) as f:
-        state = TrainState(**json.load(f))
+
+    Every file is read and checked before anything is changed: a checkpoint saved under
+    another `data_order` or another adapter shape, or a damaged file, raises CheckpointError
+    naming the checkpoint and what to do.
+    """
+    state = _read_state(path)
     changed = [f"{key} {state.data_order[key]!r} (now {value!r})"
                for key, value in data_order.items()
                if key in state.data_order and state.data_order[key] != value]
@@ -173,22 +208,99 @@ def load_checkpoint(
             f"checkpoint {path!r} was saved with {', '.join(changed)}; resuming with other "
             "values would not replay the same pairs. Resume with the checkpoint's settings.")
     state.data_order = data_order
-    weights = load_file(os.path.join(path, ADAPTER_DIR, "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
+    unwrapped = accelerator.unwrap_model(model)
+    _check_adapter_shape(path, unwrapped)
+    weights_file = os.path.join(path, ADAPTER_DIR, "adapter_model.safetensors")
+    try:
+        weights = load_file(weights_file)
+    except (OSError, SafetensorError) as error:
+        raise _damaged(path, weights_file, error) from None
+    # Read onto the CPU (a process's device name, e.g. 'cpu:1' under gloo, may not be one
+    # torch.load can map to); load_state_dict moves each state to its parameter's device.
+    optimizer_state = _load_plain(os.path.join(path, OPTIMIZER_FILE), path)
+    rng_file = os.path.join(path, f"rng_state_{accelerator.process_index}.pt")
+    rng_state = _load_plain(rng_file, path) if os.path.isfile(rng_file) else None
+    from peft import set_peft_model_state_dict
+
+    try:
+        result = set_peft_model_state_dict(unwrapped, weights)
+    except RuntimeError as error:  # shapes that _check_adapter_shape could not foresee
+        raise CheckpointError(
+            f"checkpoint {path!r} holds adapter weights of other shapes than this model's "
+            f"({str(error).strip().splitlines()[-1].strip()}); resume with the settings in "
+            "its run's training_config.json") from None
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise CheckpointError(
             f"checkpoint {path!r} has weights this model lacks: {unexpected[:3]}")
-    # Read onto the CPU (a process's device name, e.g. 'cpu:1' under gloo, may not be one
-    # torch.load can map to); load_state_dict moves each state to its parameter's device.
-    optimizer.load_state_dict(_load_plain(os.path.join(path, OPTIMIZER_FILE)))
-    rng_file = os.path.join(path, f"rng_state_{accelerator.process_index}.pt")
-    if os.path.isfile(rng_file):
-        _set_rng_state(_load_plain(rng_file))
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise _damaged(path, os.path.join(path, OPTIMIZER_FILE), error) from None
+    if rng_state is not None:
+        try:
+            _set_rng_state(rng_state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise _damaged(path, rng_file, error) from None
     return state
 
 
-def _load_plain(path: str):
+def _damaged(checkpoint: str, file: str, error: Exception) -> CheckpointError:
+    """A checkpoint file that cannot be read back: name it and the way forward."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    parent = os.path.dirname(os.path.abspath(checkpoint))
+    earlier = [c for c in checkpoint_dirs(parent)
+               if os.path.abspath(c) != os.path.abspath(checkpoint)]
+    hint = (f"resume from an earlier one (--resume_from_checkpoint {earlier[-1]})" if earlier
+            else "start over with --overwrite_output_dir")
+    return CheckpointError(f"checkpoint {checkpoint!r} is damaged: {os.path.basename(file)} "
+                           f"cannot be read ({detail}); {hint}")
+
+
+def _read_state(path: str) -> TrainState:
+    state_file = os.path.join(path, STATE_FILE)
+    try:
+        with open(state_file) as f:
+            return TrainState(**json.load(f))
+    except (OSError, ValueError, TypeError) as error:  # ValueError: bad JSON or not UTF-8
+        raise _damaged(path, state_file, error) from None
+
+
+def _check_adapter_shape(path: str, model: torch.nn.Module) -> None:
+    """The checkpoint's LoRA rank, alpha and target modules must be this model's."""
+    config_file = os.path.join(path, ADAPTER_DIR, "adapter_config.json")
+    try:
+        with open(config_file) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as error:
+        raise _damaged(path, config_file, error) from None
+    current = model.peft_config["default"]
+    flags = {"r": "--lora_r", "lora_alpha": "--lora_alpha",
+             "target_modules": "--lora_target_modules"}
+    changed = []
+    for key, flag in flags.items():
+        was, now = saved.get(key), getattr(current, key, None)
+        if key == "target_modules":
+            was, now = _module_set(was), _module_set(now)
+        if was is not None and was != now:
+            changed.append(f"{flag} {_show(was)} (now {_show(now)})")
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {path!r} was saved with {', '.join(changed)}; its adapter does not "
+            "fit this run's. Resume with the checkpoint's settings.")
+
+
+def _module_set(value) -> frozenset | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return frozenset(value)
+
+
+def _show(value) -> str:
+    return ",".join(sorted(value)) if isinstance(value, frozenset) else str(value)
+
+
+def _load_plain(path: str, checkpoint: str):
     """`torch.load` restricted to tensors and plain containers: a tampered file cannot run code."""
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
@@ -196,3 +308,5 @@ def _load_plain(path: str):
         raise CheckpointError(
             f"{path!r} holds more than tensors and plain data; refusing to load it "
             f"({str(error).splitlines()[0]})") from None
+    except (OSError, RuntimeError, EOFError) as error:  # truncated or not a torch file
+        raise _damaged(checkpoint, path, error) from None

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpo_core.loss import validate_loss_options
+from dpo_core.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting, or a combination of settings, that cannot work; the message says which."""
 
 
@@ -63,10 +63,10 @@ class TrainConfig:
     )
     gradient_checkpointing: bool | None = _arg(
         None,
-        "Recompute activations in the backward pass: much less activation memory, about 20%% "
-        "slower (measured on CPU: benchmarks/RESULTS.md). Unset: on where CUDA is present, "
-        "as in the original project (GPU memory is what limits a 1.1B model at 1024 tokens), "
-        "off on CPU, where the faster exact setting wins.",
+        "Recompute activations in the backward pass: much less activation memory, slower "
+        "(measured in benchmarks/RESULTS.md). Unset: on where CUDA is present, as in the "
+        "original project (GPU memory is what limits a 1.1B model at 1024 tokens), off on "
+        "CPU, where the faster exact setting wins.",
         MODEL,
     )
     attn_implementation: str = _arg(
@@ -153,17 +153,61 @@ class TrainConfig:
     beta: float = _arg(0.1, "DPO temperature: strength of the KL pull toward the reference.", LOSS)
     loss_type: str = _arg(
         "sigmoid",
-        "Preference loss.",
+        "Preference loss, trl's names; several comma-separated make a weighted mixture "
+        "(e.g. sigmoid,bco_pair,sft). With a reference: sigmoid (DPO; cDPO with "
+        "--label_smoothing), robust, ipo, hinge, rpo (DPO + NLL of chosen), exo_pair, "
+        "nca_pair, bco_pair, sppo_hard, aot, aot_unpaired (sorted within the micro-batch), "
+        "apo_zero, apo_down, discopop, sigmoid_norm (length-normalised DPO). Without one: "
+        "simpo, orpo, cpo, and sft (the NLL term alone). The README's metrics table gives each "
+        "one's reward and step-1 value.",
         LOSS,
-        choices=["sigmoid", "robust", "ipo", "hinge", "rpo", "simpo"],
+    )
+    loss_weights: str | None = _arg(
+        None,
+        "Comma-separated weight per --loss_type, e.g. 0.8,0.2,1.0 (MPO); default all 1.",
+        LOSS,
     )
     label_smoothing: float = _arg(
-        0.0, "Assumed label-noise rate: conservative DPO (sigmoid) or robust DPO.", LOSS
+        0.0,
+        "Assumed label-noise rate eps in [0, 0.5): conservative DPO (sigmoid, rpo, cpo; trl's "
+        "sigmoid has none), robust DPO, aot, aot_unpaired; exo_pair's eps (needs > 0, paper: "
+        "1e-3).",
+        LOSS,
     )
     rpo_alpha: float = _arg(
         1.0, "Weight of the chosen-response NLL term for --loss_type rpo.", LOSS
     )
-    simpo_gamma: float = _arg(0.5, "Target reward margin for --loss_type simpo.", LOSS)
+    simpo_gamma: float = _arg(
+        0.5, "Target reward margin for --loss_type simpo (the paper's gamma, as trl's).", LOSS
+    )
+    discopop_tau: float = _arg(
+        0.05, "Temperature of --loss_type discopop's blend (trl's and the paper's default).", LOSS
+    )
+    f_divergence_type: str = _arg(
+        "reverse_kl",
+        "f-DPO: the divergence from the reference (reverse_kl = DPO). Applies to sigmoid, "
+        "sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, rpo, sft.",
+        LOSS,
+        choices=["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"],
+    )
+    f_alpha_divergence_coef: float = _arg(
+        0.5, "alpha of --f_divergence_type alpha_divergence (1 = reverse_kl).", LOSS
+    )
+    nll_normalization: str = _arg(
+        "tokens",
+        "The NLL term of sft, rpo, cpo and orpo: 'tokens' averages over every chosen token of "
+        "the micro-batch (trl); 'pairs' averages each pair's per-token NLL over the pairs.",
+        LOSS,
+        choices=["tokens", "pairs"],
+    )
+    orpo_alpha: float = _arg(
+        0.1,
+        "Weight lambda of ORPO's odds-ratio term (trl's ORPOConfig.beta); --loss_type orpo.",
+        LOSS,
+    )
+    cpo_alpha: float = _arg(
+        1.0, "Weight of CPO's NLL (behaviour cloning) term for --loss_type cpo, as trl.", LOSS
+    )
     reference_free: bool = _arg(
         False, "Use a uniform reference (log-prob 0) instead of the base model.", LOSS
     )
@@ -172,9 +216,8 @@ class TrainConfig:
         None,
         "Encode each prompt once: chosen and rejected share one row with a 4D attention mask "
         "(same log-probs, fewer tokens; needs --attn_implementation sdpa or eager). Unset "
-        "(None): per batch, where it saves at least 20%% of the tokens (prompt 2.5x the "
-        "response: 1.36x the tokens/s on CPU; on short prompts the longer rows' attention "
-        "eats the saving).",
+        "(None): per batch, where it saves enough tokens to pay for the longer rows' attention "
+        "(logps.PREFIX_SHARING_MIN_SAVING; measured in benchmarks/RESULTS.md).",
         SPEED,
     )
     precompute_ref_log_probs: bool | None = _arg(
@@ -211,6 +254,12 @@ class TrainConfig:
     eval_steps: int = _arg(50, "Evaluate every N optimizer steps (0 = only at the end).", LOG)
     save_steps: int = _arg(100, "Save a resumable checkpoint every N steps (0 = never).", LOG)
     save_total_limit: int = _arg(2, "Keep only the newest N checkpoints (0 = keep all).", LOG)
+    save_on_interrupt: bool = _arg(
+        True,
+        "On Ctrl-C, finish the current step, save a checkpoint and print how to resume "
+        "(a second Ctrl-C stops at once).",
+        LOG,
+    )
     resume_from_checkpoint: str | None = _arg(
         None, "A checkpoint directory, or 'latest' for the newest in --output_dir.", LOG
     )
@@ -220,7 +269,7 @@ class TrainConfig:
     report_to: str = _arg(
         "none",
         "Also send the train/ and eval/ metrics to an experiment tracker through Accelerate "
-        "(install it with pip install 'dpo[tensorboard]' or 'dpo[wandb]').",
+        "(install it with pip install 'dpo-core[tensorboard]' or 'dpo-core[wandb]').",
         LOG,
         choices=["none", "tensorboard", "wandb"],
     )
@@ -236,6 +285,9 @@ class TrainConfig:
         "Offline demo: the bundled tiny model and arithmetic preference data, tuned settings, "
         "a before/after table. Flags given explicitly still win.",
         LOG,
+    )
+    debug: bool = _arg(
+        False, "Show the full traceback of an error (also DPO_DEBUG=1).", LOG
     )
 
     def __post_init__(self) -> None:
@@ -261,6 +313,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the flag for settings that cannot work."""
+        # imports torch: not needed for --help
+        from dpo_core.loss import loss_settings_of, validate_loss_options
+
+        check_finite(self)
         checks = [
             (self.beta > 0, "--beta must be > 0"),
             (self.batch_size >= 1, "--batch_size must be >= 1"),
@@ -278,6 +334,9 @@ class TrainConfig:
                 f"--max_length ({self.max_length}), or no response token would fit",
             ),
             (self.lora_r >= 1, "--lora_r must be >= 1"),
+            (self.lora_alpha >= 1, "--lora_alpha must be >= 1 (0 would scale the adapter to "
+             "nothing: zero gradient)"),
+            (self.weight_decay >= 0, "--weight_decay must be >= 0"),
             (0 <= self.lora_dropout < 1, "--lora_dropout must be in [0, 1)"),
             (bool(self.target_modules), "--lora_target_modules names no module"),
             (self.max_grad_norm >= 0, "--max_grad_norm must be >= 0"),
@@ -300,9 +359,7 @@ class TrainConfig:
                 raise ConfigError(message)
         try:  # the loss module's own checks, reported like every other bad setting
             validate_loss_options(
-                self.loss_type, reference_free=self.reference_free,
-                label_smoothing=self.label_smoothing, beta=self.beta, rpo_alpha=self.rpo_alpha,
-                simpo_gamma=self.simpo_gamma,
+                loss_settings_of(self), reference_free=self.reference_free,
                 precompute_ref_log_probs=bool(self.precompute_ref_log_probs))
         except ValueError as error:
             raise ConfigError(str(error)) from None
@@ -310,10 +367,35 @@ class TrainConfig:
             value = getattr(self, flag)
             if value and _looks_like_path(value) and not os.path.exists(value):
                 raise ConfigError(f"--{flag}: path {value!r} does not exist")
+        check_writable_dir("--output_dir", self.output_dir)
 
     def to_json(self, path: str) -> None:
         with open(path, "w") as f:
             json.dump(dataclasses.asdict(self), f, indent=2)
+
+
+def check_finite(config: Any) -> None:
+    """Every float setting of a config dataclass must be a finite number: argparse's float()
+    takes 'nan' and 'inf', which no setting here can use."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name} must be a finite number, got {value}")
+
+
+def check_writable_dir(flag: str, path: str) -> None:
+    """`path` is, or can be created as, a directory this process can write into."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag} {path!r} is a file, not a directory; choose another path")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{flag} {path!r}: {existing!r} is a file, so no directory can be "
+                          "made there; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path!r}: {existing!r} is not writable; choose a directory "
+                          "you can write to")
 
 
 def _looks_like_path(value: str) -> bool:

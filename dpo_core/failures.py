@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dpo_core.checkpoint import checkpoint_dirs
 from dpo_core.config import TrainConfig
+from dpo_core.errors import RunFailure
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunFailure, RuntimeError):
     """The loss or the gradient stopped being finite; the message names the step."""
 
 
-class DeviceMemoryError(RuntimeError):
+class DeviceMemoryError(RunFailure, RuntimeError):
     """The accelerator ran out of memory; the message names the step and what to change."""
 
 

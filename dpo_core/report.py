@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.generation import generate_replies
-from dpo_core.run_files import CURVES_FILE, LOG_FILE, METRICS_FILE
+from dpo_core.run_files import CURVES_FILE, LOG_FILE, METRICS_FILE, read_run_plan
 
 TRACKERS = ("none", "tensorboard", "wandb")
 TRACKER_PROJECT = "dpo"  # the wandb project; TensorBoard writes to output_dir/tensorboard/dpo
@@ -71,7 +71,7 @@ def check_tracker_installed(report_to: str) -> None:
         raise ConfigError(f"--report_to must be one of {', '.join(TRACKERS)}, got {report_to!r}")
     if not available[report_to]():
         raise ConfigError(f"--report_to {report_to} needs the {report_to} package: "
-                          f"pip install 'dpo[{report_to}]'")
+                          f"pip install 'dpo-core[{report_to}]'")
 
 
 def tracker_options(report_to: str, output_dir: str) -> dict:
@@ -227,15 +227,20 @@ def write_training_curves(output_dir: str) -> list[Series]:
     "no records" where nothing was logged)."""
     path = os.path.join(output_dir, LOG_FILE)
     records = read_log(path) if os.path.isfile(path) else []
-    metrics_path = os.path.join(output_dir, METRICS_FILE)
-    before_after = None
-    if os.path.isfile(metrics_path):
-        with open(metrics_path) as f:
-            metrics = json.load(f)
-        if "before" in metrics and "after" in metrics:
-            before_after = {"before": metrics["before"], "after": metrics["after"]}
     return plot_runs({run_labels([output_dir])[0]: records},
-                     os.path.join(output_dir, CURVES_FILE), before_after)
+                     os.path.join(output_dir, CURVES_FILE), read_before_after(output_dir))
+
+
+def read_before_after(output_dir: str) -> dict[str, dict] | None:
+    """The before/after evaluation a run saved in metrics.json (the demo's), else None."""
+    metrics_path = os.path.join(output_dir, METRICS_FILE)
+    if not os.path.isfile(metrics_path):
+        return None
+    with open(metrics_path) as f:
+        metrics = json.load(f)
+    if "before" in metrics and "after" in metrics:
+        return {"before": metrics["before"], "after": metrics["after"]}
+    return None
 
 
 def final_metrics(records: Sequence[dict]) -> dict[str, dict]:
@@ -246,8 +251,10 @@ def final_metrics(records: Sequence[dict]) -> dict[str, dict]:
     return last
 
 
-def format_final_metrics(runs: dict[str, Sequence[dict]]) -> str:
-    """A plain-text table: one row per train/eval metric, one column per run."""
+def format_final_metrics(runs: dict[str, Sequence[dict]],
+                         plans: dict[str, dict | None] | None = None) -> str:
+    """A plain-text table: one row per train/eval metric, one column per run; then, from
+    each run's training_config.json, what its "auto" settings resolved to ("plan/...")."""
     finals = {run: final_metrics(records) for run, records in runs.items()}
     rows = [["metric", *runs]]
     for split in SPLITS:
@@ -255,6 +262,9 @@ def format_final_metrics(runs: dict[str, Sequence[dict]]) -> str:
         for metric in TABLE_METRICS:
             rows.append([f"{split}/{metric}",
                          *(_number(f[split].get(metric)) for f in finals.values())])
+    known = [plan for plan in (plans or {}).values() if plan]
+    for name in dict.fromkeys(key for plan in known for key in plan):
+        rows.append([f"plan/{name}", *(str((plans[run] or {}).get(name, "-")) for run in runs)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
              for row in rows]
@@ -363,8 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         path = "compare_" + "_vs_".join(
             os.path.basename(os.path.normpath(d)) for d in dirs) + ".png"
-    plot_runs(runs, path)
-    print(format_final_metrics(runs))
+    # One run is redrawn as training drew it, with its before/after panel if it has one.
+    plot_runs(runs, path, read_before_after(args.output_dir) if len(dirs) == 1 else None)
+    plans = {label: read_run_plan(d) for label, d in zip(runs, dirs, strict=True)}
+    print(format_final_metrics(runs, plans))
     print(f"Wrote {path}")
     return 0
 

@@ -335,7 +335,8 @@ def _tokenize_with_template(
             )
         except TemplateError as error:
             raise DataError(
-                f"{origin}: the chat template rejects these messages: {error}",
+                f"{origin}: the chat template rejects these messages: {error} "
+                "(--skip_bad_rows drops such rows)",
                 reason=f"chat template error: {error}",
             ) from None
 
@@ -353,8 +354,8 @@ def _tokenize_with_template(
                 f"{origin}, field '{field}': the prompt rendered by the chat template is not a "
                 f"token prefix of the conversation rendered with this reply: "
                 f"{_prefix_mismatch(tokenizer, prompt_text, full_text, prompt_ids, full_ids)}. "
-                "Training on it would label prompt tokens as response; use --skip_bad_rows to "
-                "drop such rows, or --chat_template none.",
+                "Training on it would label prompt tokens as response (--skip_bad_rows drops "
+                "such rows; --chat_template none trains on plain text).",
                 reason="chat template: the prompt is not a token prefix of the conversation",
             )
         response = full_ids[len(prompt_ids):]

@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from typing import NoReturn
 
 import torch
 from accelerate.utils import set_seed
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from dpo_core.batching import MicroBatchStream, length_sorted_order, pair_length
 from dpo_core.checkpoint import (
     TrainState,
+    checkpoint_dirs,
     data_order,
     load_checkpoint,
     resolve_checkpoint,
@@ -40,8 +42,9 @@ from dpo_core.failures import (
     last_checkpoint_note,
     out_of_memory_message,
 )
+from dpo_core.interrupt import StopOnInterrupt, stopped
 from dpo_core.logps import LOGPS_FNS, resolve_prefix_sharing
-from dpo_core.metrics import STAT_KEYS, MetricWindow, format_record, merged_metrics
+from dpo_core.metrics import MetricWindow, format_record, merged_metrics
 from dpo_core.model import (
     build_policy,
     load_tokenizer,
@@ -68,12 +71,14 @@ from dpo_core.run_files import (
     append_log,
     check_output_dir,
     clear_previous_run,
+    removed_if_left_empty,
     truncate_log,
     write_json,
 )
 from dpo_core.schedule import get_lr
 from dpo_core.tokenization import PreferenceCollator, resolve_chat_template
 from dpo_core.training_data import build_training_data
+from dpo_core.training_signal import ZeroGradientWatch
 
 # An extra evaluation run after training on the base model (adapter off) and on the trained
 # model: hook(model, tokenizer) -> {"metric": value}. The demo's before/after table uses it.
@@ -83,8 +88,10 @@ EvaluationHook = Callable[[torch.nn.Module, object], dict]
 def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) -> dict:
     """Train a LoRA adapter with DPO as `config` says; return the final metrics."""
     trainer = Trainer(config, evaluation_hook)
-    trainer.setup()
-    return trainer.train()
+    with removed_if_left_empty(config.output_dir):
+        trainer.setup()
+    with trainer.interrupt:  # Ctrl-C stops at the next step boundary
+        return trainer.train()
 
 
 class Trainer:
@@ -93,6 +100,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, evaluation_hook: EvaluationHook | None = None):
         self.config, self.evaluation_hook = config, evaluation_hook
         self.plan = RunPlan()
+        self.interrupt = StopOnInterrupt()
+        self.gradients = ZeroGradientWatch()
 
     @property
     def is_main(self) -> bool:
@@ -167,11 +176,8 @@ class Trainer:
             logger.warning(f"--prefix_sharing needs attn_implementation sdpa or eager, and this "
                            f"model uses {attn_implementation!r}: using the standard two-row "
                            "forward instead.")
-        self.objective = PreferenceObjective(
-            loss_type=config.loss_type, beta=config.beta, label_smoothing=config.label_smoothing,
-            rpo_alpha=config.rpo_alpha, simpo_gamma=config.simpo_gamma,
-            reference_free=config.reference_free,
-            logps_fn=LOGPS_FNS[self.plan.prefix_sharing])
+        self.objective = PreferenceObjective.from_config(config,
+                                                         LOGPS_FNS[self.plan.prefix_sharing])
 
     def _setup_data(self) -> None:
         with self.accelerator.main_process_first():
@@ -283,10 +289,17 @@ class Trainer:
             ):
                 last_eval = {"step": state.step, "split": "eval", **self.evaluate()}
                 self._log(last_eval)
-            if config.save_steps and state.step % config.save_steps == 0:
+            saved = config.save_steps and state.step % config.save_steps == 0
+            if saved:
                 save_checkpoint(config.output_dir, self.accelerator, self.model, self.optimizer,
                                 state, config.save_total_limit)
+            if self.interrupt.requested(self.accelerator):
+                progress.close()
+                self._stop_interrupted(saved)
         progress.close()
+        self.interrupt.release()
+        if warning := self.gradients.warning():
+            logger.warning(warning)
         metrics = {
             "train": {k: v for k, v in last_train.items() if k != "split"},
             "eval": {k: v for k, v in last_eval.items() if k != "split"},
@@ -320,7 +333,7 @@ class Trainer:
             with nullcontext() if last_micro else accelerator.no_sync(self.model):
                 stats = self.objective(self.model, batch)
                 accelerator.backward(stats["losses"].sum() / pairs_in_step)
-            gathered = accelerator.gather({k: stats[k].detach() for k in STAT_KEYS})
+            gathered = accelerator.gather({k: v.detach() for k, v in stats.items()})
             window.stats.append(gathered)
             step_losses.append(gathered["losses"])
             tokens = batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
@@ -334,6 +347,7 @@ class Trainer:
         if finite:
             self.optimizer.step()
             window.grad_norms.append(grad_norm)
+            self.gradients.observe(grad_norm)
         else:
             if state.nonfinite_steps_skipped >= config.skip_nonfinite_steps:
                 raise NonFiniteError(
@@ -349,6 +363,20 @@ class Trainer:
         state.step += 1
         return step_loss
 
+    def _stop_interrupted(self, saved: bool) -> NoReturn:
+        """After Ctrl-C: a checkpoint of this step (unless --no-save_on_interrupt, or just
+        saved on schedule), then TrainingInterrupted saying how to resume."""
+        config, state = self.config, self.state
+        checkpoint = None
+        if saved or config.save_on_interrupt:
+            checkpoint = os.path.join(config.output_dir, f"checkpoint-{state.step}")
+            if not saved:
+                save_checkpoint(config.output_dir, self.accelerator, self.model, self.optimizer,
+                                state, config.save_total_limit)
+        newest = checkpoint_dirs(config.output_dir)
+        raise stopped(state.step, self.plan.total_steps, checkpoint,
+                      newest[-1] if newest else None)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Preference metrics over every eval pair exactly once (duplicates from padding to
@@ -358,7 +386,7 @@ class Trainer:
         for batch in self.eval_loader:
             stats = self.objective(self.model, batch)
             gathered.append(self.accelerator.gather_for_metrics(
-                {k: stats[k].detach() for k in STAT_KEYS}))
+                {k: v.detach() for k, v in stats.items()}))
         self.model.train()
         return merged_metrics(gathered)
 
@@ -392,6 +420,9 @@ class Trainer:
                               os.path.join(config.output_dir, SAMPLES_FILE),
                               use_chat_template=self.plan.chat_template,
                               max_new_tokens=config.sample_max_new_tokens)
+            elif config.num_sample_prompts:
+                logger.warning(f"No {SAMPLES_FILE}: its prompts come from the eval set, and "
+                               "this run has none (--eval_fraction 0 and no --eval_dataset).")
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return metrics

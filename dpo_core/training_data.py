@@ -9,6 +9,7 @@ from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.console import logger
 from dpo_core.data import load_pairs, split_pairs
 from dpo_core.tokenization import TokenizedPair, pair_view, tokenize_pairs
+from dpo_core.training_signal import check_identical_pairs
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ def build_training_data(config: TrainConfig, tokenizer, use_chat_template: bool,
         tokenized[name], drops = tokenize_pairs(tokenizer, split, desc=f"Tokenizing {name}",
                                                 disable=not show_progress, **lengths)
         _report_drops(f"the {name} pairs", drops)
+        if warning := check_identical_pairs(tokenized[name], name, config.max_length):
+            logger.warning(warning)
     logger.info(f"Pairs: {len(tokenized['train'])} train, {len(tokenized['eval'])} eval.")
     if not tokenized["train"]:
         raise ConfigError("no training pairs left after loading and truncation")

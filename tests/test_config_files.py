@@ -6,18 +6,21 @@ from __future__ import annotations
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from conftest import ROOT, train_args, train_records
 
 import train
+from dpo_core.cli import demo_presets
 from dpo_core.config import ConfigError, TrainConfig, build_parser, load_config_file, parse_config
 from dpo_core.run_files import read_run_plan
 
 
 def parse(argv: list[str]) -> TrainConfig:
     return parse_config(TrainConfig, build_parser(TrainConfig, "", config_file=True), argv,
-                        presets=train.demo_presets)
+                        presets=demo_presets)
 
 
 def test_file_settings_apply_and_command_line_flags_win(tmp_path):
@@ -31,7 +34,7 @@ def test_file_settings_apply_and_command_line_flags_win(tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"demo": True, "beta": 0.3}))
     config = parse(["--config", str(path)])
-    demo = TrainConfig(**train.demo_presets({"demo": True}))
+    demo = TrainConfig(**demo_presets({"demo": True}))
     assert config.demo and config.beta == 0.3 and config.model_name == demo.model_name
 
 
@@ -87,3 +90,17 @@ def test_training_config_json_fed_back_reproduces_the_run(tiny_model_dir, pairs_
     assert len(losses) == 3
     assert [r["loss"] for r in train_records(again)] == losses
     assert read_run_plan(str(again)) == plan
+
+
+@pytest.mark.parametrize("script, entry", [("dpo-train", "train.py"), ("dpo-chat", "chat.py"),
+                                           ("dpo-report", "-m dpo_core.report")])
+def test_console_scripts_are_the_entry_points(script, entry):
+    """Installing the package gives dpo-train / dpo-chat / dpo-report, the same commands as
+    the checkout's entry points."""
+    installed = os.path.join(os.path.dirname(sys.executable), script)
+    assert os.path.isfile(installed), f"{script} not installed beside {sys.executable}"
+    run = {"capture_output": True, "text": True, "check": True, "cwd": ROOT}
+    from_script = subprocess.run([installed, "--help"], **run).stdout
+    from_checkout = subprocess.run([sys.executable, *entry.split(), "--help"], **run).stdout
+    # argparse names the program after argv[0] in the usage block; what follows is the same.
+    assert from_script.split("\n\n", 1)[1] == from_checkout.split("\n\n", 1)[1]

@@ -114,6 +114,21 @@ def test_compare_two_runs(tmp_path, capsys, monkeypatch):
     assert rows["eval/rewards/margins"] == ["0.2", "0.35"]
 
 
+def test_compare_shows_what_each_run_resolved(tmp_path, capsys, monkeypatch):
+    a = write_log(tmp_path / "a", RUN_A)
+    b = write_log(tmp_path / "b", RUN_B)
+    plan = {"dtype": "float32", "prefix_sharing": "per batch", "total_steps": 3}
+    (tmp_path / "a" / run_files.CONFIG_FILE).write_text(json.dumps({"beta": 0.1,
+                                                                     "run_plan": plan}))
+    monkeypatch.chdir(tmp_path)
+    assert report.main([a, b]) == 0  # b predates run plans: its column says "-"
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()
+            if line.strip()}
+    assert rows["plan/dtype"] == ["float32", "-"]
+    assert rows["plan/prefix_sharing"] == ["per", "batch", "-"]
+    assert rows["plan/total_steps"] == ["3", "-"]
+
+
 def test_report_cli_redraws_and_explains(tmp_path):
     run = write_log(tmp_path / "run", RUN_B)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -175,7 +190,7 @@ def test_training_writes_curves_and_samples(tiny_model_dir, pairs_file, tmp_path
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
-                    reason="tensorboard not installed (pip install 'dpo[tensorboard]')")
+                    reason="tensorboard not installed (pip install 'dpo-core[tensorboard]')")
 def test_report_to_tensorboard_logs_the_records(tiny_model_dir, pairs_file, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -201,7 +216,7 @@ def test_missing_tracker_package_is_named(tiny_model_dir, pairs_file, tmp_path, 
     monkeypatch.setattr(report, check, lambda: False)
     assert train.main(train_args(tiny_model_dir, pairs_file, tmp_path / "x", *TWO_STEPS,
                                  "--report_to", tracker)) == 2
-    assert (f"--report_to {tracker} needs the {tracker} package: pip install 'dpo[{tracker}]'"
+    assert (f"--report_to {tracker} needs the {tracker} package: pip install 'dpo-core[{tracker}]'"
             in capsys.readouterr().err)
 
 

@@ -160,7 +160,7 @@ SHAPES = {
 @pytest.mark.parametrize("shape", SHAPES)
 def test_each_shape_gives_the_right_prompt_and_response_tokens(tiny_tokenizer, shape):
     row, use_template, prompt_text, chosen, rejected = SHAPES[shape]
-    pair = to_pair(row, 0, "test")
+    pair = to_pair(row, "test")
     tokenized = tokenize_pair(tiny_tokenizer, pair, use_chat_template=use_template, **ROOMY)
     eos = tiny_tokenizer.eos_token_id
     # These texts have clean boundaries: prompt and replies tokenize the same alone or joined.
@@ -567,7 +567,7 @@ def test_template_error_names_the_file_and_row_it_came_from(family_base_tokenize
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     pairs, _ = load_pairs(path, num_samples=None, seed=0, skip_bad_rows=False)
     gemma = family_tokenizer(family_base_tokenizer, "gemma")
-    with pytest.raises(DataError, match=rf"{path}: row 1: .*System role not supported"):
+    with pytest.raises(DataError, match=rf"{path}: line 2: .*System role not supported"):
         tokenize_pairs(gemma, pairs, use_chat_template=True, disable=True, **ROOMY)
 
 
@@ -581,7 +581,7 @@ def test_training_data_with_a_rejecting_template_stops_or_counts_drops(
     gemma = family_tokenizer(family_base_tokenizer, "gemma")
     config = TrainConfig(dataset_name=path, num_samples=0, eval_fraction=0.0, max_length=64,
                          max_prompt_length=32, num_sample_prompts=0)
-    with pytest.raises(DataError, match=rf"{path}: row 4: .*System role not supported"):
+    with pytest.raises(DataError, match=rf"{path}: line 5: .*System role not supported"):
         build_training_data(config, gemma, use_chat_template=True, show_progress=False)
     config.skip_bad_rows = True
     configure_console()
