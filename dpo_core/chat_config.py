@@ -26,6 +26,10 @@ class ChatConfig:
     max_new_tokens: int = _arg(250, "Longest reply, in tokens (>= 1).", GEN)
     temperature: float = _arg(0.7, "Sampling temperature (0 = greedy; >= 0).", GEN)
     top_p: float = _arg(0.9, "Nucleus sampling threshold, in (0, 1].", GEN)
+    chat_template: str | None = _arg(
+        None, "'auto' (the tokenizer's chat template) or 'none' (plain text). Default: the "
+        "setting the adapter was trained with (its training_config.json), else 'auto'.",
+        SESSION, choices=["auto", "none"])
     system: str | None = _arg(None, "System message that starts the conversation.", SESSION)
     prompt: str | None = _arg(None, "Answer this one message and exit (scriptable).", SESSION)
     demo: bool = _arg(False, "The bundled demo model plus the adapter `train.py --demo` wrote.",

@@ -125,12 +125,13 @@ class TrainConfig:
     seed: int = _arg(42, "Seed for shuffling, the eval split, LoRA init and data order.", DATA)
     max_length: int = _arg(1024, "Longest prompt + response, in tokens.", DATA)
     max_prompt_length: int = _arg(
-        512, "Longest prompt, in tokens; longer prompts keep their end.", DATA
+        512, "Prompt tokens a pair keeps at least when it must be cut to --max_length (a prompt "
+        "loses only the leading tokens that must go).", DATA
     )
     chat_template: str = _arg(
         "auto",
-        "'auto' renders prompts with the tokenizer's chat template when it has one; 'none' "
-        "uses plain text.",
+        "'auto' renders prompt and replies with the tokenizer's chat template when it has one "
+        "(and trains its end-of-turn token); 'none' uses plain text.",
         DATA,
         choices=["auto", "none"],
     )

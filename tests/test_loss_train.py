@@ -33,7 +33,7 @@ def pair_batch(tokenizer, num: int = 6) -> dict[str, torch.Tensor]:
     pairs = [PreferencePair(r["prompt"], " " + r["chosen"], " " + r["rejected"]) for r in rows]
     tokenized, dropped = tokenize_pairs(tokenizer, pairs, max_length=64, max_prompt_length=32,
                                         use_chat_template=True, disable=True)
-    assert dropped == 0
+    assert not dropped
     return PreferenceCollator(tokenizer.eos_token_id)(tokenized)
 
 

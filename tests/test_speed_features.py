@@ -41,7 +41,7 @@ def tokenized_pairs(tokenizer, num: int = 12) -> list:
     pairs = [PreferencePair(r["prompt"], " " + r["chosen"], " " + r["rejected"]) for r in rows]
     tokenized, dropped = tokenize_pairs(tokenizer, pairs, max_length=64, max_prompt_length=32,
                                         use_chat_template=True, disable=True)
-    assert dropped == 0
+    assert not dropped
     return tokenized
 
 

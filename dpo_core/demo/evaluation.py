@@ -49,7 +49,7 @@ def pair_logps(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: list[PreferencePair]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs (chosen [N], rejected [N]) under `model`, tokenized as in training."""
-    tokenized, dropped = tokenize_pairs(
+    tokenized, drops = tokenize_pairs(
         tokenizer,
         pairs,
         max_length=MAX_LENGTH,
@@ -57,8 +57,8 @@ def pair_logps(
         use_chat_template=True,
         disable=True,
     )
-    if dropped:
-        raise ValueError(f"{dropped} demo pairs do not fit in {MAX_LENGTH} tokens")
+    if drops:
+        raise ValueError(f"demo pairs dropped: {dict(drops)}")
     pad_id = tokenizer.pad_token_id
     collate = PreferenceCollator(tokenizer.eos_token_id if pad_id is None else pad_id)
     device = next(model.parameters()).device
