@@ -348,17 +348,27 @@ def test_concatenated_forward_independent_of_batch_neighbours(lora_and_base):
     torch.testing.assert_close(in_first[1][1], in_second[1][0], atol=1e-5, rtol=0)
 
 
-def test_concatenated_forward_computes_logits_only_at_label_positions(lora_and_base):
+def test_concatenated_forward_never_builds_token_by_vocab_logits(lora_and_base, monkeypatch):
+    """The model's own head projects one position per row. The label positions are projected
+    by head_label_logps: through the frozen head's weight (PEFT model), or by calling the
+    trainable head module (plain model) one chunk at a time: no [tokens, vocab] logits."""
     model, base = lora_and_base
-    batch = pair_batch(random_pairs(model.config.vocab_size, PAIR_LENGTHS), "left")
+    vocab = model.config.vocab_size
+    monkeypatch.setattr(logps_module, "CHUNK_ELEMENTS", 10 * vocab)
+    batch = pair_batch(random_pairs(vocab, PAIR_LENGTHS), "left")
+    rows = 2 * batch["chosen_input_ids"].shape[0]
     num_labels = sum(int((batch[f"{s}_labels"] != IGNORE).sum()) for s in ("chosen", "rejected"))
-    shapes = []
-    for called, lm_head in ((model, model.get_base_model().lm_head), (base, base.lm_head)):
-        hook = lm_head.register_forward_hook(lambda module, args, out: shapes.append(out.shape))
-        with torch.no_grad():
-            concatenated_forward(called, batch)
+    chunks = [(10, vocab)] * (num_labels // 10) + [(num_labels % 10, vocab)]
+    for called, lm_head, expected in ((model, model.get_base_model().lm_head, []),
+                                      (base, base.lm_head, chunks)):
+        shapes: list = []
+        hook = lm_head.register_forward_hook(
+            lambda module, args, out, shapes=shapes: shapes.append(out.shape))
+        concatenated_forward(called, batch)[0].sum().backward()
         hook.remove()
-    assert shapes == [(num_labels, model.config.vocab_size)] * 2  # PEFT model, then plain model
+        # Forward: one position per row, then the chunks; backward recomputes the chunks.
+        assert shapes[0] == (rows, 1, vocab)
+        assert sorted(shapes[1:]) == sorted(expected + expected)
 
 
 def test_reference_pass_equals_base_model_without_lora(lora_and_base):
