@@ -30,7 +30,13 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from dpo_core.packing import PACKED_ATTENTION, PackedRow, pack_prefix_shared, pack_sequences
+from dpo_core.packing import (
+    PACKED_ATTENTION,
+    PackedRow,
+    pack_prefix_shared,
+    pack_sequences,
+    use_packed_attention,
+)
 
 IGNORE_INDEX = -100
 
@@ -251,12 +257,14 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
 
 def _hidden_states(model: torch.nn.Module, decoder: torch.nn.Module, inputs: dict) -> Tensor:
     """The decoder's last hidden states [R, L, H] from one top-level forward (so DDP hooks,
-    autocast wrappers and `disable_adapter()` apply). The model's own head projects one
-    position per row only (`logits_to_keep=1`, an int every transformers 5 takes)."""
+    autocast wrappers and `disable_adapter()` apply). The model's own head projects no
+    position at all: `logits_to_keep` as an empty 1D index tensor, which every transformers 5
+    takes (the 2D boolean mask only exists from 5.21 on)."""
     captured = []
     hook = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    nothing = torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device)
     try:
-        model(**inputs, logits_to_keep=1)
+        model(**inputs, logits_to_keep=nothing)
     finally:
         hook.remove()
     return captured[-1]
@@ -567,6 +575,31 @@ def prefix_sharing_when_it_pays(model: torch.nn.Module, batch: dict[str, Tensor]
                            batch["rejected_attention_mask"].sum(-1)):
         return prefix_shared_forward(model, batch)
     return concatenated_forward(model, batch)
+
+
+def resolve_padding_free(requested: bool | None, attn_implementation: str | None,
+                         on_cuda: bool) -> bool:
+    """--padding_free on: wherever some attention can keep packed sequences apart (a dense mask
+    with eager); unset: where that attention is fast (SDPA per block, FlexAttention on CUDA)."""
+    fast = attn_implementation in ("sdpa", PACKED_ATTENTION) or (
+        attn_implementation == "flex_attention" and on_cuda)
+    if requested is None:
+        return fast
+    return bool(requested) and (fast or attn_implementation == "eager")
+
+
+def logps_fn_for_model(model: torch.nn.Module, prefix_sharing: bool | None,
+                       padding_free: bool | None):
+    """(log-prob function, padding-free on?) for a run; a padding-free run on SDPA switches the
+    model to the packed SDPA attention (the same numbers for every other input)."""
+    base = _unwrapped(model)
+    attn_implementation = _attn_implementation(model)
+    on_cuda = any(p.device.type == "cuda" for p in base.parameters())
+    packed = resolve_padding_free(padding_free, attn_implementation, on_cuda)
+    if packed and attn_implementation == "sdpa":
+        use_packed_attention(base)
+        attn_implementation = _attn_implementation(model)
+    return select_logps_fn(prefix_sharing, attn_implementation, packed), packed
 
 
 def select_logps_fn(prefix_sharing: bool | None, attn_implementation: str | None,

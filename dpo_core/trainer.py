@@ -34,7 +34,12 @@ from dpo_core.checkpoint import (
 )
 from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.data import load_pairs, split_pairs
-from dpo_core.logps import FOUR_D_MASK_ATTENTION, prefix_shared_forward, select_logps_fn
+from dpo_core.logps import (
+    FOUR_D_MASK_ATTENTION,
+    logps_fn_for_model,
+    padding_free_prefix_shared_forward,
+    prefix_shared_forward,
+)
 from dpo_core.loss import preference_metrics
 from dpo_core.model import (
     add_lora,
@@ -468,7 +473,8 @@ def setup_run(config: TrainConfig) -> TrainingRun:
         train_pairs, eval_pairs = train_reference.pairs, eval_reference.pairs
         reference_pass_s = train_reference.seconds + eval_reference.seconds
         collator = ReferenceLogpsCollator(collator)
-    prefix_shared = objective.logps_fn is prefix_shared_forward
+    prefix_shared = objective.logps_fn in (prefix_shared_forward,
+                                           padding_free_prefix_shared_forward)
     train_lengths = ([pair_length(p, prefix_shared) for p in train_pairs]
                      if config.group_by_length else None)
     stream = MicroBatchStream(accelerator, train_pairs, config.batch_size, collator, config.seed,
@@ -516,7 +522,12 @@ def _logps_fn(config: TrainConfig, model: torch.nn.Module, announce: bool) -> Lo
     if announce and config.prefix_sharing and attn_implementation not in FOUR_D_MASK_ATTENTION:
         print(f"--prefix_sharing needs attn_implementation sdpa or eager, and this model "
               f"uses {attn_implementation!r}: using the standard two-row forward instead.")
-    return select_logps_fn(config.prefix_sharing, attn_implementation)
+    logps_fn, padding_free = logps_fn_for_model(model, config.prefix_sharing,
+                                                config.padding_free)
+    if announce and config.padding_free and not padding_free:
+        print(f"--padding_free needs attn_implementation sdpa or eager (or flex_attention on "
+              f"CUDA), and this model uses {attn_implementation!r}: padding as before.")
+    return logps_fn
 
 
 def wants_precomputed_reference(config: TrainConfig, objective: PreferenceObjective,

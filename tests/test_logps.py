@@ -349,7 +349,7 @@ def test_concatenated_forward_independent_of_batch_neighbours(lora_and_base):
 
 
 def test_concatenated_forward_never_builds_token_by_vocab_logits(lora_and_base, monkeypatch):
-    """The model's own head projects one position per row. The label positions are projected
+    """The model's own head projects no position. The label positions are projected
     by head_label_logps: through the frozen head's weight (PEFT model), or by calling the
     trainable head module (plain model) one chunk at a time: no [tokens, vocab] logits."""
     model, base = lora_and_base
@@ -366,8 +366,8 @@ def test_concatenated_forward_never_builds_token_by_vocab_logits(lora_and_base, 
             lambda module, args, out, shapes=shapes: shapes.append(out.shape))
         concatenated_forward(called, batch)[0].sum().backward()
         hook.remove()
-        # Forward: one position per row, then the chunks; backward recomputes the chunks.
-        assert shapes[0] == (rows, 1, vocab)
+        # Forward: no position, then the chunks; backward recomputes the chunks.
+        assert shapes[0] == (rows, 0, vocab)
         assert sorted(shapes[1:]) == sorted(expected + expected)
 
 
@@ -499,7 +499,11 @@ def test_prefix_shared_forward_with_gradient_checkpointing(lora_and_base):
     batch = pair_batch(random_pairs(model.config.vocab_size, PAIR_LENGTHS, seed=4), "left")
     weights = pair_weights(len(PAIR_LENGTHS))
     *plain, plain_grads = backward_and_grads(model, prefix_shared_forward, batch, weights)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.22's name
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # checkpointing is active in training mode only (all dropout rates are 0)
     *checkpointed, checkpointed_grads = backward_and_grads(
         model, prefix_shared_forward, batch, weights
