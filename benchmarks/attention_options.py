@@ -8,10 +8,11 @@ log-probs forward + backward (LoRA on all linear layers) under each layout and a
 - `packed-dense`: one padding-free row, SDPA with a dense `[T, T]` block mask;
 - each of the packed ones also prefix-shared.
 
-Rounds are interleaved (every option once per round) and reported as medians, with the
-machine's 1-minute load average, since the CPUs may be shared.
+Rounds are interleaved (every option once per round) and reported as medians of this process's
+CPU time (user + system), which other processes on a shared machine disturb far less than wall
+time, with the machine's 1-minute load average.
 
-    python -m benchmarks.attention_options --preset cpu-small --batches 6 --rounds 5
+    python -m benchmarks.attention_options --preset cpu-small --batches 6 --rounds 5 --threads 1
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=list(MODEL_PRESETS), default="cpu-small")
     parser.add_argument("--batches", type=int, default=6, help="micro-batches per round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     shape = MODEL_PRESETS[args.preset]
     _, max_length, batch_size = RUN_DEFAULTS[args.preset]
@@ -84,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def step(option: str) -> float:
         model, forward = options[option]
-        started = time.perf_counter()
+        started = time.process_time()
         for batch in batches:
             chosen, rejected = forward(model, batch)
             (chosen.sum() - rejected.sum()).backward()
         model.zero_grad(set_to_none=True)
-        return time.perf_counter() - started
+        return time.process_time() - started
 
     times: dict[str, list[float]] = {name: [] for name in options}
     loads = []
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     base_time = statistics.median(times["padded"])
     for name, runs in times.items():
         median = statistics.median(runs)
-        print(f"{name:22s} median {median:.3f} s  ({real / median:.0f} tokens/s, "
+        print(f"{name:22s} median {median:.3f} CPU s  ({real / median:.0f} tokens/CPU-s, "
               f"x{base_time / median:.2f} vs padded)  runs {', '.join(f'{t:.3f}' for t in runs)}")
     print(f"1-minute load average after each round: {', '.join(f'{x:.1f}' for x in loads)}")
     return 0

@@ -383,9 +383,17 @@ def markdown_report(report: dict) -> str:
         f"Model: {setup['total_params'] / 1e6:.1f}M parameters "
         f"({setup['matmul_params'] / 1e6:.1f}M in matmuls).",
         "",
+        f"Clock: {setup['clock']} time (torch threads: {setup['threads'] or 'default'}); "
+        f"pairs the trainer's truncation shortened: {setup['truncated_pairs']}.",
+        "",
         format_table(report["rows"]),
         "",
     ]
+    if "token_ids_vs_trl" in report:
+        agreement = report["token_ids_vs_trl"]
+        lines += [f"- token ids vs trl (prompt, chosen, rejected per row, before truncation): "
+                  f"{agreement['identical_rows']} of {agreement['rows']} rows identical; "
+                  f"differing parts {agreement['differing_parts']}"]
     lines += [f"- {key}: {value:.3g}" for key, value in report["ratios"].items()]
     lines += [f"- check, {key}: {value:.2e}" for key, value in report["checks"].items()]
     return "\n".join(lines) + "\n"
@@ -421,6 +429,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Python to run the trl variants with (one that has trl 1.16)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="what the trainers' timers read: wall time, or the worker's CPU "
+                             "time (with --threads 1: robust on a shared, busy machine)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dpo-bench"))
     parser.add_argument("--json", help="write every number here")
     parser.add_argument("--markdown", help="write the table and checks here (markdown)")
@@ -454,6 +465,7 @@ def base_spec(args: argparse.Namespace, workdir: Path) -> dict:
             "chat_template": "auto" if args.data == "conversational" else "none",
             "batch_size": batch_size, "steps": args.steps or max(1, pairs // batch_size),
             "warmup": not args.no_warmup, "dtype": dtype, "threads": args.threads,
+            "clock": args.clock,
             "workdir": str(workdir), "python": sys.executable}
 
 
@@ -493,6 +505,7 @@ def build_report(args, argv, spec: dict, visited: dict, rows: dict, peak: float)
                   "max_prompt_length": spec["max_prompt_length"],
                   "batch_size": spec["batch_size"], "steps": spec["steps"],
                   "repeats": args.repeats, "dtype": spec["dtype"], "shape": asdict(shape),
+                  "clock": spec["clock"], "threads": spec["threads"],
                   "matmul_params": shape.body_params + shape.head_params,
                   "total_params": shape.total_params,
                   "lora_params": shape.lora_params(LORA_R),
