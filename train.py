@@ -1,56 +1,13 @@
-"""Align a causal language model with Direct Preference Optimization (LoRA / QLoRA).
+"""Align a causal language model with Direct Preference Optimization: `python train.py --help`.
 
-Runs as `python train.py ...` on one device or `accelerate launch train.py ...` on many.
+The command line lives in `dpo_core.cli` (installed as `dpo-train`); this file is its
+entry point from a checkout.
 """
-
-from __future__ import annotations
 
 import sys
 
-from accelerate import PartialState
-
-from dpo_core.checkpoint import CheckpointError
-from dpo_core.config import ConfigError, TrainConfig, build_parser
-from dpo_core.data import DataError
-from dpo_core.model import ModelLoadError
-from dpo_core.trainer import DeviceMemoryError, NonFiniteError, train
-
-EXAMPLES = """examples:
-  python train.py --demo                                  # offline, bundled model and data
-  python train.py --num_samples 2000 --epochs 1           # TinyLlama-Chat on UltraFeedback
-  python train.py --model_name ./my-model --dataset_name pairs.jsonl --no_quantization
-  accelerate launch --multi_gpu --num_processes 2 train.py --batch_size 4
-"""
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(TrainConfig, __doc__, EXAMPLES)
-    explicit = vars(parser.parse_args(argv))
-    hook = None
-    presets: dict = {}
-    if explicit.get("demo"):
-        from dpo_core.demo import DEMO_PRESETS, demo_evaluation
-
-        presets, hook = DEMO_PRESETS, demo_evaluation
-    config = TrainConfig(**{**presets, **explicit})
-    try:
-        metrics = train(config, evaluation_hook=hook)
-    except (ConfigError, DataError, ModelLoadError, CheckpointError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (NonFiniteError, DeviceMemoryError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    if not PartialState().is_main_process:  # under torchrun / accelerate launch
-        return 0
-    if config.demo:
-        from dpo_core.demo import format_before_after
-
-        print(format_before_after(metrics))
-    print(f"Saved the adapter, tokenizer, training_config.json and metrics.json to "
-          f"{config.output_dir}")
-    return 0
-
+from dpo_core.cli import demo_presets  # noqa: F401  (tests call both)
+from dpo_core.cli import train_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -42,10 +42,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from dpo_core.config import TrainConfig
     from dpo_core.data import load_pairs
-    from dpo_core.model import load_tokenizer
+    from dpo_core.model import build_policy, load_tokenizer
     from dpo_core.objective import PreferenceObjective
     from dpo_core.tokenization import PreferenceCollator, tokenize_pairs
-    from dpo_core.trainer import build_policy
 
     num_pairs, max_length, batch_size = synthetic.RUN_DEFAULTS[args.preset]
     batch_size = args.batch_size or batch_size

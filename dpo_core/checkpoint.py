@@ -39,9 +39,18 @@ class TrainState:
     step: int = 0  # optimizer steps completed
     micro_batches_seen: int = 0  # position in the (epoch-by-epoch shuffled) micro-batch stream
     nonfinite_steps_skipped: int = 0
-    # The settings that fix which pairs make up each step (`data_order` in trainer.py): a
+    # The settings that fix which pairs make up each step (`data_order` below): a
     # resume under other values would silently replay other pairs.
     data_order: dict = field(default_factory=dict)
+
+
+def data_order(config, num_processes: int, train_pairs: int) -> dict:
+    """What decides which pairs make up step N (`config`: the TrainConfig); a checkpoint
+    records it, and resuming under anything else is refused."""
+    return {"--batch_size": config.batch_size,
+            "--gradient_accumulation_steps": config.gradient_accumulation_steps,
+            "--seed": config.seed, "--group_by_length": config.group_by_length,
+            "processes": num_processes, "training pairs": train_pairs}
 
 
 def _rng_state() -> dict:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,10 +63,10 @@ class TrainConfig:
     )
     gradient_checkpointing: bool | None = _arg(
         None,
-        "Recompute activations in the backward pass: much less activation memory, about 20%% "
-        "slower (measured on CPU: benchmarks/RESULTS.md). Unset: on where CUDA is present, "
-        "as in the original project (GPU memory is what limits a 1.1B model at 1024 tokens), "
-        "off on CPU, where the faster exact setting wins.",
+        "Recompute activations in the backward pass: much less activation memory, slower "
+        "(measured in benchmarks/RESULTS.md). Unset: on where CUDA is present, as in the "
+        "original project (GPU memory is what limits a 1.1B model at 1024 tokens), off on "
+        "CPU, where the faster exact setting wins.",
         MODEL,
     )
     attn_implementation: str = _arg(
@@ -169,9 +171,8 @@ class TrainConfig:
         None,
         "Encode each prompt once: chosen and rejected share one row with a 4D attention mask "
         "(same log-probs, fewer tokens; needs --attn_implementation sdpa or eager). Unset "
-        "(None): per batch, where it saves at least 20%% of the tokens (prompt 2.5x the "
-        "response: 1.36x the tokens/s on CPU; on short prompts the longer rows' attention "
-        "eats the saving).",
+        "(None): per batch, where it saves enough tokens to pay for the longer rows' attention "
+        "(logps.PREFIX_SHARING_MIN_SAVING; measured in benchmarks/RESULTS.md).",
         SPEED,
     )
     padding_free: bool | None = _arg(
@@ -327,11 +328,14 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or value.endswith(data_suffixes)
 
 
-def build_parser(cls: type, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per dataclass field, grouped by the field's metadata.
+def build_parser(cls: type, description: str, epilog: str | None = None,
+                 config_file: bool = False) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per dataclass field, grouped by the field's metadata,
+    and with `config_file` a `--config PATH` flag for a YAML/JSON file of the same settings.
 
     Defaults are suppressed in the namespace so that `parse_config` can tell which flags the
-    user gave (the demo preset only fills in the others); `--help` still shows them.
+    user gave (the config file and the demo preset only fill in the others); `--help` still
+    shows them.
     """
     parser = argparse.ArgumentParser(
         description=description,
@@ -339,6 +343,12 @@ def build_parser(cls: type, description: str, epilog: str | None = None) -> argp
         argument_default=argparse.SUPPRESS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    if config_file:
+        parser.add_argument(
+            "--config", metavar="PATH",
+            help="YAML or JSON file of settings, keyed by the flag names below without '--' "
+                 "(a finished run's training_config.json works). Flags on the command line "
+                 "override it.")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(cls):
         meta = f.metadata
@@ -359,8 +369,74 @@ def _field_type(f: dataclasses.Field) -> type:
     return {"int": int, "float": float, "str": str}[type_name]
 
 
-def parse_config(cls: type, parser: argparse.ArgumentParser, argv: list[str] | None,
-                 presets: dict[str, Any] | None = None) -> Any:
-    """Parse `argv` into `cls`: explicit flags win over `presets`, which win over defaults."""
+# training_config.json keeps, beside the settings, what each "auto" one resolved to under this
+# key; a --config file may hold it (a finished run's file fed back), and it is not a setting.
+RUN_PLAN_KEY = "run_plan"
+
+
+def load_config_file(path: str, cls: type) -> dict[str, Any]:
+    """The settings in a YAML or JSON file (JSON is read as YAML too), keyed by field name of
+    `cls` and type-checked like the flags; ConfigError naming the file and the key (and the
+    closest valid key) for anything else."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f)
+    except OSError as error:
+        raise ConfigError(f"--config {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path}: not valid YAML or JSON ({error})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of setting: value, "
+                          f"got a {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    settings = {}
+    for key, value in values.items():
+        if key == RUN_PLAN_KEY:
+            continue
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"--config {path}: unknown setting {key!r}{hint}")
+        settings[key] = _checked_value(fields[key], value, f"--config {path}: {key}")
+    return settings
+
+
+def _checked_value(f: dataclasses.Field, value: Any, where: str) -> Any:
+    type_name = str(f.type)
+    if value is None:
+        if "None" in type_name:
+            return None
+        raise ConfigError(f"{where} cannot be null")
+    base = type_name.replace(" | None", "")
+    if base in ("int", "float") and isinstance(value, str):
+        # PyYAML reads 1e-4 (no dot) as a string; take numbers written as on the command line.
+        try:
+            value = {"int": int, "float": float}[base](value)
+        except ValueError:
+            pass
+    ok = {"bool": isinstance(value, bool),
+          "int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, int | float) and not isinstance(value, bool),
+          "str": isinstance(value, str)}[base]
+    if not ok:
+        raise ConfigError(f"{where} must be {'a' if base != 'int' else 'an'} {base}, "
+                          f"got {value!r}")
+    choices = f.metadata["argparse"].get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+    return float(value) if base == "float" else value
+
+
+def parse_config(cls: type, parser: argparse.ArgumentParser, argv: list[str] | None = None,
+                 presets: Callable[[dict], dict] | None = None) -> Any:
+    """`cls` from, in order of precedence: the flags given on the command line, the
+    `--config` file, `presets(settings so far)` (e.g. the demo's settings when those ask for
+    the demo), and the field defaults."""
     explicit = vars(parser.parse_args(argv))
-    return cls(**{**(presets or {}), **explicit})
+    path = explicit.pop("config", None)
+    settings = {**(load_config_file(path, cls) if path else {}), **explicit}
+    return cls(**{**(presets(settings) if presets else {}), **settings})

@@ -588,33 +588,38 @@ def resolve_padding_free(requested: bool | None, attn_implementation: str | None
     return bool(requested) and (fast or attn_implementation == "eager")
 
 
-def logps_fn_for_model(model: torch.nn.Module, prefix_sharing: bool | None,
-                       padding_free: bool | None):
-    """(log-prob function, padding-free on?) for a run; a padding-free run on SDPA switches the
-    model to the packed SDPA attention (the same numbers for every other input)."""
+def use_padding_free(model: torch.nn.Module, requested: bool | None) -> bool:
+    """Resolve --padding_free for `model`; when on and the model uses SDPA, switch it to the
+    per-block packed SDPA attention (the same numbers for every other input)."""
     base = _unwrapped(model)
     attn_implementation = _attn_implementation(model)
     on_cuda = any(p.device.type == "cuda" for p in base.parameters())
-    packed = resolve_padding_free(padding_free, attn_implementation, on_cuda)
-    if packed and attn_implementation == "sdpa":
+    padding_free = resolve_padding_free(requested, attn_implementation, on_cuda)
+    if padding_free and attn_implementation == "sdpa":
         use_packed_attention(base)
-        attn_implementation = _attn_implementation(model)
-    return select_logps_fn(prefix_sharing, attn_implementation, packed), packed
+    return padding_free
 
 
-def select_logps_fn(prefix_sharing: bool | None, attn_implementation: str | None,
-                    padding_free: bool = False):
-    """The log-prob function a run uses.
-
-    Padding-free (one packed row per micro-batch): prefix sharing on or unset share each
-    prompt (packed, it always saves tokens and never widens anything), off packs chosen and
-    rejected separately. Padded rows: --prefix_sharing on: always; unset: per batch when it
-    pays; off, or when the model's attention cannot take a 4D mask: the standard two-row
-    forward.
-    """
+def resolve_prefix_sharing(setting: bool | None, attn_implementation: str | None,
+                           padding_free: bool = False) -> str:
+    """--prefix_sharing on: "always"; unset: "per batch" (when it pays); off, or when the
+    model's attention cannot take a 4D mask: "off" (the standard two-row forward).
+    Padding-free rows share the prompt unless it is off: packed, sharing always saves tokens
+    and widens nothing, and the packed attention keeps the parts apart."""
     if padding_free:
-        return padding_free_forward if prefix_sharing is False else (
-            padding_free_prefix_shared_forward)
-    if prefix_sharing is False or attn_implementation not in FOUR_D_MASK_ATTENTION:
-        return concatenated_forward
-    return prefix_shared_forward if prefix_sharing else prefix_sharing_when_it_pays
+        return "off" if setting is False else "always"
+    if setting is False or attn_implementation not in FOUR_D_MASK_ATTENTION:
+        return "off"
+    return "always" if setting else "per batch"
+
+
+# The log-prob function for each prefix-sharing mode; all give the same log-probs.
+LOGPS_FNS = {"off": concatenated_forward, "always": prefix_shared_forward,
+             "per batch": prefix_sharing_when_it_pays}
+PADDING_FREE_LOGPS_FNS = {"off": padding_free_forward,
+                          "always": padding_free_prefix_shared_forward}
+
+
+def logps_fn_for(prefix_sharing: str, padding_free: bool):
+    """The log-prob function for a resolved prefix-sharing mode and padding-free setting."""
+    return (PADDING_FREE_LOGPS_FNS if padding_free else LOGPS_FNS)[prefix_sharing]

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from dpo_core.config import ConfigError
+from dpo_core.config import ConfigError, TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -179,3 +179,31 @@ def load_inference_model(
                 f"could not load the adapter from {adapter_path!r}: {error}"
             ) from None
     return model.eval()
+
+
+def build_policy(config: TrainConfig, dtype: torch.dtype, quantize: bool,
+                 gradient_checkpointing: bool) -> PeftModel:
+    """Base model + fresh LoRA adapter; dropout off (unless asked) so both passes see one
+    network."""
+    base = load_base_model(config.model_name, dtype=dtype, quantize_4bit=quantize,
+                           attn_implementation=config.attn_implementation,
+                           trust_remote_code=config.trust_remote_code)
+    model = add_lora(base, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                     target_modules=config.target_modules,
+                     gradient_checkpointing=gradient_checkpointing, quantized=quantize)
+    if config.disable_dropout:
+        disable_dropout(model)
+    return model
+
+
+def save_merged_model(config: TrainConfig, adapter_dir: str, dtype: torch.dtype) -> str:
+    """Base weights (reloaded unquantized: a 4-bit base cannot absorb the adapter exactly)
+    plus the adapter saved in `adapter_dir`, merged, written to adapter_dir/merged."""
+    base = load_base_model(config.model_name, dtype=dtype, quantize_4bit=False,
+                           attn_implementation=config.attn_implementation,
+                           trust_remote_code=config.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged_dir = os.path.join(adapter_dir, "merged")
+    merged.save_pretrained(merged_dir)
+    load_tokenizer(config.model_name, config.trust_remote_code).save_pretrained(merged_dir)
+    return merged_dir

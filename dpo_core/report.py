@@ -33,8 +33,8 @@ from transformers import PreTrainedTokenizerBase
 
 from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.generation import generate_replies
+from dpo_core.run_files import CURVES_FILE, LOG_FILE, METRICS_FILE, read_run_plan
 
-LOG_FILE, CURVES_FILE, SAMPLES_FILE = "train_log.jsonl", "training_curves.png", "samples.md"
 TRACKERS = ("none", "tensorboard", "wandb")
 TRACKER_PROJECT = "dpo"  # the wandb project; TensorBoard writes to output_dir/tensorboard/dpo
 TENSORBOARD_DIR = "tensorboard"
@@ -84,11 +84,14 @@ def tracker_options(report_to: str, output_dir: str) -> dict:
     return {"log_with": report_to, "project_config": project}
 
 
-def start_trackers(accelerator: Accelerator, config: TrainConfig) -> None:
-    """Open the tracker run with every setting as its hyperparameters (no-op without one);
-    a wandb run is named after the output directory."""
+def start_trackers(accelerator: Accelerator, config: TrainConfig, run_plan: dict) -> None:
+    """Open the tracker run with every setting, and what each "auto" one resolved to
+    ("run_plan/..."), as its hyperparameters (no-op without one); a wandb run is named after
+    the output directory."""
     run_name = os.path.basename(os.path.abspath(config.output_dir))
-    accelerator.init_trackers(TRACKER_PROJECT, config=dataclasses.asdict(config),
+    hyperparameters = {**dataclasses.asdict(config),
+                       **{f"run_plan/{name}": value for name, value in run_plan.items()}}
+    accelerator.init_trackers(TRACKER_PROJECT, config=hyperparameters,
                               init_kwargs={"wandb": {"name": run_name}})
 
 
@@ -224,7 +227,7 @@ def write_training_curves(output_dir: str) -> list[Series]:
     "no records" where nothing was logged)."""
     path = os.path.join(output_dir, LOG_FILE)
     records = read_log(path) if os.path.isfile(path) else []
-    metrics_path = os.path.join(output_dir, "metrics.json")
+    metrics_path = os.path.join(output_dir, METRICS_FILE)
     before_after = None
     if os.path.isfile(metrics_path):
         with open(metrics_path) as f:
@@ -243,8 +246,10 @@ def final_metrics(records: Sequence[dict]) -> dict[str, dict]:
     return last
 
 
-def format_final_metrics(runs: dict[str, Sequence[dict]]) -> str:
-    """A plain-text table: one row per train/eval metric, one column per run."""
+def format_final_metrics(runs: dict[str, Sequence[dict]],
+                         plans: dict[str, dict | None] | None = None) -> str:
+    """A plain-text table: one row per train/eval metric, one column per run; then, from
+    each run's training_config.json, what its "auto" settings resolved to ("plan/...")."""
     finals = {run: final_metrics(records) for run, records in runs.items()}
     rows = [["metric", *runs]]
     for split in SPLITS:
@@ -252,6 +257,9 @@ def format_final_metrics(runs: dict[str, Sequence[dict]]) -> str:
         for metric in TABLE_METRICS:
             rows.append([f"{split}/{metric}",
                          *(_number(f[split].get(metric)) for f in finals.values())])
+    known = [plan for plan in (plans or {}).values() if plan]
+    for name in dict.fromkeys(key for plan in known for key in plan):
+        rows.append([f"plan/{name}", *(str((plans[run] or {}).get(name, "-")) for run in runs)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
              for row in rows]
@@ -361,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         path = "compare_" + "_vs_".join(
             os.path.basename(os.path.normpath(d)) for d in dirs) + ".png"
     plot_runs(runs, path)
-    print(format_final_metrics(runs))
+    plans = {label: read_run_plan(d) for label, d in zip(runs, dirs, strict=True)}
+    print(format_final_metrics(runs, plans))
     print(f"Wrote {path}")
     return 0
 

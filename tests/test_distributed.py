@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import train
 from dpo_core.config import ConfigError, TrainConfig
-from dpo_core.trainer import check_backend
+from dpo_core.distributed import check_backend
 
 # No clipping, so grad_norm is the norm of the raw summed gradient: a wrongly scaled
 # gradient shows there even though AdamW's normalised update would hide it.

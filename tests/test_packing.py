@@ -23,10 +23,12 @@ from dpo_core import logps as logps_module
 from dpo_core.logps import (
     concatenated_forward,
     head_label_logps,
+    logps_fn_for,
     padding_free_forward,
     padding_free_prefix_shared_forward,
     prefix_shared_forward,
-    select_logps_fn,
+    resolve_padding_free,
+    resolve_prefix_sharing,
 )
 from dpo_core.packing import PACKED_ATTENTION, pack_sequences, use_packed_attention
 from dpo_core.tiny import tiny_llama
@@ -193,12 +195,23 @@ def test_flex_attention_is_refused_on_cpu():
         padding_free_forward(model, batch)
 
 
-def test_select_logps_fn_padding_free():
-    assert select_logps_fn(None, "sdpa", padding_free=True) is padding_free_prefix_shared_forward
-    assert select_logps_fn(True, PACKED_ATTENTION, padding_free=True) is (
-        padding_free_prefix_shared_forward)
-    assert select_logps_fn(False, "sdpa", padding_free=True) is padding_free_forward
-    assert select_logps_fn(False, "sdpa") is concatenated_forward
+def test_padding_free_resolution():
+    """Unset: on where the attention is fast (SDPA; FlexAttention on CUDA only); asked for:
+    also with eager (dense mask); never with flash attention. Packed rows share the prompt
+    unless prefix sharing is off."""
+    assert resolve_padding_free(None, "sdpa", on_cuda=False)
+    assert not resolve_padding_free(None, "eager", on_cuda=False)
+    assert resolve_padding_free(True, "eager", on_cuda=False)
+    assert not resolve_padding_free(None, "flex_attention", on_cuda=False)
+    assert resolve_padding_free(None, "flex_attention", on_cuda=True)
+    assert not resolve_padding_free(True, "flash_attention_2", on_cuda=True)
+    assert not resolve_padding_free(False, "sdpa", on_cuda=False)
+    assert resolve_prefix_sharing(None, "sdpa", padding_free=True) == "always"
+    assert resolve_prefix_sharing(False, "sdpa", padding_free=True) == "off"
+    assert resolve_prefix_sharing(None, "sdpa") == "per batch"
+    assert logps_fn_for("always", True) is padding_free_prefix_shared_forward
+    assert logps_fn_for("off", True) is padding_free_forward
+    assert logps_fn_for("off", False) is concatenated_forward
 
 
 def test_padded_rows_cost_more_positions_than_packed():

@@ -18,8 +18,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
-from dpo_core import report
-from dpo_core.config import ConfigError, TrainConfig
+from dpo_core import report, run_files
+from dpo_core.config import ConfigError, TrainConfig, load_config_file
 from dpo_core.generation import generate_replies
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -46,7 +46,7 @@ def eval_record(step: int, loss: float, margin: float) -> dict:
 
 def write_log(directory, records: list[dict]) -> str:
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, report.LOG_FILE), "w") as f:
+    with open(os.path.join(directory, run_files.LOG_FILE), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     return str(directory)
 
@@ -77,7 +77,7 @@ def assert_png(path) -> None:
 def test_curves_plot_the_log_values(tmp_path):
     run = write_log(tmp_path / "run_a", RUN_A)
     series = report.write_training_curves(run)
-    assert_png(tmp_path / "run_a" / report.CURVES_FILE)
+    assert_png(tmp_path / "run_a" / run_files.CURVES_FILE)
     assert drawn(series, "run_a", "train", "loss") == ([1, 2, 3], [0.69, 0.6, 0.5])
     assert drawn(series, "run_a", "eval", "loss") == ([2, 3], [0.65, 0.55])
     assert drawn(series, "run_a", "train", "rewards/margins") == ([1, 2, 3], [0.0, 0.1, 0.3])
@@ -114,12 +114,27 @@ def test_compare_two_runs(tmp_path, capsys, monkeypatch):
     assert rows["eval/rewards/margins"] == ["0.2", "0.35"]
 
 
+def test_compare_shows_what_each_run_resolved(tmp_path, capsys, monkeypatch):
+    a = write_log(tmp_path / "a", RUN_A)
+    b = write_log(tmp_path / "b", RUN_B)
+    plan = {"dtype": "float32", "prefix_sharing": "per batch", "total_steps": 3}
+    (tmp_path / "a" / run_files.CONFIG_FILE).write_text(json.dumps({"beta": 0.1,
+                                                                     "run_plan": plan}))
+    monkeypatch.chdir(tmp_path)
+    assert report.main([a, b]) == 0  # b predates run plans: its column says "-"
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()
+            if line.strip()}
+    assert rows["plan/dtype"] == ["float32", "-"]
+    assert rows["plan/prefix_sharing"] == ["per", "batch", "-"]
+    assert rows["plan/total_steps"] == ["3", "-"]
+
+
 def test_report_cli_redraws_and_explains(tmp_path):
     run = write_log(tmp_path / "run", RUN_B)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "dpo_core.report", run], cwd=ROOT, env=env,
                           capture_output=True, text=True, check=True)
-    curves = os.path.join(run, report.CURVES_FILE)
+    curves = os.path.join(run, run_files.CURVES_FILE)
     assert f"Wrote {curves}" in done.stdout
     assert_png(curves)
     help_text = report.build_parser().format_help()
@@ -131,7 +146,7 @@ def test_report_cli_names_bad_input(tmp_path, capsys):
     assert "no train_log.jsonl here" in capsys.readouterr().err
     run = tmp_path / "bad"
     run.mkdir()
-    (run / report.LOG_FILE).write_text(json.dumps(RUN_A[0]) + "\n{not json\n")
+    (run / run_files.LOG_FILE).write_text(json.dumps(RUN_A[0]) + "\n{not json\n")
     assert report.main([str(run)]) == 2
     assert "train_log.jsonl, line 2: not JSON" in capsys.readouterr().err
 
@@ -156,11 +171,11 @@ def test_training_writes_curves_and_samples(tiny_model_dir, pairs_file, tmp_path
     out = tmp_path / "run"
     assert train.main(train_args(tiny_model_dir, pairs_file, out, *TWO_STEPS,
                                  "--num_sample_prompts", "3", "--sample_max_new_tokens", "12")) == 0
-    log = report.read_log(str(out / report.LOG_FILE))
-    assert_png(out / report.CURVES_FILE)
+    log = report.read_log(str(out / run_files.LOG_FILE))
+    assert_png(out / run_files.CURVES_FILE)
     assert [r["step"] for r in log if r["split"] == "train"] == [1, 2]
 
-    rows = table_rows((out / report.SAMPLES_FILE).read_text())
+    rows = table_rows((out / run_files.SAMPLES_FILE).read_text())
     assert [row[0] for row in rows] == ["1", "2", "3"] and all(len(r) == 4 for r in rows)
     # The columns are the plain base model's and the saved adapter's greedy replies.
     prompts = [row[1] for row in rows]  # plain words: the cell is the prompt itself
@@ -186,7 +201,7 @@ def test_report_to_tensorboard_logs_the_records(tiny_model_dir, pairs_file, tmp_
     assert len(event_files) == 1
     events = EventAccumulator(event_files[0])
     events.Reload()
-    log = report.read_log(str(out / report.LOG_FILE))
+    log = report.read_log(str(out / run_files.LOG_FILE))
     for record in log:
         for name, value in report.tracker_values(record).items():
             logged = {e.step: e.value for e in events.Scalars(name)}
@@ -222,11 +237,11 @@ LN2 = math.log(2)
 def test_every_loss_trains_end_to_end(tiny_model_dir, pairs_file, tmp_path, flags, first_loss):
     out = tmp_path / "run"
     assert train.main(train_args(tiny_model_dir, pairs_file, out, *TWO_STEPS, *flags)) == 0
-    log = report.read_log(str(out / report.LOG_FILE))
+    log = report.read_log(str(out / run_files.LOG_FILE))
     assert [(r["split"], r["step"]) for r in log] == [("train", 1), ("train", 2), ("eval", 2)]
     assert all(math.isfinite(v) for r in log for k, v in r.items() if k != "split")
     first = log[0]
-    config = TrainConfig(**json.loads((out / "training_config.json").read_text()))
+    config = TrainConfig(**load_config_file(str(out / "training_config.json"), TrainConfig))
     if first_loss is not None:
         assert first["loss"] == pytest.approx(first_loss, rel=1e-5)
     if config.loss_type == "simpo":

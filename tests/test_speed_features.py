@@ -25,13 +25,13 @@ from dpo_core.config import ConfigError, TrainConfig, build_parser
 from dpo_core.data import PreferencePair
 from dpo_core.model import add_lora, load_base_model, resolve_gradient_checkpointing
 from dpo_core.objective import PreferenceObjective
+from dpo_core.plan import covers_every_pair
 from dpo_core.reference_cache import (
     PairWithReference,
     ReferenceLogpsCollator,
     with_reference_logps,
 )
 from dpo_core.tokenization import PreferenceCollator, TokenizedPair, tokenize_pairs
-from dpo_core.trainer import covers_every_pair
 
 LOGGED = ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm")
 

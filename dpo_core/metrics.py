@@ -1,0 +1,48 @@
+"""The numbers a run logs: per-pair statistics gathered from every process, merged into the
+trl-named metrics of `loss.preference_metrics`, plus grad norm and throughput."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dpo_core.loss import preference_metrics
+
+# The per-pair tensors [B] an objective returns that the metrics are computed from.
+STAT_KEYS = ("losses", "chosen_rewards", "rejected_rewards", "policy_chosen_logps",
+             "policy_rejected_logps")
+
+
+def merged_metrics(stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Preference metrics over every pair in `stats` (per-batch dicts of per-pair tensors)."""
+    merged = [torch.cat([s[k] for s in stats]) for k in STAT_KEYS]
+    return {k: v.item() for k, v in preference_metrics(*merged).items()}
+
+
+@dataclass
+class MetricWindow:
+    """Per-pair statistics gathered from every process since the last log line."""
+
+    stats: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def metrics(self) -> dict[str, float]:
+        values = merged_metrics(self.stats)
+        if self.grad_norms:
+            values["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
+        values["tokens_per_second"] = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        return values
+
+
+def format_record(record: dict) -> str:
+    """One log record as a console line: "step 10 | loss 0.6931 | ..." (eval/ prefixed)."""
+    prefix = "eval/" if record["split"] == "eval" else ""
+    parts = [f"step {record['step']}"]
+    for key, value in record.items():
+        if key not in ("step", "split", "epoch"):
+            parts.append(f"{prefix}{key} {value:.4g}")
+    return " | ".join(parts)

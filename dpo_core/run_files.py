@@ -1,0 +1,92 @@
+"""The files a run writes into its output_dir, and how a new run claims that directory.
+
+One place for the names, so the trainer, the report, the chat entry point, the benchmarks
+and the tests all read and write the same files:
+
+    train_log.jsonl        one JSON record per logged step (train) or evaluation (eval)
+    metrics.json           the final metrics; its presence marks a finished run
+    training_config.json   every setting as asked, plus "run_plan": what actually ran
+    training_curves.png    drawn from the log by `dpo_core.report`
+    samples.md             greedy replies of the base and the trained model
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from dpo_core.checkpoint import checkpoint_dirs
+from dpo_core.config import RUN_PLAN_KEY, ConfigError
+
+LOG_FILE = "train_log.jsonl"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "training_config.json"
+CURVES_FILE = "training_curves.png"
+SAMPLES_FILE = "samples.md"
+
+
+def check_output_dir(output_dir: str, *, overwrite: bool, resuming: bool) -> None:
+    """Refuse to start afresh over a finished run, or over an unfinished run's checkpoints,
+    unless asked; resuming into either is fine."""
+    if overwrite or resuming:
+        return
+    if os.path.isfile(os.path.join(output_dir, METRICS_FILE)):
+        raise ConfigError(
+            f"--output_dir {output_dir!r} already holds a finished run; pass "
+            "--overwrite_output_dir to replace it or choose another directory"
+        )
+    saved = checkpoint_dirs(output_dir)
+    if saved:
+        raise ConfigError(
+            f"--output_dir {output_dir!r} holds checkpoints of an unfinished run (newest: "
+            f"{os.path.basename(saved[-1])}); pass --resume_from_checkpoint latest to continue "
+            "it, --overwrite_output_dir to start over, or choose another directory"
+        )
+
+
+def clear_previous_run(output_dir: str) -> None:
+    """Starting afresh in a used output_dir: drop the old log, final metrics and checkpoints,
+    so neither the log nor `--resume_from_checkpoint latest` can mix two runs."""
+    for name in (LOG_FILE, METRICS_FILE):
+        if os.path.isfile(os.path.join(output_dir, name)):
+            os.remove(os.path.join(output_dir, name))
+    for old in checkpoint_dirs(output_dir):
+        shutil.rmtree(old)
+
+
+def append_log(output_dir: str, record: dict) -> None:
+    with open(os.path.join(output_dir, LOG_FILE), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(output_dir: str, last_step: int) -> None:
+    """Drop records logged after the checkpoint a run resumes from: they are redone."""
+    path = os.path.join(output_dir, LOG_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def write_json(output_dir: str, name: str, values: dict) -> None:
+    with open(os.path.join(output_dir, name), "w") as f:
+        json.dump(values, f, indent=2)
+
+
+def read_json(output_dir: str, name: str) -> dict | None:
+    """The JSON object in output_dir/name, or None where there is no such file."""
+    path = os.path.join(output_dir, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_run_plan(output_dir: str) -> dict | None:
+    """What a finished (or started) run resolved its "auto" settings to, from its
+    training_config.json; None for a directory without one (or an older run)."""
+    config = read_json(output_dir, CONFIG_FILE)
+    return None if config is None else config.get(RUN_PLAN_KEY)

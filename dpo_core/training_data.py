@@ -1,0 +1,58 @@
+"""From a dataset name to tokenized train and eval pairs: load, validate, sample, split,
+tokenize, in one call; what was dropped, and why, is said once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dpo_core.config import ConfigError, TrainConfig
+from dpo_core.console import logger
+from dpo_core.data import load_pairs, split_pairs
+from dpo_core.tokenization import TokenizedPair, tokenize_pairs
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Tokenized pairs, and the first `num_sample_prompts` eval prompts as they were
+    (messages or text) for samples.md."""
+
+    train: list[TokenizedPair]
+    eval: list[TokenizedPair]
+    sample_prompts: list
+
+
+def build_training_data(config: TrainConfig, tokenizer, use_chat_template: bool,
+                        show_progress: bool = True) -> TrainingData:
+    """Load `--dataset_name` (and `--eval_dataset`, or hold out `--eval_fraction`), then
+    tokenize and truncate both splits; ConfigError if no training pair is left."""
+    pairs, drops = load_pairs(config.dataset_name, split=config.dataset_split,
+                              num_samples=config.num_samples or None, seed=config.seed,
+                              skip_bad_rows=config.skip_bad_rows)
+    _report_drops(config.dataset_name, drops)
+    if config.eval_dataset:
+        train_pairs = pairs
+        eval_pairs, eval_drops = load_pairs(config.eval_dataset, split="train", num_samples=None,
+                                            seed=config.seed, skip_bad_rows=config.skip_bad_rows)
+        _report_drops(config.eval_dataset, eval_drops)
+    else:
+        train_pairs, eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
+    lengths = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
+               "use_chat_template": use_chat_template}
+    tokenized = {}
+    for name, split in (("train", train_pairs), ("eval", eval_pairs)):
+        tokenized[name], dropped = tokenize_pairs(tokenizer, split, desc=f"Tokenizing {name}",
+                                                  disable=not show_progress, **lengths)
+        if dropped:
+            logger.info(f"Dropped {dropped} {name} pairs whose response would not fit in "
+                        f"--max_length {config.max_length} after the prompt.")
+    logger.info(f"Pairs: {len(tokenized['train'])} train, {len(tokenized['eval'])} eval.")
+    if not tokenized["train"]:
+        raise ConfigError("no training pairs left after loading and truncation")
+    return TrainingData(tokenized["train"], tokenized["eval"],
+                        [pair.prompt for pair in eval_pairs[:config.num_sample_prompts]])
+
+
+def _report_drops(source: str, drops: dict[str, int]) -> None:
+    if drops:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(drops.items()))
+        logger.info(f"Dropped {sum(drops.values())} rows of {source}: {reasons}.")
