@@ -65,6 +65,9 @@ VARIANTS = {
     "padding-free+prefix": _ours(True, True, False),
     "padding-free+precompute": _ours(True, False, True),
     "padding-free+prefix+precompute": _ours(True, True, True),
+    # Padded rows, the other speed flags at their defaults: this trainer's defaults before
+    # padding-free batches.
+    "padded-auto": ("ours", {"padding_free": False, "gradient_checkpointing": False}),
     # TrainConfig's own defaults for every speed flag, gradient checkpointing included.
     "defaults": ("ours", {}),
     # The speed flags at their defaults (decided at run time), gradient checkpointing off.
@@ -77,8 +80,8 @@ DEFAULT_VARIANTS = ("standard,prefix+precompute,padding-free,padding-free+prefix
 # Variants that must reproduce the standard path's losses (same batches, same math).
 EXACT_VARIANTS = ("prefix", "precompute", "prefix+precompute", "checkpointing",
                   "prefix+precompute+checkpointing", "padding-free", "padding-free+prefix",
-                  "padding-free+precompute", "padding-free+prefix+precompute", "defaults",
-                  "auto")
+                  "padding-free+precompute", "padding-free+prefix+precompute", "padded-auto",
+                  "defaults", "auto")
 
 
 
@@ -305,6 +308,7 @@ def compare(rows: dict[str, dict]) -> dict:
         if standard and name != "standard" and row["trainer"] == "ours":
             ratios[f"{name} / standard tokens/s"] = row["tokens_per_s"] / standard["tokens_per_s"]
     pairings = [("standard", "trl"), ("checkpointing", "trl+checkpointing"),
+                ("padded-auto", "trl"),
                 ("defaults", "trl+checkpointing"), ("auto", "trl"), ("prefix+precompute", "trl"),
                 ("prefix+precompute+checkpointing", "trl+checkpointing")]
     for ours, theirs in pairings:
