@@ -136,7 +136,7 @@ def visiting_order(spec: dict) -> dict:
     from dpo_core.config import TrainConfig
     from dpo_core.model import load_tokenizer
     from dpo_core.tokenization import resolve_chat_template, tokenize_pairs
-    from dpo_core.trainer import prepare_data
+    from dpo_core.training_data import build_training_data
 
     config = TrainConfig(model_name=spec["model_dir"], dataset_name=spec["data_path"],
                          num_samples=0, eval_fraction=0.0, seed=SEED,
@@ -144,12 +144,12 @@ def visiting_order(spec: dict) -> dict:
                          max_prompt_length=spec["max_prompt_length"],
                          chat_template=spec["chat_template"], num_sample_prompts=0)
     tokenizer = load_tokenizer(spec["model_dir"])
-    pairs, _, _ = prepare_data(config, tokenizer, show_progress=False)
+    use_chat_template = resolve_chat_template(tokenizer, spec["chat_template"])
+    pairs = build_training_data(config, tokenizer, use_chat_template, show_progress=False).train
     order = epoch_order(len(pairs), spec["batch_size"], torch.Generator().manual_seed(SEED))
     with open(spec["data_path"]) as f:
         file_pairs = [_file_pair(json.loads(line)) for line in f]
-    lengths = {"use_chat_template": resolve_chat_template(tokenizer, spec["chat_template"]),
-               "disable": True}
+    lengths = {"use_chat_template": use_chat_template, "disable": True}
     truncated, _ = tokenize_pairs(tokenizer, file_pairs, max_length=spec["max_length"],
                                   max_prompt_length=spec["max_prompt_length"], **lengths)
     whole, _ = tokenize_pairs(tokenizer, file_pairs, max_length=10**9,
@@ -179,6 +179,12 @@ def token_id_agreement(ours: list, theirs: list) -> dict:
         "differing_rows": differing[:10],
         "differing_parts": {part: sum(ours[i][k] != theirs[i][k] for i in differing)
                             for k, part in enumerate(parts)},
+        # The first differing row's differing parts, ours then trl's.
+        "first_difference": {part: {"ours": ours[differing[0]][k],
+                                    "trl": theirs[differing[0]][k]}
+                             for k, part in enumerate(parts)
+                             if ours[differing[0]][k] != theirs[differing[0]][k]}
+        if differing else None,
     }
 
 

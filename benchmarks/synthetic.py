@@ -157,8 +157,9 @@ def _target_lengths(data: str, max_length: int, rng: random.Random) -> tuple[int
     # Clipped to what truncation would leave (prompt within its budget, the pair within
     # max_length, a margin for template tokens and word boundaries), so this trainer and trl,
     # whose truncation rules differ, train on the same tokens.
-    margin = TEMPLATE_MARGIN if data == "conversational" else WORD_MARGIN
-    prompt = min(log_normal("prompt"), max_prompt_length_for(data, max_length) - margin)
+    margin = min(TEMPLATE_MARGIN if data == "conversational" else WORD_MARGIN,
+                 max_length // 8)
+    prompt = max(1, min(log_normal("prompt"), max_prompt_length_for(data, max_length) - margin))
     budget = max(1, max_length - prompt - margin)
     return prompt, min(log_normal("chosen"), budget), min(log_normal("rejected"), budget)
 

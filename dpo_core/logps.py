@@ -276,13 +276,17 @@ def _predicted_logps(
     source_rows: Tensor,
     source_positions: Tensor,
     targets: Tensor,
+    kept: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """One forward over `inputs` (input_ids [R, L], masks, position ids, ...) -> [N] fp32:
     log p(targets[i]) under the prediction at (source_rows[i], source_positions[i]).
 
     The LM head only ever sees the hidden states of those positions, projected chunk by chunk
     by `head_label_logps`: no [tokens, vocab] logits tensor exists. Models that post-process
-    their logits are asked for full logits instead.
+    their logits are asked for full logits instead. `kept` = (kept_positions [M], kept_index
+    [N]): the distinct predicting positions (flat, row-major over [R, L]) and which of them
+    predicts target i, when computed beforehand (on the CPU, by the collator): then nothing
+    here waits for the device.
     """
     shape = inputs["input_ids"].shape
     parts = _decoder_and_head(model)
@@ -291,11 +295,14 @@ def _predicted_logps(
         rows = source_rows * shape[1] + source_positions
         return _LabelLogProbs.apply(logits.reshape(-1, logits.shape[-1]), rows, targets.long())
     decoder, head = parts
-    keep = torch.zeros(shape, dtype=torch.bool, device=source_rows.device)
-    keep[source_rows, source_positions] = True
-    kept_row_of = keep.flatten().cumsum(0).sub_(1).view(shape)  # position -> row of kept states
-    hidden = _hidden_states(model, decoder, inputs)[keep]  # [M, H], row-major
-    return head_label_logps(head, hidden, kept_row_of[source_rows, source_positions], targets)
+    if kept is None:
+        keep = torch.zeros(shape, dtype=torch.bool, device=source_rows.device)
+        keep[source_rows, source_positions] = True
+        kept_row_of = keep.flatten().cumsum(0).sub_(1).view(shape)  # position -> kept state
+        kept = (keep.flatten().nonzero().squeeze(1), kept_row_of[source_rows, source_positions])
+    hidden = _hidden_states(model, decoder, inputs)
+    kept_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept[0])  # [M, H]
+    return head_label_logps(head, kept_hidden, kept[1], targets)
 
 
 def _check_pair_batch(batch: dict[str, Tensor], fields: tuple[str, ...]) -> None:
@@ -516,7 +523,8 @@ def _packed_logps(model: torch.nn.Module, row: PackedRow) -> tuple[Tensor, Tenso
             f"'flex_attention' on CUDA); this model uses {attn_implementation!r}: load it with "
             "attn_implementation='sdpa', or turn --padding_free off")
     token_logps = _predicted_logps(model, inputs, torch.zeros_like(row.source_positions),
-                                   row.source_positions, row.targets)
+                                   row.source_positions, row.targets,
+                                   kept=(row.kept_positions, row.kept_index))
     logps = _per_sequence(token_logps, row.sequence_index, row.num_sequences)
     num_pairs = row.num_sequences // 2
     return logps[:num_pairs], logps[num_pairs:]
@@ -525,13 +533,7 @@ def _packed_logps(model: torch.nn.Module, row: PackedRow) -> tuple[Tensor, Tenso
 def padding_free_forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Chosen and rejected sequences packed into one row without padding -> (chosen_logps [B],
     rejected_logps [B]) fp32. Equals `concatenated_forward` up to float rounding."""
-    _check_pair_batch(batch, PAIR_FIELDS)
-    row = pack_sequences(
-        torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
-        torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
-        torch.cat([batch["chosen_labels"], batch["rejected_labels"]]),
-    )
-    return _packed_logps(model, row)
+    return _packed_logps(model, packed_row(batch, prefix_shared=False))
 
 
 def padding_free_prefix_shared_forward(
@@ -540,12 +542,41 @@ def padding_free_prefix_shared_forward(
     """`[prompt | chosen | rejected]` of every pair packed into one row without padding ->
     (chosen_logps [B], rejected_logps [B]) fp32. Equals `concatenated_forward` up to float
     rounding; each prompt is encoded once."""
+    return _packed_logps(model, packed_row(batch, prefix_shared=True))
+
+
+def packed_row(batch: dict, prefix_shared: bool) -> PackedRow:
+    """The batch's packed layout: the one `PaddingFreeCollator` put in the batch (built on the
+    CPU), or built here from the padded fields."""
+    if batch.get(PackedRow.LAYOUT_KEY) == PackedRow.layout_name(prefix_shared):
+        return PackedRow.from_batch(batch)
+    if not prefix_shared:
+        _check_pair_batch(batch, PAIR_FIELDS)
+        return pack_sequences(
+            torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
+            torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
+            torch.cat([batch["chosen_labels"], batch["rejected_labels"]]),
+        )
     shared = prefix_shared_batch(batch)
     counts = torch.stack([(shared.segment_ids == kind).sum(-1) for kind in (
         PrefixSharedRows.PROMPT, PrefixSharedRows.CHOSEN, PrefixSharedRows.REJECTED)], dim=1)
-    row = pack_prefix_shared(shared.input_ids, shared.position_ids, counts, shared.source_rows,
-                             shared.source_positions, shared.targets, shared.sequence_index)
-    return _packed_logps(model, row)
+    return pack_prefix_shared(shared.input_ids, shared.position_ids, counts, shared.source_rows,
+                              shared.source_positions, shared.targets, shared.sequence_index)
+
+
+class PaddingFreeCollator:
+    """A pair collator whose batches also carry their packed layout (`PackedRow` fields),
+    built here on the CPU, in the DataLoader: the padding-free forward then needs no host
+    sync to find lengths and positions. The padded fields stay, for everything else that
+    reads the batch (lengths, token counts)."""
+
+    def __init__(self, collator, prefix_shared: bool):
+        self.collator, self.prefix_shared = collator, prefix_shared
+
+    def __call__(self, pairs) -> dict:
+        batch = self.collator(pairs)
+        batch.update(packed_row(batch, self.prefix_shared).to_batch(self.prefix_shared))
+        return batch
 
 
 def _attn_implementation(model: torch.nn.Module) -> str | None:

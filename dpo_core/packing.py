@@ -54,6 +54,30 @@ class PackedRow:
     targets: Tensor
     sequence_index: Tensor
     num_sequences: int
+    # The distinct predicting positions [M] and which of them predicts target i [N].
+    kept_positions: Tensor
+    kept_index: Tensor
+
+    LAYOUT_KEY = "packed_layout"
+    _TENSORS = ("input_ids", "position_ids", "source_positions", "targets", "sequence_index",
+                "kept_positions", "kept_index")
+
+    @staticmethod
+    def layout_name(prefix_shared: bool) -> str:
+        return "prefix_shared" if prefix_shared else "sequences"
+
+    def to_batch(self, prefix_shared: bool) -> dict:
+        """Batch fields (`packed_*`) that `from_batch` turns back into this row."""
+        fields = {f"packed_{name}": getattr(self, name) for name in self._TENSORS}
+        fields.update(packed_blocks=self.blocks, packed_num_sequences=self.num_sequences)
+        fields[self.LAYOUT_KEY] = self.layout_name(prefix_shared)
+        return fields
+
+    @classmethod
+    def from_batch(cls, batch: dict) -> PackedRow:
+        return cls(blocks=[tuple(block) for block in batch["packed_blocks"]],
+                   num_sequences=int(batch["packed_num_sequences"]),
+                   **{name: batch[f"packed_{name}"] for name in cls._TENSORS})
 
     def token_kinds(self) -> tuple[Tensor, Tensor]:
         """(block index [T], kind [T] in SHARED / FIRST / SECOND) of every position."""
@@ -123,6 +147,8 @@ def pack_sequences(
         targets=row_labels[sources + 1],
         sequence_index=sequence_of[sources],
         num_sequences=len(lengths),
+        kept_positions=sources,  # each position predicts at most one label here
+        kept_index=torch.arange(len(sources), device=device),
     )
 
 
@@ -143,15 +169,19 @@ def pack_prefix_shared(
     width = input_ids.shape[1]
     real = torch.arange(width, device=input_ids.device)[None, :] < torch.tensor(
         lengths, device=input_ids.device)[:, None]
+    sources = torch.tensor(starts, device=input_ids.device)[source_rows] + source_positions
+    # A prompt's last token predicts the first chosen and the first rejected token.
+    kept_positions, kept_index = torch.unique(sources, return_inverse=True)
     return PackedRow(
         input_ids=input_ids[real][None],
         position_ids=position_ids[real][None],
         blocks=[(start, *row) for start, row in zip(starts, counts, strict=True)],
-        source_positions=torch.tensor(starts, device=input_ids.device)[source_rows]
-        + source_positions,
+        source_positions=sources,
         targets=targets,
         sequence_index=sequence_index,
         num_sequences=2 * len(lengths),
+        kept_positions=kept_positions,
+        kept_index=kept_index,
     )
 
 

@@ -40,7 +40,12 @@ from dpo_core.failures import (
     last_checkpoint_note,
     out_of_memory_message,
 )
-from dpo_core.logps import logps_fn_for, resolve_prefix_sharing, use_padding_free
+from dpo_core.logps import (
+    PaddingFreeCollator,
+    logps_fn_for,
+    resolve_prefix_sharing,
+    use_padding_free,
+)
 from dpo_core.metrics import STAT_KEYS, MetricWindow, format_record, merged_metrics
 from dpo_core.model import (
     build_policy,
@@ -185,6 +190,9 @@ class Trainer:
                                             show_progress=self.is_main)
         self.train_pairs, self.eval_pairs = self.data.train, self.data.eval
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id)
+        if self.plan.padding_free:  # the packed layout built on the CPU, in the DataLoader
+            self.collator = PaddingFreeCollator(self.collator,
+                                                prefix_shared=self.plan.prefix_sharing == "always")
         prepare_for_backend(self.accelerator, self.config.batch_size)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
 
@@ -330,10 +338,13 @@ class Trainer:
             window.stats.append(gathered)
             step_losses.append(gathered["losses"])
             tokens = batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
-            window.tokens += int(accelerator.reduce(tokens, "sum").item())
-        grad_norm = float(accelerator.clip_grad_norm_(self.model.parameters(),
-                                                      config.max_grad_norm or float("inf")))
-        step_loss = torch.cat(step_losses).mean().item()
+            window.tokens = window.tokens + accelerator.reduce(tokens, "sum")  # stays on device
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(),
+                                                config.max_grad_norm or float("inf"))
+        mean_loss = torch.cat(step_losses).mean().float()
+        # The step's one host sync: whether to apply the update needs the loss and the norm.
+        step_loss, grad_norm = torch.stack([mean_loss, torch.as_tensor(
+            grad_norm, dtype=torch.float32, device=mean_loss.device)]).tolist()
         # Under fp16 loss scaling an inf gradient is the scaler's business: it skips the step.
         finite = math.isfinite(step_loss) and (math.isfinite(grad_norm)
                                                or accelerator.scaler is not None)

@@ -51,4 +51,6 @@ def test_token_id_agreement_names_the_rows_and_parts_that_differ():
     theirs = [[[1, 2], [3], [4]], [[5], [6], [8]], [[9, 9], [10], [12]]]
     assert token_id_agreement(ours, theirs) == {
         "rows": 3, "identical_rows": 1, "differing_rows": [1, 2],
-        "differing_parts": {"prompt": 1, "chosen": 1, "rejected": 1}}
+        "differing_parts": {"prompt": 1, "chosen": 1, "rejected": 1},
+        "first_difference": {"chosen": {"ours": [6, 7], "trl": [6]}}}
+    assert token_id_agreement(ours, ours)["first_difference"] is None

@@ -21,6 +21,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from dpo_core import logps as logps_module
 from dpo_core.logps import (
+    PaddingFreeCollator,
     concatenated_forward,
     head_label_logps,
     logps_fn_for,
@@ -32,6 +33,7 @@ from dpo_core.logps import (
 )
 from dpo_core.packing import PACKED_ATTENTION, pack_sequences, use_packed_attention
 from dpo_core.tiny import tiny_llama
+from dpo_core.tokenization import PreferenceCollator, TokenizedPair
 
 # Longer lists than PAIR_LENGTHS' so that packed rows hold sequences of very different lengths.
 UNEVEN_LENGTHS = PAIR_LENGTHS + [(14, 1, 11), (2, 12, 3)]
@@ -226,3 +228,22 @@ def test_padded_rows_cost_more_positions_than_packed():
     )
     assert row.input_ids.numel() == real < 2 * batch["chosen_input_ids"].numel()
     assert int((row.targets != IGNORE).sum()) == len(row.targets)
+
+
+@pytest.mark.parametrize("prefix_shared", [False, True], ids=["standard", "prefix-shared"])
+def test_layout_from_the_collator_equals_layout_built_in_the_forward(prefix_shared):
+    """PaddingFreeCollator builds the packed row on the CPU, into the batch; the forward then
+    uses it as is, with the same log-probs and gradients as the padded forward. A batch laid
+    out for the other forward is rebuilt, not misread."""
+    model = _use(lora_model("sdpa"), PACKED_ATTENTION)
+    pairs = [TokenizedPair(*ids) for ids in random_pairs(96, UNEVEN_LENGTHS)]
+    batch = PaddingFreeCollator(PreferenceCollator(pad_token_id=0), prefix_shared)(pairs)
+    assert batch["packed_layout"] == ("prefix_shared" if prefix_shared else "sequences")
+    forward, other = ((padding_free_prefix_shared_forward, padding_free_forward) if prefix_shared
+                      else (padding_free_forward, padding_free_prefix_shared_forward))
+    weights = pair_weights(len(pairs))
+    expected = backward_and_grads(model, concatenated_forward, batch, weights)
+    for fn in (forward, other):
+        for got, want in zip(backward_and_grads(model, fn, batch, weights), expected,
+                             strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

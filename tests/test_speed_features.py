@@ -13,11 +13,13 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 
 import pytest
 import torch
 from accelerate import Accelerator
 from conftest import ROOT, learnable_pairs, read_log, train_args
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 from dpo_core.batching import MicroBatchStream, epoch_order, length_sorted_order, pair_length
@@ -437,3 +439,65 @@ def test_profile_step_splits_the_step_time(tmp_path, monkeypatch):
               if line.startswith(("matrix multiplies:", "attention kernels:", "everything else:"))]
     assert len(shares) == 3 and all(share > 0 for share in shares)
     assert sum(shares) == pytest.approx(100, abs=0.2)
+
+
+# ------------------------------------------------------------------ host syncs
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the operations that make the host wait for the device on a GPU: reading a value
+    (item, float, bool, ...), and ops whose output shape depends on values (nonzero, boolean
+    indexing, unique). `Tensor.tolist` does not dispatch on CPU: `count_tolist` counts it."""
+
+    VALUE_DEPENDENT = ("aten._local_scalar_dense", "aten.nonzero", "aten._unique2",
+                       "aten.masked_select")
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func).rsplit(".", 1)[0] if str(func).count(".") > 1 else str(func)
+        boolean_index = name == "aten.index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []) if
+            i is not None)
+        # torch's Adam keeps its step counts on the CPU (unless capturable): reading them
+        # never waits for a GPU, so the optimizer's own reads are not counted.
+        if (name in self.VALUE_DEPENDENT or boolean_index) and not any(
+                "torch/optim/" in frame.filename for frame in traceback.extract_stack()):
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_padding_free_step_syncs_with_the_host_once(tiny_model_dir, pairs_file, tmp_path,
+                                                      monkeypatch):
+    """Three micro-batches per step, defaults (padding-free, prompts shared, reference
+    precomputed): the packed layout comes from the collator, token counts stay on the device,
+    and the step reads its loss and gradient norm together: one host sync per step."""
+    from dpo_core import trainer as trainer_module
+
+    original = trainer_module.Trainer._optimizer_step
+    per_step = []
+
+    def counted(self, batches, *args, **kwargs):
+        # Collation happens on the CPU in the DataLoader, even with a GPU: not counted.
+        drawn = iter([next(batches) for _ in range(self.config.gradient_accumulation_steps)])
+        tolist = torch.Tensor.tolist
+        calls = collections.Counter()
+
+        def counting_tolist(tensor):
+            calls["tolist"] += 1
+            return tolist(tensor)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+        with HostSyncs() as syncs:
+            result = original(self, drawn, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+        per_step.append(dict(syncs.ops + calls))
+        return result
+
+    monkeypatch.setattr(trainer_module.Trainer, "_optimizer_step", counted)
+    assert train.main(train_args(tiny_model_dir, pairs_file, tmp_path / "run", "--max_steps", "2",
+                                 "--gradient_accumulation_steps", "3", "--batch_size", "3",
+                                 "--logging_steps", "100")) == 0
+    assert per_step == [{"tolist": 1}, {"tolist": 1}]
