@@ -1,6 +1,7 @@
 """How to keep packed sequences apart on this device: the options, timed on one model.
 
-For micro-batches of UltraFeedback-shaped pairs (`benchmarks/synthetic.py`), times the policy's
+For micro-batches of UltraFeedback-shaped pairs (`benchmarks/synthetic.py`; `--data short`
+for the uniform preset), times the policy's
 log-probs forward + backward (LoRA on all linear layers) under each layout and attention:
 
 - `padded`: today's two padded rows per pair (`concatenated_forward`), SDPA with a 2D mask;
@@ -39,14 +40,14 @@ from dpo_core.tokenization import PreferenceCollator, TokenizedPair
 
 
 def realistic_batches(vocab: int, max_length: int, batch_size: int, count: int,
-                      seed: int = 0) -> list[dict]:
+                      seed: int = 0, data: str = "ultrafeedback") -> list[dict]:
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     collate = PreferenceCollator(pad_token_id=0)
     batches = []
     for _ in range(count):
         pairs = [TokenizedPair(*(torch.randint(3, vocab, (n,), generator=generator).tolist()
-                                 for n in _target_lengths("ultrafeedback", max_length, rng)))
+                                 for n in _target_lengths(data, max_length, rng)))
                  for _ in range(batch_size)]
         batches.append(collate(pairs))
     return batches
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=list(MODEL_PRESETS), default="cpu-small")
     parser.add_argument("--batches", type=int, default=6, help="micro-batches per round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--data", choices=["ultrafeedback", "short", "prompt-heavy"],
+                        default="ultrafeedback")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -78,12 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         "packed-blocks+prefix": (blocks, padding_free_prefix_shared_forward),
         "packed-dense+prefix": (sdpa, padding_free_prefix_shared_forward),
     }
-    batches = realistic_batches(shape.vocab, max_length, batch_size, args.batches)
+    batches = realistic_batches(shape.vocab, max_length, batch_size, args.batches,
+                                data=args.data)
     real = sum(int(b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum())
                for b in batches)
     padded = sum(2 * b["chosen_input_ids"].numel() for b in batches)
-    print(f"{args.preset}: {args.batches} micro-batches of {batch_size} pairs, {real} real "
-          f"tokens, {100 * (1 - real / padded):.0f}% of the padded positions are padding")
+    print(f"{args.preset} / {args.data}: {args.batches} micro-batches of {batch_size} pairs, "
+          f"{real} real tokens, {100 * (1 - real / padded):.0f}% of the padded positions "
+          "are padding")
 
     def step(option: str) -> float:
         model, forward = options[option]

@@ -7,15 +7,13 @@ on one unpadded sequence at a time.
 from __future__ import annotations
 
 import copy
-import weakref
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from benchmarks.memory import peak_bytes_of
 from dpo_core import logps as logps_module
 from dpo_core.data import PreferencePair
 from dpo_core.logps import (
@@ -115,52 +113,6 @@ def backward_and_grads(model, forward, batch, weights) -> tuple[torch.Tensor, ..
     chosen, rejected = forward(model, batch)
     (chosen @ weights[0] + rejected @ weights[1]).backward()
     return chosen.detach(), rejected.detach(), lora_grads(model)
-
-
-class PeakLiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensor storages allocated inside the mode and alive at once.
-
-    Tensors that existed before (the logits themselves) are not counted.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key = storage.data_ptr()
-            if (
-                key in self.live
-                or storage.nbytes() == 0
-                or any(
-                    key == a.untyped_storage().data_ptr()
-                    for a in tree_flatten((args, kwargs))[0]
-                    if isinstance(a, torch.Tensor)
-                )
-            ):
-                continue  # a view or in-place result: no new memory
-            self.live[key] = storage.nbytes()
-            self.current += storage.nbytes()
-            self.peak = max(self.peak, self.current)
-            weakref.finalize(tensor, self._release, key)
-        return out
-
-    def _release(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-
-
-def peak_bytes_of(step) -> int:
-    tracker = PeakLiveBytes()
-    with tracker:
-        step()
-    return tracker.peak
 
 
 @pytest.fixture()
