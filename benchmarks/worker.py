@@ -17,6 +17,9 @@ from pathlib import Path
 
 from benchmarks.synthetic import BETA, LEARNING_RATE, LORA_ALPHA, LORA_R, SEED
 
+# Wall time for the contention meter, even after `use_cpu_clock` repoints time.perf_counter.
+_wall_clock = time.perf_counter
+
 
 def _reset_accelerate() -> None:
     """Accelerate keeps process-wide singletons; each in-process training run starts clean."""
@@ -133,12 +136,12 @@ class ContentionMeter:
         import psutil
 
         self.process = psutil.Process()
-        self.start = (time.perf_counter(), self._busy(), self._own())
+        self.start = (_wall_clock(), self._busy(), self._own())
         return self
 
     def __exit__(self, *exc) -> None:
         wall, busy, own = (now - then for now, then in zip(
-            (time.perf_counter(), self._busy(), self._own()), self.start, strict=True))
+            (_wall_clock(), self._busy(), self._own()), self.start, strict=True))
         self.others = max(0.0, busy - own) / (wall * (os.cpu_count() or 1))
 
     @staticmethod
