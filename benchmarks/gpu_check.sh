@@ -14,11 +14,12 @@ WHEELS=benchmarks/wheels
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
   mkdir -p "$WHEELS"
-  # trl 1.16 and datasets without their dependencies (the GPU machine has the big ones);
-  # datasets' small pure-Python dependencies come along. bitsandbytes is ~60 MB: add it with
-  # `pip download --no-deps bitsandbytes -d benchmarks/wheels` where the 64 MiB allow.
+  # trl 1.16, datasets and its small dependencies, bitsandbytes: 44 MiB measured (bitsandbytes
+  # 0.50.2 is 43 MB of it). datasets also needs pyarrow (~40 MB): if the GPU machine lacks it,
+  # leave bitsandbytes out and fetch pyarrow instead (the QLoRA part then reports its absence).
+  # Wheels are for the Python that runs this (cp311 here): match the GPU machine's.
   python -m pip download --no-deps -d "$WHEELS" trl==1.16.0 datasets dill xxhash \
-    multiprocess psutil
+    multiprocess psutil bitsandbytes
   du -sh "$WHEELS"
   exit 0
 fi
@@ -32,7 +33,8 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
 fi
 "$PYTHON" - <<'EOF'
 import importlib.util
-for name in ("torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes"):
+for name in ("torch", "transformers", "peft", "accelerate", "datasets", "pyarrow", "trl",
+             "bitsandbytes"):
     print(f"{name}: {'yes' if importlib.util.find_spec(name) else 'MISSING'}")
 EOF
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv || true
