@@ -235,6 +235,14 @@ class TrainConfig:
         "(logps.PREFIX_SHARING_MIN_SAVING; measured in benchmarks/RESULTS.md).",
         SPEED,
     )
+    padding_free: bool | None = _arg(
+        None,
+        "Lay each micro-batch out as one row of real tokens (no padding), each sequence "
+        "attending only to itself; same pairs per step and same log-probs. Unset (None): on "
+        "where the attention allows it (sdpa: per-sequence SDPA; flex_attention on CUDA); on "
+        "with eager uses one dense mask.",
+        SPEED,
+    )
     precompute_ref_log_probs: bool | None = _arg(
         None,
         "Compute the reference log-probs of all pairs in one no-grad pass before training, "

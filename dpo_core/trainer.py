@@ -53,7 +53,12 @@ from dpo_core.failures import (
     out_of_memory_message,
 )
 from dpo_core.interrupt import StopOnInterrupt, stopped
-from dpo_core.logps import LOGPS_FNS, resolve_prefix_sharing
+from dpo_core.logps import (
+    PaddingFreeCollator,
+    logps_fn_for,
+    resolve_prefix_sharing,
+    use_padding_free,
+)
 from dpo_core.metrics import MetricWindow, format_record, merged_metrics
 from dpo_core.model import (
     build_policy,
@@ -185,14 +190,20 @@ class Trainer:
     def _setup_objective(self) -> None:
         config = self.config
         attn_implementation = getattr(self.model.config, "_attn_implementation", None)
+        self.plan.padding_free = use_padding_free(self.model, config.padding_free)
+        if config.padding_free and not self.plan.padding_free:
+            logger.warning(f"--padding_free needs attn_implementation sdpa or eager (or "
+                           f"flex_attention on CUDA), and this model uses "
+                           f"{attn_implementation!r}: padding as before.")
         self.plan.prefix_sharing = resolve_prefix_sharing(config.prefix_sharing,
-                                                          attn_implementation)
+                                                          attn_implementation,
+                                                          self.plan.padding_free)
         if config.prefix_sharing and self.plan.prefix_sharing == "off":
             logger.warning(f"--prefix_sharing needs attn_implementation sdpa or eager, and this "
                            f"model uses {attn_implementation!r}: using the standard two-row "
                            "forward instead.")
-        self.objective = PreferenceObjective.from_config(config,
-                                                         LOGPS_FNS[self.plan.prefix_sharing])
+        self.objective = PreferenceObjective.from_config(
+            config, logps_fn_for(self.plan.prefix_sharing, self.plan.padding_free))
 
     def _setup_data(self) -> None:
         with self.accelerator.main_process_first():
@@ -200,6 +211,9 @@ class Trainer:
                                             show_progress=self.is_main)
         self.train_pairs, self.eval_pairs = self.data.train, self.data.eval
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id)
+        if self.plan.padding_free:  # the packed layout built on the CPU, in the DataLoader
+            self.collator = PaddingFreeCollator(self.collator,
+                                                prefix_shared=self.plan.prefix_sharing == "always")
         prepare_for_backend(self.accelerator, self.config.batch_size)
         self.model, self.optimizer = prepare_model(self.accelerator, self.model, self.optimizer)
         logger.info(describe_backend(self.accelerator, self.model))
@@ -360,10 +374,13 @@ class Trainer:
             window.stats.append(gathered)
             step_losses.append(gathered["losses"])
             tokens = batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
-            window.tokens += int(accelerator.reduce(tokens, "sum").item())
-        grad_norm = float(accelerator.clip_grad_norm_(self.model.parameters(),
-                                                      config.max_grad_norm or float("inf")))
-        step_loss = torch.cat(step_losses).mean().item()
+            window.tokens = window.tokens + accelerator.reduce(tokens, "sum")  # stays on device
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(),
+                                                config.max_grad_norm or float("inf"))
+        mean_loss = torch.cat(step_losses).mean().float()
+        # The step's one host sync: whether to apply the update needs the loss and the norm.
+        step_loss, grad_norm = torch.stack([mean_loss, torch.as_tensor(
+            grad_norm, dtype=torch.float32, device=mean_loss.device)]).tolist()
         # Under fp16 loss scaling an inf gradient is the scaler's business: it skips the step.
         finite = math.isfinite(step_loss) and (math.isfinite(grad_norm)
                                                or accelerator.scaler is not None)
