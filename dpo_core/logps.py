@@ -1,17 +1,21 @@
 """Sequence log-probabilities of preference pairs under a causal LM.
 
-Three entry points, all returning fp32 sums of response-token log-probs:
+Entry points, all returning fp32 sums of response-token log-probs:
 
 - `sequence_logps(logits, labels)`: from logits you already have.
 - `concatenated_forward(model, batch)`: chosen and rejected stacked into one forward of 2B rows.
 - `prefix_shared_forward(model, batch)`: one row per pair, `[prompt | chosen | rejected]`, with a
   4D attention mask so the prompt is encoded once (arXiv 2410.20305). Same numbers, fewer tokens.
+- `padding_free_forward`, `padding_free_prefix_shared_forward`: the whole micro-batch as one
+  row of real tokens (`dpo_core/packing.py`). Same numbers, no padding.
 
-Memory: the log-softmax over the vocabulary is never materialised. Each label's log-prob is its
-logit minus a logsumexp computed over a chunk of tokens at a time, upcast to fp32 per chunk only;
-a custom autograd function recomputes the softmax chunk by chunk in backward. Both forwards ask
-the model for logits only at positions whose next token is a label (`logits_to_keep` as a 2D
-boolean mask, transformers 5), so prompt and padding positions never reach the LM head.
+Memory: no `[tokens, vocab]` logits tensor is ever built. The model's own head projects no
+position (`logits_to_keep` as an empty index, which every transformers 5 takes); the decoder's
+hidden states at label-predicting positions are gathered and `head_label_logps` projects them a
+chunk at a time, each label's log-prob its logit minus a logsumexp in fp32, with a custom
+backward (frozen linear head) or per-chunk recomputation (any other head). Models whose logits
+are post-processed (soft-capping, scaling) are asked for their full logits instead, and
+`sequence_logps` works on given logits with the same chunking.
 
 `model` may be a Hugging Face causal LM, a PEFT model, or an Accelerate/DDP wrapper of either:
 it is always called at the top level so DDP hooks, autocast wrappers and
