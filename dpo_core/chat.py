@@ -14,11 +14,10 @@ import torch
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
 from dpo_core.chat_config import ChatConfig
-from dpo_core.config import RUN_PLAN_KEY
+from dpo_core.config import CHAT_TEMPLATE_MODES, RUN_PLAN_KEY
 from dpo_core.generation import until_stop
 from dpo_core.run_files import CONFIG_FILE, read_json
 from dpo_core.tokenization import (
-    CHAT_TEMPLATE_MODES,
     encode_prompt,
     resolve_chat_template,
     stop_token_ids,

@@ -40,6 +40,15 @@ MODEL, LORA, DATA, TRAIN, LOSS, LOG = (
 SPEED = "speed and memory"
 
 
+# Choices shared by train.py, chat.py and the modules that act on them.
+QUANTIZATION_MODES = ("auto", "4bit", "none")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+CHAT_TEMPLATE_MODES = ("auto", "none")
+TRACKERS = ("none", "tensorboard", "wandb")
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+NLL_NORMALIZATIONS = ("tokens", "pairs")
+
+
 @dataclass
 class TrainConfig:
     # -- model ------------------------------------------------------------------------------
@@ -59,7 +68,7 @@ class TrainConfig:
         "Base weights: 'auto' = 4-bit NF4 QLoRA when CUDA is present, none on CPU; '4bit' "
         "forces QLoRA (bitsandbytes also runs it on CPU); 'none' trains on full-precision weights.",
         MODEL,
-        choices=["auto", "4bit", "none"],
+        choices=QUANTIZATION_MODES,
     )
     no_quantization: bool = _arg(False, "Same as --quantization none (original flag).", MODEL)
     dtype: str = _arg(
@@ -67,7 +76,7 @@ class TrainConfig:
         "Compute dtype: 'auto' = bfloat16 on GPUs that support it, float16 on older GPUs, "
         "float32 on CPU.",
         MODEL,
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=DTYPE_NAMES,
     )
     gradient_checkpointing: bool | None = _arg(
         None,
@@ -133,7 +142,7 @@ class TrainConfig:
         "'auto' renders prompt and replies with the tokenizer's chat template when it has one "
         "(and trains its end-of-turn token); 'none' uses plain text.",
         DATA,
-        choices=["auto", "none"],
+        choices=CHAT_TEMPLATE_MODES,
     )
     skip_bad_rows: bool = _arg(
         False, "Drop malformed rows (and print how many and why) instead of stopping.", DATA
@@ -203,7 +212,7 @@ class TrainConfig:
         "f-DPO: the divergence from the reference (reverse_kl = DPO). Applies to sigmoid, "
         "sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, rpo, sft.",
         LOSS,
-        choices=["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"],
+        choices=F_DIVERGENCE_TYPES,
     )
     f_alpha_divergence_coef: float = _arg(
         0.5, "alpha of --f_divergence_type alpha_divergence (1 = reverse_kl).", LOSS
@@ -213,7 +222,7 @@ class TrainConfig:
         "The NLL term of sft, rpo, cpo and orpo: 'tokens' averages over every chosen token of "
         "the micro-batch (trl); 'pairs' averages each pair's per-token NLL over the pairs.",
         LOSS,
-        choices=["tokens", "pairs"],
+        choices=NLL_NORMALIZATIONS,
     )
     orpo_alpha: float = _arg(
         0.1,
@@ -294,7 +303,7 @@ class TrainConfig:
         "Also send the train/ and eval/ metrics to an experiment tracker through Accelerate "
         "(install it with pip install 'dpo-core[tensorboard]' or 'dpo-core[wandb]').",
         LOG,
-        choices=["none", "tensorboard", "wandb"],
+        choices=TRACKERS,
     )
     num_sample_prompts: int = _arg(
         4,

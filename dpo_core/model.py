@@ -33,6 +33,28 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 POLICY_ADAPTER, REFERENCE_ADAPTER = "default", "reference"
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model` in eval mode (dropout off) inside the block, then in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def base_model_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP/Accelerate/compile wrappers and a PEFT model: for
+    reading its config, signature, modules and weights (a wrapped model is still what is
+    called)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    get_base_model = getattr(inner, "get_base_model", None)  # PEFT
+    return get_base_model() if callable(get_base_model) else inner
+
+
 class ModelLoadError(UserError, RuntimeError):
     """The model or tokenizer could not be loaded; the message names it and says what to do."""
 

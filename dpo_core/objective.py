@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from dpo_core.logps import concatenated_forward
+from dpo_core.logps import LogpsFn, concatenated_forward
 from dpo_core.loss import LossSettings, loss_settings_of, preference_loss
 from dpo_core.reference import ReferenceContext, adapter_disabled
-
-LogpsFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
 
 
 def response_lengths(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,12 +31,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from transformers import PreTrainedTokenizerBase
 
-from dpo_core.config import ConfigError, TrainConfig
+from dpo_core.config import TRACKERS, ConfigError, TrainConfig
 from dpo_core.generation import generate_replies
 from dpo_core.reference import ReferenceContext, adapter_disabled
 from dpo_core.run_files import CURVES_FILE, LOG_FILE, METRICS_FILE, read_run_plan
 
-TRACKERS = ("none", "tensorboard", "wandb")
 TRACKER_PROJECT = "dpo"  # the wandb project; TensorBoard writes to output_dir/tensorboard/dpo
 TENSORBOARD_DIR = "tensorboard"
 SPLITS = ("train", "eval")

@@ -61,10 +61,10 @@ from jinja2.exceptions import TemplateError
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from dpo_core.config import CHAT_TEMPLATE_MODES
 from dpo_core.data import DataError, DropCounts, PreferencePair
 
 IGNORE_INDEX = -100
-CHAT_TEMPLATE_MODES = ("auto", "none")
 Messages = list[dict[str, str]]
 Prompt = Messages | str
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.console import logger
 from dpo_core.data import load_pairs, split_pairs
+from dpo_core.run_files import SAMPLES_FILE
 from dpo_core.tokenization import TokenizedPair, pair_view, tokenize_pairs
 from dpo_core.training_signal import check_identical_pairs
 
@@ -37,6 +38,9 @@ def build_training_data(config: TrainConfig, tokenizer, use_chat_template: bool,
         _report_drops(config.eval_dataset, eval_drops)
     else:
         train_pairs, eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
+    if config.num_sample_prompts and not eval_pairs:
+        logger.warning(f"No {SAMPLES_FILE}: its prompts come from the eval set, and this run "
+                       "has none (--eval_fraction 0 and no --eval_dataset).")
     lengths = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
                "use_chat_template": use_chat_template, "skip_bad_rows": config.skip_bad_rows}
     tokenized = {}

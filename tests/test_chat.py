@@ -18,7 +18,7 @@ from dpo_core.chat import (
 )
 from dpo_core.config import RUN_PLAN_KEY
 from dpo_core.generation import generate_replies
-from dpo_core.tiny import tiny_llama
+from dpo_core.testing import tiny_llama
 from dpo_core.tokenization import encode_prompt
 
 

@@ -37,7 +37,7 @@ from dpo_core.model import (
 from dpo_core.objective import PreferenceObjective
 from dpo_core.reference import AdapterSwitched
 from dpo_core.reference_cache import reference_cache_key, weights_fingerprint
-from dpo_core.tiny import tiny_llama
+from dpo_core.testing import tiny_llama
 from dpo_core.tokenization import PreferenceCollator, tokenize_pairs
 from dpo_core.training_data import build_training_data
 

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from dpo_core.config import TrainConfig
 from dpo_core.console import configure_console
 from dpo_core.data import DataError, PreferencePair, load_pairs, to_pair
-from dpo_core.tiny import LLAMA3_SPLIT_PATTERN, train_tokenizer
+from dpo_core.testing import LLAMA3_SPLIT_PATTERN, train_tokenizer
 from dpo_core.tokenization import (
     PreferenceCollator,
     TokenizedPair,

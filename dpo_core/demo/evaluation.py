@@ -26,6 +26,7 @@ from dpo_core.data import PreferencePair
 from dpo_core.demo.paths import eval_file
 from dpo_core.demo.task import generation_accuracy, implicit_reward_accuracy, preference_accuracy
 from dpo_core.logps import concatenated_forward
+from dpo_core.model import eval_mode
 from dpo_core.tokenization import PreferenceCollator, tokenize_pairs
 
 # Demo pairs are about 30 tokens; these limits never cut one (checked: none may be dropped).
@@ -62,17 +63,15 @@ def pair_logps(
     pad_id = tokenizer.pad_token_id
     collate = PreferenceCollator(tokenizer.eos_token_id if pad_id is None else pad_id)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     chosen, rejected = [], []
-    for start in range(0, len(tokenized), BATCH_SIZE):
-        batch = collate(tokenized[start : start + BATCH_SIZE])
-        chosen_logps, rejected_logps = concatenated_forward(
-            model, {key: value.to(device) for key, value in batch.items()}
-        )
-        chosen.append(chosen_logps.cpu())
-        rejected.append(rejected_logps.cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(tokenized), BATCH_SIZE):
+            batch = collate(tokenized[start : start + BATCH_SIZE])
+            chosen_logps, rejected_logps = concatenated_forward(
+                model, {key: value.to(device) for key, value in batch.items()}
+            )
+            chosen.append(chosen_logps.cpu())
+            rejected.append(rejected_logps.cpu())
     return torch.cat(chosen), torch.cat(rejected)
 
 

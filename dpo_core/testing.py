@@ -1,4 +1,5 @@
-"""Tiny tokenizers and Llama models built locally, for tests, benchmarks and the demo.
+"""Test machinery that ships with the package (as `numpy.testing` does): tiny tokenizers and
+Llama models built locally, for the tests, the benchmarks and the demo asset builder.
 
 Nothing here touches the Hugging Face Hub: the tokenizer is trained with `tokenizers`
 on text the caller supplies, the model is built from a config with random weights.
