@@ -538,6 +538,11 @@ def _checked_value(f: dataclasses.Field, value: Any, where: str) -> Any:
             return None
         raise ConfigError(f"{where} cannot be null")
     base = type_name.replace(" | None", "")
+    if base == "str" and isinstance(value, list) and all(
+            isinstance(v, str | int | float) and not isinstance(v, bool) for v in value):
+        # Comma-separated settings (--loss_type, --loss_weights, --lora_target_modules) may
+        # be written as YAML lists.
+        value = ",".join(str(v) for v in value)
     if base in ("int", "float") and isinstance(value, str):
         # PyYAML reads 1e-4 (no dot) as a string; take numbers written as on the command line.
         try:
