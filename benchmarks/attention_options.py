@@ -35,7 +35,7 @@ from dpo_core.logps import (
 )
 from dpo_core.model import add_lora
 from dpo_core.packing import use_packed_attention
-from dpo_core.tiny import tiny_llama
+from dpo_core.testing import tiny_llama
 from dpo_core.tokenization import PreferenceCollator, TokenizedPair
 
 

@@ -153,7 +153,7 @@ def visiting_order(spec: dict) -> dict:
     truncated, _ = tokenize_pairs(tokenizer, file_pairs, max_length=spec["max_length"],
                                   max_prompt_length=spec["max_prompt_length"], **lengths)
     whole, _ = tokenize_pairs(tokenizer, file_pairs, max_length=10**9,
-                              max_prompt_length=10**9, **lengths)
+                              max_prompt_length=10**9 - 1, **lengths)
 
     def key(pair) -> tuple:
         return (tuple(pair.prompt_ids), tuple(pair.chosen_ids), tuple(pair.rejected_ids))

@@ -31,7 +31,7 @@ def _lora_model(attn_implementation: str, dtype, layers: int = 2):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from dpo_core.tiny import tiny_llama
+    from dpo_core.testing import tiny_llama
 
     base = tiny_llama(vocab_size=32000, hidden_size=512, num_layers=layers, num_heads=8,
                       num_kv_heads=4, attn_implementation=attn_implementation)

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from dpo_core import logps
     from dpo_core.model import add_lora
     from dpo_core.packing import use_packed_attention
-    from dpo_core.tiny import tiny_llama
+    from dpo_core.testing import tiny_llama
     from dpo_core.tokenization import PreferenceCollator, TokenizedPair
 
     torch.manual_seed(0)

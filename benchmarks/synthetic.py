@@ -166,7 +166,7 @@ def _target_lengths(data: str, max_length: int, rng: random.Random) -> tuple[int
 
 def build_assets(preset: str, data: str, num_pairs: int, max_length: int, workdir: Path) -> dict:
     """Tokenizer + random model saved like a Hub checkpoint, and a JSONL of pairs (cached)."""
-    from dpo_core.tiny import tiny_llama, train_tokenizer
+    from dpo_core.testing import tiny_llama, train_tokenizer
 
     shape = MODEL_PRESETS[preset]
     model_dir = workdir / f"model-{preset}"

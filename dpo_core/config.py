@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpo_core.loss import validate_loss_options
+from dpo_core.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting, or a combination of settings, that cannot work; the message says which."""
 
 
@@ -40,18 +40,35 @@ MODEL, LORA, DATA, TRAIN, LOSS, LOG = (
 SPEED = "speed and memory"
 
 
+# Choices shared by train.py, chat.py and the modules that act on them.
+QUANTIZATION_MODES = ("auto", "4bit", "none")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+CHAT_TEMPLATE_MODES = ("auto", "none")
+TRACKERS = ("none", "tensorboard", "wandb")
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+NLL_NORMALIZATIONS = ("tokens", "pairs")
+
+
 @dataclass
 class TrainConfig:
     # -- model ------------------------------------------------------------------------------
     model_name: str = _arg(
         "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "Hub id or local directory of the base model.", MODEL
     )
+    adapter_path: str | None = _arg(
+        None,
+        "Start from this trained LoRA adapter of --model_name (a local directory or Hub id, "
+        "e.g. an SFT adapter): the policy trains it, and the reference is the adapter as "
+        "loaded, frozen, on the same base. Its own rank, alpha and targets replace the --lora_* "
+        "flags.",
+        MODEL,
+    )
     quantization: str = _arg(
         "auto",
         "Base weights: 'auto' = 4-bit NF4 QLoRA when CUDA is present, none on CPU; '4bit' "
         "forces QLoRA (bitsandbytes also runs it on CPU); 'none' trains on full-precision weights.",
         MODEL,
-        choices=["auto", "4bit", "none"],
+        choices=QUANTIZATION_MODES,
     )
     no_quantization: bool = _arg(False, "Same as --quantization none (original flag).", MODEL)
     dtype: str = _arg(
@@ -59,7 +76,7 @@ class TrainConfig:
         "Compute dtype: 'auto' = bfloat16 on GPUs that support it, float16 on older GPUs, "
         "float32 on CPU.",
         MODEL,
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=DTYPE_NAMES,
     )
     gradient_checkpointing: bool | None = _arg(
         None,
@@ -82,6 +99,13 @@ class TrainConfig:
         MODEL,
     )
     # -- LoRA -------------------------------------------------------------------------------
+    finetuning_type: str = _arg(
+        "lora",
+        "'lora' trains an adapter (fresh, or --adapter_path); 'full' trains every weight, with "
+        "fp32 master weights, and saves the whole model (no 4-bit: see README).",
+        LORA,
+        choices=["lora", "full"],
+    )
     lora_r: int = _arg(16, "LoRA rank.", LORA)
     lora_alpha: int = _arg(32, "LoRA scaling numerator (scale = alpha / r).", LORA)
     lora_dropout: float = _arg(0.05, "LoRA dropout (inactive while --disable_dropout).", LORA)
@@ -110,14 +134,15 @@ class TrainConfig:
     seed: int = _arg(42, "Seed for shuffling, the eval split, LoRA init and data order.", DATA)
     max_length: int = _arg(1024, "Longest prompt + response, in tokens.", DATA)
     max_prompt_length: int = _arg(
-        512, "Longest prompt, in tokens; longer prompts keep their end.", DATA
+        512, "Prompt tokens a pair keeps at least when it must be cut to --max_length (a prompt "
+        "loses only the leading tokens that must go).", DATA
     )
     chat_template: str = _arg(
         "auto",
-        "'auto' renders prompts with the tokenizer's chat template when it has one; 'none' "
-        "uses plain text.",
+        "'auto' renders prompt and replies with the tokenizer's chat template when it has one "
+        "(and trains its end-of-turn token); 'none' uses plain text.",
         DATA,
-        choices=["auto", "none"],
+        choices=CHAT_TEMPLATE_MODES,
     )
     skip_bad_rows: bool = _arg(
         False, "Drop malformed rows (and print how many and why) instead of stopping.", DATA
@@ -152,17 +177,61 @@ class TrainConfig:
     beta: float = _arg(0.1, "DPO temperature: strength of the KL pull toward the reference.", LOSS)
     loss_type: str = _arg(
         "sigmoid",
-        "Preference loss.",
+        "Preference loss, trl's names; several comma-separated make a weighted mixture "
+        "(e.g. sigmoid,bco_pair,sft). With a reference: sigmoid (DPO; cDPO with "
+        "--label_smoothing), robust, ipo, hinge, rpo (DPO + NLL of chosen), exo_pair, "
+        "nca_pair, bco_pair, sppo_hard, aot, aot_unpaired (sorted within the micro-batch), "
+        "apo_zero, apo_down, discopop, sigmoid_norm (length-normalised DPO). Without one: "
+        "simpo, orpo, cpo, and sft (the NLL term alone). The README's metrics table gives each "
+        "one's reward and step-1 value.",
         LOSS,
-        choices=["sigmoid", "robust", "ipo", "hinge", "rpo", "simpo"],
+    )
+    loss_weights: str | None = _arg(
+        None,
+        "Comma-separated weight per --loss_type, e.g. 0.8,0.2,1.0 (MPO); default all 1.",
+        LOSS,
     )
     label_smoothing: float = _arg(
-        0.0, "Assumed label-noise rate: conservative DPO (sigmoid) or robust DPO.", LOSS
+        0.0,
+        "Assumed label-noise rate eps in [0, 0.5): conservative DPO (sigmoid, rpo, cpo; trl's "
+        "sigmoid has none), robust DPO, aot, aot_unpaired; exo_pair's eps (needs > 0, paper: "
+        "1e-3).",
+        LOSS,
     )
     rpo_alpha: float = _arg(
         1.0, "Weight of the chosen-response NLL term for --loss_type rpo.", LOSS
     )
-    simpo_gamma: float = _arg(0.5, "Target reward margin for --loss_type simpo.", LOSS)
+    simpo_gamma: float = _arg(
+        0.5, "Target reward margin for --loss_type simpo (the paper's gamma, as trl's).", LOSS
+    )
+    discopop_tau: float = _arg(
+        0.05, "Temperature of --loss_type discopop's blend (trl's and the paper's default).", LOSS
+    )
+    f_divergence_type: str = _arg(
+        "reverse_kl",
+        "f-DPO: the divergence from the reference (reverse_kl = DPO). Applies to sigmoid, "
+        "sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, rpo, sft.",
+        LOSS,
+        choices=F_DIVERGENCE_TYPES,
+    )
+    f_alpha_divergence_coef: float = _arg(
+        0.5, "alpha of --f_divergence_type alpha_divergence (1 = reverse_kl).", LOSS
+    )
+    nll_normalization: str = _arg(
+        "tokens",
+        "The NLL term of sft, rpo, cpo and orpo: 'tokens' averages over every chosen token of "
+        "the micro-batch (trl); 'pairs' averages each pair's per-token NLL over the pairs.",
+        LOSS,
+        choices=NLL_NORMALIZATIONS,
+    )
+    orpo_alpha: float = _arg(
+        0.1,
+        "Weight lambda of ORPO's odds-ratio term (trl's ORPOConfig.beta); --loss_type orpo.",
+        LOSS,
+    )
+    cpo_alpha: float = _arg(
+        1.0, "Weight of CPO's NLL (behaviour cloning) term for --loss_type cpo, as trl.", LOSS
+    )
     reference_free: bool = _arg(
         False, "Use a uniform reference (log-prob 0) instead of the base model.", LOSS
     )
@@ -217,6 +286,12 @@ class TrainConfig:
     eval_steps: int = _arg(50, "Evaluate every N optimizer steps (0 = only at the end).", LOG)
     save_steps: int = _arg(100, "Save a resumable checkpoint every N steps (0 = never).", LOG)
     save_total_limit: int = _arg(2, "Keep only the newest N checkpoints (0 = keep all).", LOG)
+    save_on_interrupt: bool = _arg(
+        True,
+        "On Ctrl-C, finish the current step, save a checkpoint and print how to resume "
+        "(a second Ctrl-C stops at once).",
+        LOG,
+    )
     resume_from_checkpoint: str | None = _arg(
         None, "A checkpoint directory, or 'latest' for the newest in --output_dir.", LOG
     )
@@ -226,9 +301,9 @@ class TrainConfig:
     report_to: str = _arg(
         "none",
         "Also send the train/ and eval/ metrics to an experiment tracker through Accelerate "
-        "(install it with pip install 'dpo[tensorboard]' or 'dpo[wandb]').",
+        "(install it with pip install 'dpo-core[tensorboard]' or 'dpo-core[wandb]').",
         LOG,
-        choices=["none", "tensorboard", "wandb"],
+        choices=TRACKERS,
     )
     num_sample_prompts: int = _arg(
         4,
@@ -242,6 +317,9 @@ class TrainConfig:
         "Offline demo: the bundled tiny model and arithmetic preference data, tuned settings, "
         "a before/after table. Flags given explicitly still win.",
         LOG,
+    )
+    debug: bool = _arg(
+        False, "Show the full traceback of an error (also DPO_DEBUG=1).", LOG
     )
 
     def __post_init__(self) -> None:
@@ -267,6 +345,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the flag for settings that cannot work."""
+        # imports torch: not needed for --help
+        from dpo_core.loss import loss_settings_of, validate_loss_options
+
+        check_finite(self)
         checks = [
             (self.beta > 0, "--beta must be > 0"),
             (self.batch_size >= 1, "--batch_size must be >= 1"),
@@ -284,6 +366,9 @@ class TrainConfig:
                 f"--max_length ({self.max_length}), or no response token would fit",
             ),
             (self.lora_r >= 1, "--lora_r must be >= 1"),
+            (self.lora_alpha >= 1, "--lora_alpha must be >= 1 (0 would scale the adapter to "
+             "nothing: zero gradient)"),
+            (self.weight_decay >= 0, "--weight_decay must be >= 0"),
             (0 <= self.lora_dropout < 1, "--lora_dropout must be in [0, 1)"),
             (bool(self.target_modules), "--lora_target_modules names no module"),
             (self.max_grad_norm >= 0, "--max_grad_norm must be >= 0"),
@@ -304,22 +389,63 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self._validate_finetuning_type()
         try:  # the loss module's own checks, reported like every other bad setting
             validate_loss_options(
-                self.loss_type, reference_free=self.reference_free,
-                label_smoothing=self.label_smoothing, beta=self.beta, rpo_alpha=self.rpo_alpha,
-                simpo_gamma=self.simpo_gamma,
+                loss_settings_of(self), reference_free=self.reference_free,
                 precompute_ref_log_probs=bool(self.precompute_ref_log_probs))
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        for flag in ("model_name", "dataset_name", "eval_dataset"):
+        for flag in ("model_name", "adapter_path", "dataset_name", "eval_dataset"):
             value = getattr(self, flag)
             if value and _looks_like_path(value) and not os.path.exists(value):
                 raise ConfigError(f"--{flag}: path {value!r} does not exist")
+        check_writable_dir("--output_dir", self.output_dir)
+
+    def _validate_finetuning_type(self) -> None:
+        if self.finetuning_type != "full":
+            return
+        if self.quantization == "4bit":
+            raise ConfigError(
+                "--finetuning_type full cannot train 4-bit weights: NF4 weights are frozen "
+                "integer codes with no gradient or optimizer state (QLoRA trains an adapter "
+                "beside them). Use --quantization none, or --finetuning_type lora for 4-bit.")
+        if self.adapter_path:
+            raise ConfigError(
+                "--adapter_path trains a LoRA adapter; for --finetuning_type full, merge the "
+                "adapter into its base first (PeftModel.merge_and_unload) and pass the merged "
+                "model as --model_name.")
+        if self.merge_adapter:
+            raise ConfigError("--merge_adapter merges a LoRA adapter; --finetuning_type full "
+                              "already saves the whole model to --output_dir.")
 
     def to_json(self, path: str) -> None:
         with open(path, "w") as f:
             json.dump(dataclasses.asdict(self), f, indent=2)
+
+
+def check_finite(config: Any) -> None:
+    """Every float setting of a config dataclass must be a finite number: argparse's float()
+    takes 'nan' and 'inf', which no setting here can use."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name} must be a finite number, got {value}")
+
+
+def check_writable_dir(flag: str, path: str) -> None:
+    """`path` is, or can be created as, a directory this process can write into."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag} {path!r} is a file, not a directory; choose another path")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{flag} {path!r}: {existing!r} is a file, so no directory can be "
+                          "made there; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path!r}: {existing!r} is not writable; choose a directory "
+                          "you can write to")
 
 
 def _looks_like_path(value: str) -> bool:

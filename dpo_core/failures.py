@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dpo_core.checkpoint import checkpoint_dirs
 from dpo_core.config import TrainConfig
+from dpo_core.errors import RunFailure
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunFailure, RuntimeError):
     """The loss or the gradient stopped being finite; the message names the step."""
 
 
-class DeviceMemoryError(RuntimeError):
+class DeviceMemoryError(RunFailure, RuntimeError):
     """The accelerator ran out of memory; the message names the step and what to change."""
 
 
@@ -37,3 +38,10 @@ def out_of_memory_message(config: TrainConfig, step: int, checkpointing: bool) -
     parts.append(("Or start" if not checkpointing else "Start") + " over (--overwrite_output_dir)"
                  " with " + " or ".join(restart) + ".")
     return " ".join(parts)
+
+
+def nonfinite_error(step: int, loss: float, grad_norm: float, output_dir: str) -> NonFiniteError:
+    return NonFiniteError(
+        f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; stopping. "
+        f"{last_checkpoint_note(output_dir)} Try a lower --learning_rate, or "
+        "--skip_nonfinite_steps N to skip such steps, and --resume_from_checkpoint latest.")

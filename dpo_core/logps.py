@@ -25,15 +25,17 @@ it is always called at the top level so DDP hooks, autocast wrappers and
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from dpo_core.console import logger
+from dpo_core.model import base_model_of
 from dpo_core.packing import (
     PACKED_ATTENTION,
     PackedRow,
@@ -41,8 +43,7 @@ from dpo_core.packing import (
     pack_sequences,
     use_packed_attention,
 )
-
-IGNORE_INDEX = -100
+from dpo_core.tokenization import IGNORE_INDEX
 
 # fp32 elements per chunk of the logsumexp (16 MiB): large enough to keep the kernels efficient,
 # small enough that the per-chunk upcast is negligible next to the logits themselves.
@@ -62,6 +63,9 @@ PAIR_FIELDS = (
     "rejected_attention_mask",
     "rejected_labels",
 )
+
+# (model, batch) -> (chosen_logps [B], rejected_logps [B]), fp32 sums over response tokens.
+LogpsFn = Callable[[torch.nn.Module, dict], tuple[Tensor, Tensor]]
 
 
 class _LabelLogProbs(torch.autograd.Function):
@@ -228,22 +232,11 @@ def sequence_logps(logits: Tensor, labels: Tensor) -> Tensor:
     )
 
 
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP/Accelerate/compile wrappers and a PEFT model.
-
-    Read to inspect its signature and config and to find its decoder and LM head; the model
-    itself is always called at the top level.
-    """
-    inner = extract_model_from_parallel(model)
-    get_base_model = getattr(inner, "get_base_model", None)  # PEFT
-    return get_base_model() if callable(get_base_model) else inner
-
-
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """(decoder, LM head) of a causal LM whose logits are just `lm_head(decoder(...)[0])`, or
     None: models without `logits_to_keep`, without a separate decoder, or that post-process
     their logits (LOGIT_POSTPROCESSING) take the full-logits path."""
-    base = _unwrapped(model)
+    base = base_model_of(model)
     config = getattr(base, "config", None)
     if "logits_to_keep" not in inspect.signature(base.forward).parameters or any(
         getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_POSTPROCESSING
@@ -584,7 +577,7 @@ class PaddingFreeCollator:
 
 
 def _attn_implementation(model: torch.nn.Module) -> str | None:
-    return getattr(getattr(_unwrapped(model), "config", None), "_attn_implementation", None)
+    return getattr(getattr(base_model_of(model), "config", None), "_attn_implementation", None)
 
 
 # Prefix sharing feeds fewer tokens but attends over rows about twice as long (with a dense
@@ -626,7 +619,7 @@ def resolve_padding_free(requested: bool | None, attn_implementation: str | None
 def use_padding_free(model: torch.nn.Module, requested: bool | None) -> bool:
     """Resolve --padding_free for `model`; when on and the model uses SDPA, switch it to the
     per-block packed SDPA attention (the same numbers for every other input)."""
-    base = _unwrapped(model)
+    base = base_model_of(model)
     attn_implementation = _attn_implementation(model)
     on_cuda = any(p.device.type == "cuda" for p in base.parameters())
     padding_free = resolve_padding_free(requested, attn_implementation, on_cuda)
@@ -658,3 +651,22 @@ PADDING_FREE_LOGPS_FNS = {"off": padding_free_forward,
 def logps_fn_for(prefix_sharing: str, padding_free: bool):
     """The log-prob function for a resolved prefix-sharing mode and padding-free setting."""
     return (PADDING_FREE_LOGPS_FNS if padding_free else LOGPS_FNS)[prefix_sharing]
+
+
+def resolve_forward(model: torch.nn.Module, padding_free: bool | None,
+                    prefix_sharing: bool | None) -> tuple[bool, str, LogpsFn]:
+    """--padding_free and --prefix_sharing resolved for `model` (a flag asked for that the
+    model's attention cannot do is said, and dropped) -> (padding_free, prefix-sharing mode,
+    the log-prob function that runs them)."""
+    attn_implementation = _attn_implementation(model)
+    packed = use_padding_free(model, padding_free)
+    if padding_free and not packed:
+        logger.warning(f"--padding_free needs attn_implementation sdpa or eager (or "
+                       f"flex_attention on CUDA), and this model uses {attn_implementation!r}: "
+                       "padding as before.")
+    mode = resolve_prefix_sharing(prefix_sharing, attn_implementation, packed)
+    if prefix_sharing and mode == "off":
+        logger.warning(f"--prefix_sharing needs attn_implementation sdpa or eager, and this "
+                       f"model uses {attn_implementation!r}: using the standard two-row forward "
+                       "instead.")
+    return packed, mode, logps_fn_for(mode, packed)

@@ -1,4 +1,4 @@
-"""The preference-loss family: DPO and its common variants, written out by hand.
+"""The preference-loss family: DPO and its variants, written out by hand.
 
 Every loss takes per-sequence log-probabilities (sums over the response tokens, shape [B])
 and returns ``(losses, chosen_rewards, rejected_rewards)``, each of shape [B]. The losses are
@@ -6,26 +6,103 @@ per example; the caller takes the mean. The rewards are ``beta`` times the log-r
 itself compares (``log pi - log pi_ref``, per token where the loss normalises by length), and
 they are detached: they are for logging and accuracy only, never for gradients.
 
+Batch-wide terms. Two kinds of loss look at the whole micro-batch, not at one pair:
+``aot``/``aot_unpaired`` sort the log-ratios within it, and the NLL term of ``sft``, ``rpo``,
+``cpo`` and ``orpo`` pools all chosen tokens of it (``nll_normalization="tokens"``, trl's
+cross-entropy over the batch). Both still return [B] tensors whose mean is the batch loss, so
+the trainer's "sum over pairs / pairs in the step" stays the right gradient. As in trl, the
+batch is the micro-batch on one process: with gradient accumulation or several processes each
+micro-batch is sorted and pooled on its own (nothing is gathered).
+
 Notation used in the docstrings, per example:
     pc, pr   policy log-probs of the chosen / rejected response
     rc, rr   reference log-probs of the chosen / rejected response (0 when reference-free)
     lc, lr   response lengths in tokens (labels != -100)
-    h        = (pc - rc) - (pr - rr), the DPO logit; beta * h is the implicit reward margin
+    c, r     = pc - rc and pr - rr, the log-ratios of each side
+    h        = c - r, the DPO logit; beta * h is the implicit reward margin
     eps      = label_smoothing
+    f        the f-divergence score of a log-ratio (identity for reverse KL, i.e. plain DPO)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "rpo", "simpo")
+from dpo_core.config import F_DIVERGENCE_TYPES, NLL_NORMALIZATIONS
 
+LOSS_TYPES = (
+    "sigmoid", "robust", "ipo", "hinge", "rpo", "simpo", "exo_pair", "nca_pair", "bco_pair",
+    "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm",
+    "sft", "orpo", "cpo",
+)
+# Defined without a reference model: they never take one.
+REFERENCE_FREE_LOSSES = ("simpo", "orpo", "cpo")
+# sft is the NLL term alone: it uses no reference either, and mixes with any loss.
+_NO_REFERENCE = (*REFERENCE_FREE_LOSSES, "sft")
 # Losses whose formula has a label-noise term; any other loss would silently ignore it.
-_LOSSES_WITH_LABEL_SMOOTHING = ("sigmoid", "robust", "rpo")
+_LOSSES_WITH_LABEL_SMOOTHING = ("sigmoid", "robust", "rpo", "exo_pair", "aot", "aot_unpaired",
+                                "cpo")
+# trl's list (the f-DPO derivation only holds for losses of the chosen - rejected score
+# difference), plus rpo, which is sigmoid + sft here.
+_F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
+                        "discopop", "sft", "rpo")
+# Largest exponent of alpha_divergence's exp(.) per dtype, as trl clamps it (beyond it the
+# score is constant and its gradient 0).
+_ALPHA_EXP_CLAMP = {torch.float16: 11.0, torch.bfloat16: 80.0, torch.float32: 80.0,
+                    torch.float64: 700.0}
+
+
+@dataclass(frozen=True)
+class FDivergence:
+    """The f-divergence of f-DPO (Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct
+    Preference Optimization with Diverse Divergence Constraints", arXiv:2309.16240).
+
+    DPO's implicit reward log(pi/pi_ref) becomes f'(pi/pi_ref); with u = log(pi/pi_ref) the
+    scores are, as trl 1.16 writes them:
+        reverse_kl        u                               (plain DPO)
+        forward_kl        1 - exp(-u)
+        js_divergence     ln 2 + log sigmoid(u)           (= ln(2t / (1 + t)), t = e^u)
+        alpha_divergence  (exp((alpha - 1) u) - 1) / (alpha - 1), reverse_kl at alpha = 1
+    Every score is 0 at u = 0, so at step 1 (policy = reference) every loss keeps its value.
+    """
+
+    kind: str = "reverse_kl"
+    alpha_coef: float = 0.5
+
+    def scores(self, log_ratios: Tensor) -> Tensor:
+        """f'(pi/pi_ref) of summed log-ratios [B] -> [B]."""
+        if self.kind == "reverse_kl" or (
+                self.kind == "alpha_divergence" and abs(self.alpha_coef - 1.0) < 1e-6):
+            return log_ratios
+        if self.kind == "forward_kl":
+            return 1.0 - torch.exp(-log_ratios)
+        if self.kind == "js_divergence":
+            return math.log(2.0) + F.logsigmoid(log_ratios)
+        if self.kind == "alpha_divergence":
+            shift = self.alpha_coef - 1.0
+            exponent = (shift * log_ratios).clamp(max=_ALPHA_EXP_CLAMP[log_ratios.dtype])
+            return torch.expm1(exponent) / shift
+        raise ValueError(f"unknown --f_divergence_type {self.kind!r}; choose one of "
+                         f"{', '.join(F_DIVERGENCE_TYPES)}")
+
+
+REVERSE_KL = FDivergence()
+
+
+def _per_token(values: Tensor, lengths: Tensor) -> Tensor:
+    """values [B] / lengths [B], refusing empty responses."""
+    if bool((lengths < 1).any()):
+        raise ValueError(
+            f"response lengths must be >= 1 token to length-normalise, got {lengths.tolist()}"
+        )
+    return values / lengths
 
 
 def _log_ratio(policy_logps: Tensor, reference_logps: Tensor | None,
@@ -36,13 +113,26 @@ def _log_ratio(policy_logps: Tensor, reference_logps: Tensor | None,
     response token, which is the same as dividing each sequence's log-prob by its length.
     """
     ratio = policy_logps if reference_logps is None else policy_logps - reference_logps
-    if lengths is None:
-        return ratio
-    if bool((lengths < 1).any()):
-        raise ValueError(
-            f"response lengths must be >= 1 token to length-normalise, got {lengths.tolist()}"
-        )
-    return ratio / lengths
+    return ratio if lengths is None else _per_token(ratio, lengths)
+
+
+def _score_margin(f_divergence: FDivergence, chosen_ratios: Tensor, rejected_ratios: Tensor,
+                  chosen_lengths: Tensor | None = None,
+                  rejected_lengths: Tensor | None = None) -> Tensor:
+    """f(c) - f(r) [B], each side divided by its length when lengths are given (trl takes
+    the score of the summed log-ratio, then divides)."""
+    chosen = f_divergence.scores(chosen_ratios)
+    rejected = f_divergence.scores(rejected_ratios)
+    if chosen_lengths is not None:
+        chosen, rejected = _per_token(chosen, chosen_lengths), _per_token(rejected,
+                                                                          rejected_lengths)
+    return chosen - rejected
+
+
+def _smoothed_sigmoid_loss(logits: Tensor, label_smoothing: float) -> Tensor:
+    """-(1 - eps) log sigmoid(z) - eps log sigmoid(-z) [B]: DPO's loss with cDPO smoothing."""
+    return -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(
+        -logits)
 
 
 def _detached_rewards(beta: float, chosen_ratios: Tensor,
@@ -57,6 +147,7 @@ def dpo_loss(
     reference_rejected_logps: Tensor | None,
     beta: float,
     label_smoothing: float = 0.0,
+    f_divergence: FDivergence = REVERSE_KL,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sigmoid DPO (Rafailov et al. 2023, arXiv:2305.18290), with conservative DPO for eps > 0.
 
@@ -66,6 +157,8 @@ def dpo_loss(
     implicit reward beta * log(pi / pi_ref). eps > 0 is cDPO (Mitchell 2023, "A note on DPO
     with noisy preferences"): each label is taken to be flipped with probability eps, so the
     loss stops pushing once beta * h reaches log((1 - eps) / eps). eps must be in [0, 0.5).
+    (trl 1.16's ``sigmoid`` has no eps; this project keeps cDPO deliberately: eps = 0 is
+    trl's loss.) With an f-divergence, h = f(c) - f(r).
 
     Worked example: pc - rc = ln 3, pr - rr = 0, beta = 1, eps = 0 gives h = ln 3,
     sigmoid(ln 3) = 3/4, loss = ln(4/3) ~ 0.2877. When policy == reference, h = 0 and the
@@ -79,10 +172,8 @@ def dpo_loss(
     """
     chosen_ratios = _log_ratio(policy_chosen_logps, reference_chosen_logps)
     rejected_ratios = _log_ratio(policy_rejected_logps, reference_rejected_logps)
-    logits = beta * (chosen_ratios - rejected_ratios)
-    losses = (
-        -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    )
+    logits = beta * _score_margin(f_divergence, chosen_ratios, rejected_ratios)
+    losses = _smoothed_sigmoid_loss(logits, label_smoothing)
     return (losses, *_detached_rewards(beta, chosen_ratios, rejected_ratios))
 
 
@@ -93,6 +184,7 @@ def robust_loss(
     reference_rejected_logps: Tensor | None,
     beta: float,
     label_smoothing: float,
+    f_divergence: FDivergence = REVERSE_KL,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO", arXiv:2403.00409).
 
@@ -111,7 +203,7 @@ def robust_loss(
         raise ValueError(f"robust loss needs label_smoothing in [0, 0.5), got {label_smoothing}")
     chosen_ratios = _log_ratio(policy_chosen_logps, reference_chosen_logps)
     rejected_ratios = _log_ratio(policy_rejected_logps, reference_rejected_logps)
-    logits = beta * (chosen_ratios - rejected_ratios)
+    logits = beta * _score_margin(f_divergence, chosen_ratios, rejected_ratios)
     losses = (
         -(1.0 - label_smoothing) * F.logsigmoid(logits) + label_smoothing * F.logsigmoid(-logits)
     ) / (1.0 - 2.0 * label_smoothing)
@@ -126,11 +218,12 @@ def ipo_loss(
     chosen_lengths: Tensor,
     rejected_lengths: Tensor,
     beta: float,
+    f_divergence: FDivergence = REVERSE_KL,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from
     Human Preferences", arXiv:2310.12036), on length-normalised log-ratios.
 
-        h_norm = (pc - rc) / lc - (pr - rr) / lr
+        h_norm = (pc - rc) / lc - (pr - rr) / lr      (f(c) / lc - f(r) / lr with f-DPO)
         loss   = (h_norm - 1 / (2 * beta)) ** 2
 
     A squared loss pulls the margin to a finite target instead of pushing it to infinity, so
@@ -142,12 +235,16 @@ def ipo_loss(
 
     Args: log-probs [B] (references may be None), lengths [B] (>= 1).
     Returns: (losses, chosen_rewards, rejected_rewards), each [B]; rewards are
-    beta * (per-token log-ratio), detached, so their margin is what the loss compares.
+    beta * (per-token log-ratio), detached, so their margin is what the loss compares
+    (trl 1.16 logs beta * the summed log-ratio for every loss, ipo included).
     """
-    chosen_ratios = _log_ratio(policy_chosen_logps, reference_chosen_logps, chosen_lengths)
-    rejected_ratios = _log_ratio(policy_rejected_logps, reference_rejected_logps, rejected_lengths)
-    losses = (chosen_ratios - rejected_ratios - 1.0 / (2.0 * beta)) ** 2
-    return (losses, *_detached_rewards(beta, chosen_ratios, rejected_ratios))
+    chosen_ratios = _log_ratio(policy_chosen_logps, reference_chosen_logps)
+    rejected_ratios = _log_ratio(policy_rejected_logps, reference_rejected_logps)
+    h_norm = _score_margin(f_divergence, chosen_ratios, rejected_ratios, chosen_lengths,
+                           rejected_lengths)
+    losses = (h_norm - 1.0 / (2.0 * beta)) ** 2
+    return (losses, *_detached_rewards(beta, _per_token(chosen_ratios, chosen_lengths),
+                                       _per_token(rejected_ratios, rejected_lengths)))
 
 
 def hinge_loss(
@@ -156,6 +253,7 @@ def hinge_loss(
     reference_chosen_logps: Tensor | None,
     reference_rejected_logps: Tensor | None,
     beta: float,
+    f_divergence: FDivergence = REVERSE_KL,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """SLiC-style hinge loss (Zhao et al. 2023, "SLiC-HF", arXiv:2305.10425).
 
@@ -170,8 +268,30 @@ def hinge_loss(
     """
     chosen_ratios = _log_ratio(policy_chosen_logps, reference_chosen_logps)
     rejected_ratios = _log_ratio(policy_rejected_logps, reference_rejected_logps)
-    losses = torch.relu(1.0 - beta * (chosen_ratios - rejected_ratios))
+    losses = torch.relu(1.0 - beta * _score_margin(f_divergence, chosen_ratios, rejected_ratios))
     return (losses, *_detached_rewards(beta, chosen_ratios, rejected_ratios))
+
+
+def chosen_nll(policy_chosen_logps: Tensor, chosen_lengths: Tensor,
+               nll_normalization: str = "tokens") -> Tensor:
+    """The chosen response's negative log-likelihood as per-pair terms [B] whose mean is it.
+
+    ``tokens`` (trl: a cross-entropy over every chosen token of the micro-batch):
+        NLL = sum(-pc) / sum(lc); pair i's term is -pc_i * B / sum(lc)
+    ``pairs`` (each pair's mean per-token NLL, then the mean over pairs):
+        pair i's term is -pc_i / lc_i
+    They agree when all chosen responses have one length; otherwise ``tokens`` weighs long
+    responses more. Worked example: pc = (-6, -1), lc = (3, 1): tokens 7/4 = 1.75 (terms 3
+    and 0.5), pairs (2 + 1) / 2 = 1.5.
+    """
+    per_token = _per_token(policy_chosen_logps, chosen_lengths)  # also refuses empty responses
+    if nll_normalization == "pairs":
+        return -per_token
+    if nll_normalization != "tokens":
+        raise ValueError(f"unknown --nll_normalization {nll_normalization!r}; choose one of "
+                         f"{', '.join(NLL_NORMALIZATIONS)}")
+    total_tokens = chosen_lengths.sum().to(policy_chosen_logps.dtype)
+    return -policy_chosen_logps * (len(policy_chosen_logps) / total_tokens)
 
 
 def rpo_loss(
@@ -183,28 +303,57 @@ def rpo_loss(
     beta: float,
     label_smoothing: float = 0.0,
     rpo_alpha: float = 1.0,
+    nll_normalization: str = "tokens",
+    f_divergence: FDivergence = REVERSE_KL,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """RPO: DPO plus an NLL term on the chosen response (Pang et al. 2024, "Iterative
     Reasoning Preference Optimization", arXiv:2404.19733).
 
-        loss = dpo_loss(...) + rpo_alpha * (-pc / lc)
+        loss = dpo_loss(...) + rpo_alpha * NLL(chosen)      (NLL as ``chosen_nll``)
 
     The NLL term keeps the chosen response's likelihood from falling while the margin grows
-    (plain DPO can lower both log-probs). It is the mean per-token NLL of the chosen response,
-    as trl computes it (the paper divides by the whole sequence length, prompt included).
+    (plain DPO can lower both log-probs). ``nll_normalization="tokens"`` (the default) pools
+    every chosen token of the micro-batch, as trl did (its ``rpo_alpha``; trl 1.16 writes the
+    same thing as ``loss_type=["sigmoid", "sft"], loss_weights=[1, rpo_alpha]``);
+    ``"pairs"`` averages each pair's per-token NLL. The paper divides by the whole sequence
+    length, prompt included.
 
     Worked example: beta = 1, h = ln 3, rpo_alpha = 0.5, pc = -6 over 3 tokens:
-    ln(4/3) + 0.5 * 2 ~ 1.2877.
+    ln(4/3) + 0.5 * 2 ~ 1.2877 (one pair: both normalisations agree).
 
     Args: log-probs [B] (references may be None), chosen_lengths [B] (>= 1).
     Returns: as ``dpo_loss``; the rewards are DPO's (the NLL term is not a reward).
     """
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-        reference_rejected_logps, beta, label_smoothing,
+        reference_rejected_logps, beta, label_smoothing, f_divergence,
     )
-    chosen_nll = -_log_ratio(policy_chosen_logps, None, chosen_lengths)
-    return losses + rpo_alpha * chosen_nll, chosen_rewards, rejected_rewards
+    nll = chosen_nll(policy_chosen_logps, chosen_lengths, nll_normalization)
+    return losses + rpo_alpha * nll, chosen_rewards, rejected_rewards
+
+
+def sft_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor | None,
+    reference_rejected_logps: Tensor | None,
+    chosen_lengths: Tensor,
+    beta: float,
+    nll_normalization: str = "tokens",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The NLL of the chosen response alone (supervised fine-tuning), for mixtures.
+
+        loss = NLL(chosen)      (``chosen_nll``; trl's ``sft``: pooled over the tokens)
+
+    Worked example: pc = (-6, -2), lc = (3, 1): 8 / 4 = 2 per token, per-pair terms (3, 1).
+
+    Returns: (losses [B], rewards as ``dpo_loss``): beta * (policy - reference), or
+    beta * policy log-prob when there is no reference.
+    """
+    chosen_ratios = _log_ratio(policy_chosen_logps, reference_chosen_logps)
+    rejected_ratios = _log_ratio(policy_rejected_logps, reference_rejected_logps)
+    losses = chosen_nll(policy_chosen_logps, chosen_lengths, nll_normalization)
+    return (losses, *_detached_rewards(beta, chosen_ratios, rejected_ratios))
 
 
 def simpo_loss(
@@ -221,9 +370,10 @@ def simpo_loss(
         loss = -log sigmoid(beta * pc / lc - beta * pr / lr - gamma)
 
     The reward is beta times the mean per-token log-prob: no reference model at all.
-    ``simpo_gamma`` is the paper's gamma, the target reward margin itself. (trl's CPOTrainer
-    takes gamma / beta instead, ``simpo_gamma`` there = gamma / beta here.) The paper tunes
-    beta in about 2 to 10 and gamma in about 0.3 to 1.6: far larger than DPO's usual beta.
+    ``simpo_gamma`` is the paper's gamma, the target reward margin itself, exactly as trl's
+    ``CPOConfig.simpo_gamma`` (trl subtracts simpo_gamma / beta inside beta * (.), which is
+    the same loss). The paper tunes beta in about 2 to 10 and gamma in about 0.3 to 1.6: far
+    larger than DPO's usual beta.
 
     Worked example: beta = 2, gamma = 0.5, pc = -4 over 4 tokens (-1 per token), pr = -5
     over 4 tokens (-1.25 per token): 2 * 0.25 - 0.5 = 0, loss = ln 2; rewards -2 and -2.5.
@@ -238,51 +388,500 @@ def simpo_loss(
     return (losses, *_detached_rewards(beta, chosen_per_token, rejected_per_token))
 
 
+def sigmoid_norm_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor | None,
+    reference_rejected_logps: Tensor | None,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    beta: float,
+    f_divergence: FDivergence = REVERSE_KL,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Length-normalised DPO, SimPO's length normalisation kept with a reference (trl's
+    ``sigmoid_norm``; Meng et al. 2024, arXiv:2405.14734).
+
+        loss = -log sigmoid(beta * (c / lc - r / lr))      (f(c) / lc - f(r) / lr with f-DPO)
+
+    Worked example: beta = 1, c = 3 ln 3 over 3 tokens, r = 0: -log sigmoid(ln 3) = ln(4/3).
+
+    Returns: as ``ipo_loss``: rewards are beta * per-token log-ratio (trl logs the sum).
+    """
+    chosen_ratios = _log_ratio(policy_chosen_logps, reference_chosen_logps)
+    rejected_ratios = _log_ratio(policy_rejected_logps, reference_rejected_logps)
+    h_norm = _score_margin(f_divergence, chosen_ratios, rejected_ratios, chosen_lengths,
+                           rejected_lengths)
+    losses = -F.logsigmoid(beta * h_norm)
+    return (losses, *_detached_rewards(beta, _per_token(chosen_ratios, chosen_lengths),
+                                       _per_token(rejected_ratios, rejected_lengths)))
+
+
+def exo_pair_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor | None,
+    reference_rejected_logps: Tensor | None,
+    beta: float,
+    label_smoothing: float,
+    f_divergence: FDivergence = REVERSE_KL,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """EXO, pairwise (Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model
+    Alignment", arXiv:2402.00856, Eq. 16): the reverse KL from the model's preference
+    distribution q = (sigmoid(z), sigmoid(-z)), z = beta * h, to the smoothed label
+    p = (1 - eps, eps):
+
+        loss = sigmoid(z) (log sigmoid(z) - log(1 - eps)) + sigmoid(-z) (log sigmoid(-z) - log eps)
+
+    eps must be > 0 (the paper suggests 1e-3). The loss is >= 0, and 0 exactly where the
+    model's preference probability equals 1 - eps.
+
+    Worked example: eps = 1/4, z = ln 3: q = (3/4, 1/4) = p, loss 0. z = 0:
+    (1/2) ln((1/2)/(3/4)) + (1/2) ln((1/2)/(1/4)) = (1/2) ln(4/3) ~ 0.1438.
+
+    Shapes and rewards as in ``dpo_loss``.
+    """
+    if not 0.0 < label_smoothing < 1.0:
+        raise ValueError(f"exo_pair needs label_smoothing in (0, 1), got {label_smoothing}")
+    chosen_ratios = _log_ratio(policy_chosen_logps, reference_chosen_logps)
+    rejected_ratios = _log_ratio(policy_rejected_logps, reference_rejected_logps)
+    z = beta * _score_margin(f_divergence, chosen_ratios, rejected_ratios)
+    losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-label_smoothing))
+              + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(label_smoothing)))
+    return (losses, *_detached_rewards(beta, chosen_ratios, rejected_ratios))
+
+
+def nca_pair_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor | None,
+    reference_rejected_logps: Tensor | None,
+    beta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """NCA, pairwise (Chen et al. 2024, "Noise Contrastive Alignment of Language Models with
+    Explicit Rewards", arXiv:2402.05369): each response's own reward, not only the margin.
+
+        loss = -log sigmoid(beta c) - (1/2) log sigmoid(-beta c) - (1/2) log sigmoid(-beta r)
+
+    Worked example: beta c = ln 3, beta r = -ln 3: ln(4/3) + (1/2) ln 4 + (1/2) ln(4/3)
+    = (3/2) ln(4/3) + ln 2 ~ 1.1247. At c = r = 0 the loss is 2 ln 2.
+
+    Shapes and rewards as in ``dpo_loss``.
+    """
+    chosen_ratios = _log_ratio(policy_chosen_logps, reference_chosen_logps)
+    rejected_ratios = _log_ratio(policy_rejected_logps, reference_rejected_logps)
+    chosen, rejected = beta * chosen_ratios, beta * rejected_ratios
+    losses = (-F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen)
+              - 0.5 * F.logsigmoid(-rejected))
+    return (losses, *_detached_rewards(beta, chosen_ratios, rejected_ratios))
+
+
+def bco_pair_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor | None,
+    reference_rejected_logps: Tensor | None,
+    beta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """BCO, pairwise (Jung et al. 2024, "Binary Classifier Optimization for Large Language
+    Model Alignment", arXiv:2404.04656): a binary classifier whose logit is the implicit
+    reward, chosen -> 1 and rejected -> 0. trl 1.16's form, without BCO's running reward
+    shift.
+
+        loss = -log sigmoid(beta c) - log sigmoid(-beta r)
+
+    Worked example: beta c = ln 3, beta r = -ln 3: 2 ln(4/3) ~ 0.5754. At c = r = 0: 2 ln 2.
+
+    Shapes and rewards as in ``dpo_loss``.
+    """
+    chosen_ratios = _log_ratio(policy_chosen_logps, reference_chosen_logps)
+    rejected_ratios = _log_ratio(policy_rejected_logps, reference_rejected_logps)
+    losses = -F.logsigmoid(beta * chosen_ratios) - F.logsigmoid(-beta * rejected_ratios)
+    return (losses, *_detached_rewards(beta, chosen_ratios, rejected_ratios))
+
+
+def sppo_hard_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor | None,
+    reference_rejected_logps: Tensor | None,
+    beta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SPPO with hard labels (Wu et al. 2024, "Self-Play Preference Optimization for Language
+    Model Alignment", arXiv:2405.00675, Eq. 4.7 with P = 1 for the winner, 0 for the loser).
+
+        loss = (c - 1 / (2 beta))^2 + (r + 1 / (2 beta))^2
+
+    It pulls each reward beta * c, beta * r to +1/2 and -1/2 (squared, so both are bounded).
+
+    Worked example: beta = 1/2 (targets +-1), c = 3, r = -2: 2^2 + 1^2 = 5. At c = r = 0:
+    2 / (2 beta)^2, 50 for beta = 0.1.
+
+    Shapes and rewards as in ``dpo_loss``.
+    """
+    chosen_ratios = _log_ratio(policy_chosen_logps, reference_chosen_logps)
+    rejected_ratios = _log_ratio(policy_rejected_logps, reference_rejected_logps)
+    target = 0.5 / beta
+    losses = (chosen_ratios - target) ** 2 + (rejected_ratios + target) ** 2
+    return (losses, *_detached_rewards(beta, chosen_ratios, rejected_ratios))
+
+
+def aot_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor | None,
+    reference_rejected_logps: Tensor | None,
+    beta: float,
+    label_smoothing: float = 0.0,
+    paired: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """AOT (Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal
+    Transport", arXiv:2406.05882): first-order stochastic dominance of the chosen reward
+    distribution over the rejected one, by matching sorted quantiles within the batch.
+
+        paired   (aot):          d = sort(pc - pr) - sort(rc - rr)
+        unpaired (aot_unpaired): d = sort(c) - sort(r)
+        loss_k = -(1 - eps) log sigmoid(beta d_k) - eps log sigmoid(-beta d_k)
+
+    **Batch-wide:** loss k belongs to the k-th quantile, not to pair k; only the mean over the
+    batch means anything. The batch is this micro-batch on this process (as in trl; larger
+    per-device batches help); with one pair per micro-batch aot is sigmoid DPO.
+
+    Worked example (paired, beta = ln 3): pc - pr = (2, 0), rc - rr = (0, 1): sorted
+    (0, 2) - (0, 1) = (0, 1), losses (ln 2, ln(4/3)); per pair DPO would compare 2 and -1.
+
+    Returns: losses [B] in quantile order; rewards per pair, as ``dpo_loss``.
+    """
+    chosen_ratios = _log_ratio(policy_chosen_logps, reference_chosen_logps)
+    rejected_ratios = _log_ratio(policy_rejected_logps, reference_rejected_logps)
+    if paired:
+        policy_margins = policy_chosen_logps - policy_rejected_logps
+        reference_margins = (torch.zeros_like(policy_margins) if reference_chosen_logps is None
+                             else reference_chosen_logps - reference_rejected_logps)
+        d = torch.sort(policy_margins).values - torch.sort(reference_margins).values
+    else:
+        d = torch.sort(chosen_ratios).values - torch.sort(rejected_ratios).values
+    losses = _smoothed_sigmoid_loss(beta * d, label_smoothing)
+    return (losses, *_detached_rewards(beta, chosen_ratios, rejected_ratios))
+
+
+def apo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor | None,
+    reference_rejected_logps: Tensor | None,
+    beta: float,
+    anchor: str = "zero",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """APO (D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive
+    Revisions", arXiv:2408.06266, Eqs. 7 and 8): anchored to the reference's likelihoods.
+
+        apo_zero: loss = (1 - sigmoid(beta c)) + sigmoid(beta r)
+                  (chosen better than the model: raise chosen, lower rejected)
+        apo_down: loss = sigmoid(beta c) + (1 - sigmoid(beta (c - r)))
+                  (chosen worse than the model: lower both, rejected more)
+
+    Both lie in [0, 2] and equal 1 at step 1 (c = r = 0).
+    Worked examples: apo_zero, beta c = ln 3, beta r = -ln 3: 1/4 + 1/4 = 1/2;
+    apo_down, beta c = 0, beta r = -ln 3: 1/2 + 1/4 = 3/4.
+
+    Shapes and rewards as in ``dpo_loss``.
+    """
+    chosen_ratios = _log_ratio(policy_chosen_logps, reference_chosen_logps)
+    rejected_ratios = _log_ratio(policy_rejected_logps, reference_rejected_logps)
+    if anchor == "zero":
+        losses = torch.sigmoid(-beta * chosen_ratios) + torch.sigmoid(beta * rejected_ratios)
+    else:
+        losses = (torch.sigmoid(beta * chosen_ratios)
+                  + torch.sigmoid(-beta * (chosen_ratios - rejected_ratios)))
+    return (losses, *_detached_rewards(beta, chosen_ratios, rejected_ratios))
+
+
+def discopop_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor | None,
+    reference_rejected_logps: Tensor | None,
+    beta: float,
+    discopop_tau: float = 0.05,
+    f_divergence: FDivergence = REVERSE_KL,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DiscoPOP, the log-ratio modulated loss (Lu et al. 2024, "Discovering Preference
+    Optimization Algorithms with and for Large Language Models", arXiv:2406.08414, Eq. 5).
+
+        x = beta * h,  m = sigmoid(x / tau)
+        loss = (1 - m) * -log sigmoid(x) + m * exp(-x)
+
+    A blend of DPO's logistic loss and an exponential loss, switched by the sign of the
+    margin at temperature tau (``--discopop_tau``, trl's default 0.05, the paper's).
+    m * exp(-x) is computed as exp(-x + log sigmoid(x / tau)): the same value, without the
+    inf * 0 = NaN of a very negative x.
+
+    Worked example: tau = 1, x = ln 3: m = 3/4, loss = (1/4) ln(4/3) + (3/4)(1/3) ~ 0.3219.
+    At x = 0: (ln 2 + 1) / 2 ~ 0.8466.
+
+    Shapes and rewards as in ``dpo_loss``.
+    """
+    chosen_ratios = _log_ratio(policy_chosen_logps, reference_chosen_logps)
+    rejected_ratios = _log_ratio(policy_rejected_logps, reference_rejected_logps)
+    x = beta * _score_margin(f_divergence, chosen_ratios, rejected_ratios)
+    losses = (-F.logsigmoid(x) * torch.sigmoid(-x / discopop_tau)
+              + torch.exp(-x + F.logsigmoid(x / discopop_tau)))
+    return (losses, *_detached_rewards(beta, chosen_ratios, rejected_ratios))
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -ln 2 (Maechler 2012)."""
+    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    orpo_alpha: float,
+    nll_normalization: str = "tokens",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference
+    Model", arXiv:2403.07691, Eqs. 4-7): SFT plus an odds-ratio preference term.
+
+        a = pc / lc, b = pr / lr      (mean per-token log-probs, log P of the paper)
+        log OR = (a - log(1 - e^a)) - (b - log(1 - e^b))
+        loss = NLL(chosen) - orpo_alpha * log sigmoid(log OR)
+
+    ``orpo_alpha`` is the paper's lambda (trl's ``ORPOConfig.beta``, default 0.1); ``--beta``
+    is not used. No reference model. trl takes the NLL over prompt and response tokens; here it
+    is over the chosen response, as ``chosen_nll`` (the paper's L_SFT of the response).
+
+    Worked example: a = ln(1/2) (odds 1), b = ln(1/4) (odds 1/3): log OR = ln 3, the term is
+    ln(4/3); with pc = 2 ln(1/2) over 2 tokens (NLL ln 2) and alpha = 1/2: ln 2 + ln(4/3) / 2.
+
+    Returns: (losses, chosen_rewards, rejected_rewards), each [B]; rewards are
+    orpo_alpha * mean per-token log-prob (as trl logs them), detached.
+    """
+    chosen_per_token = _log_ratio(policy_chosen_logps, None, chosen_lengths)
+    rejected_per_token = _log_ratio(policy_rejected_logps, None, rejected_lengths)
+    log_odds = ((chosen_per_token - rejected_per_token)
+                - (_log1mexp(chosen_per_token) - _log1mexp(rejected_per_token)))
+    nll = chosen_nll(policy_chosen_logps, chosen_lengths, nll_normalization)
+    losses = nll - orpo_alpha * F.logsigmoid(log_odds)
+    return (losses, *_detached_rewards(orpo_alpha, chosen_per_token, rejected_per_token))
+
+
+def cpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    cpo_alpha: float = 1.0,
+    nll_normalization: str = "tokens",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CPO (Xu et al. 2024, "Contrastive Preference Optimization: Pushing the Boundaries of
+    LLM Performance in Machine Translation", arXiv:2401.08417, Eq. 3 plus its NLL term).
+
+        loss = -(1 - eps) log sigmoid(beta (pc - pr)) - eps log sigmoid(-beta (pc - pr))
+               + cpo_alpha * NLL(chosen)
+
+    DPO with a uniform reference plus a behaviour-cloning term: trl's ``CPOTrainer`` with
+    ``loss_type="sigmoid"`` (its ``cpo_alpha`` defaults to 1.0, its NLL pools the chosen
+    tokens). That is ``rpo_loss`` without a reference, which is how it is computed.
+
+    Worked example: beta = 1, pc - pr = ln 3, pc = -6 over 3 tokens, alpha = 1:
+    ln(4/3) + 2 ~ 2.2877.
+
+    Returns: (losses, beta * pc, beta * pr), each [B]; rewards detached.
+    """
+    return rpo_loss(policy_chosen_logps, policy_rejected_logps, None, None, chosen_lengths,
+                    beta, label_smoothing, cpo_alpha, nll_normalization)
+
+
+def _listed(value: str | list | tuple) -> list:
+    """A comma-separated flag value as a list; a list (trl's form, e.g. from a config file)
+    as it is."""
+    return value.split(",") if isinstance(value, str) else list(value)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Every loss option, under its command-line name (``train.py --help`` explains each).
+
+    ``loss_type`` is one name of ``LOSS_TYPES`` or a comma-separated mixture
+    ("sigmoid,bco_pair,sft"), weighted by ``loss_weights`` ("0.8,0.2,1.0"; default all 1).
+    Lists, as trl's ``DPOConfig`` takes them, work as well.
+    """
+
+    loss_type: str = "sigmoid"
+    loss_weights: str | None = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 1.0
+    simpo_gamma: float = 0.5
+    discopop_tau: float = 0.05
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    nll_normalization: str = "tokens"
+    orpo_alpha: float = 0.1
+    cpo_alpha: float = 1.0
+
+    @property
+    def loss_types(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in _listed(self.loss_type))
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """One weight per loss type; ``ValueError`` naming --loss_weights if it is no list of
+        numbers."""
+        if self.loss_weights is None:
+            return (1.0,) * len(self.loss_types)
+        try:
+            return tuple(float(w) for w in _listed(self.loss_weights))
+        except (TypeError, ValueError):
+            raise ValueError(f"--loss_weights {self.loss_weights!r} is not a comma-separated "
+                             "list of numbers") from None
+
+    @property
+    def f_divergence(self) -> FDivergence:
+        return FDivergence(self.f_divergence_type, self.f_alpha_divergence_coef)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether any loss of the mixture compares against a reference model."""
+        return any(name not in _NO_REFERENCE for name in self.loss_types)
+
+
+def loss_settings_of(options: object) -> LossSettings:
+    """The ``LossSettings`` fields read off any object that has them (a ``TrainConfig``)."""
+    return LossSettings(**{f.name: getattr(options, f.name)
+                           for f in dataclasses.fields(LossSettings)})
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _finite_at_least(value: float, low: float, flag: str, strict: bool = False) -> None:
+    ok = math.isfinite(value) and (value > low if strict else value >= low)
+    _check(ok, f"{flag} must be a finite number {'>' if strict else '>='} {low:g}, got {value}")
+
+
 def validate_loss_options(
-    loss_type: str,
+    settings: LossSettings,
     *,
     reference_free: bool,
-    label_smoothing: float,
-    beta: float,
-    rpo_alpha: float = 1.0,
-    simpo_gamma: float = 0.5,
     precompute_ref_log_probs: bool = False,
 ) -> None:
     """Raise ``ValueError`` naming the option when a loss configuration makes no sense.
 
-    Call it once when the arguments are parsed, before any model is loaded.
-    ``reference_free`` with ``simpo`` is accepted (SimPO never uses a reference anyway);
-    asking for reference log-probs to be precomputed when none are used is an error.
+    Call it once when the arguments are parsed, before any model is loaded. A reference-free
+    loss (simpo, orpo, cpo) with ``reference_free`` is accepted (it never uses a reference);
+    mixing one with a loss that does use a reference needs ``--reference_free`` (so that every
+    term sees the same, uniform reference); asking for reference log-probs to be precomputed
+    when none are used is an error.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(
-            f"unknown --loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}"
-        )
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"--beta must be a finite number > 0, got {beta}")
-    if not (math.isfinite(label_smoothing) and 0.0 <= label_smoothing < 0.5):
-        raise ValueError(f"--label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing > 0 and loss_type not in _LOSSES_WITH_LABEL_SMOOTHING:
-        raise ValueError(
-            f"--label_smoothing {label_smoothing} has no effect with --loss_type {loss_type}; "
-            f"it applies to {', '.join(_LOSSES_WITH_LABEL_SMOOTHING)}"
-        )
-    if not (math.isfinite(rpo_alpha) and rpo_alpha >= 0):
-        raise ValueError(f"--rpo_alpha must be a finite number >= 0, got {rpo_alpha}")
-    if not (math.isfinite(simpo_gamma) and simpo_gamma >= 0):
-        raise ValueError(f"--simpo_gamma must be a finite number >= 0, got {simpo_gamma}")
-    if precompute_ref_log_probs and loss_type == "simpo":
-        raise ValueError(
-            "--loss_type simpo uses no reference model: drop --precompute_ref_log_probs"
-        )
-    if precompute_ref_log_probs and reference_free:
-        raise ValueError(
-            "--reference_free uses no reference model: drop --precompute_ref_log_probs"
-        )
+    names = settings.loss_types
+    for name in names:
+        _check(name in LOSS_TYPES,
+               f"unknown --loss_type {name!r}; choose one of {', '.join(LOSS_TYPES)} (or a "
+               "comma-separated mixture of them)")
+    _check(len(set(names)) == len(names), f"--loss_type {settings.loss_type} names a loss twice")
+    weights = settings.weights
+    _check(len(weights) == len(names),
+           f"--loss_weights gives {len(weights)} weights for {len(names)} loss types "
+           f"({', '.join(names)}): give one weight per --loss_type")
+    for weight in weights:
+        _finite_at_least(weight, 0.0, "each of --loss_weights")
+    _finite_at_least(settings.beta, 0.0, "--beta", strict=True)
+    eps = settings.label_smoothing
+    _check(math.isfinite(eps) and 0.0 <= eps < 0.5,
+           f"--label_smoothing must be in [0, 0.5), got {eps}")
+    _check(eps == 0 or any(n in _LOSSES_WITH_LABEL_SMOOTHING for n in names),
+           f"--label_smoothing {eps} has no effect with --loss_type {settings.loss_type}; it "
+           f"applies to {', '.join(_LOSSES_WITH_LABEL_SMOOTHING)}")
+    _check(eps > 0 or "exo_pair" not in names,
+           "--loss_type exo_pair needs --label_smoothing > 0 (its eps; the EXO paper suggests "
+           "1e-3)")
+    _finite_at_least(settings.rpo_alpha, 0.0, "--rpo_alpha")
+    _finite_at_least(settings.simpo_gamma, 0.0, "--simpo_gamma")
+    _finite_at_least(settings.discopop_tau, 0.0, "--discopop_tau", strict=True)
+    _finite_at_least(settings.orpo_alpha, 0.0, "--orpo_alpha")
+    _finite_at_least(settings.cpo_alpha, 0.0, "--cpo_alpha")
+    _check(math.isfinite(settings.f_alpha_divergence_coef),
+           f"--f_alpha_divergence_coef must be finite, got {settings.f_alpha_divergence_coef}")
+    _check(settings.nll_normalization in NLL_NORMALIZATIONS,
+           f"unknown --nll_normalization {settings.nll_normalization!r}; choose one of "
+           f"{', '.join(NLL_NORMALIZATIONS)}")
+    _check(settings.f_divergence_type in F_DIVERGENCE_TYPES,
+           f"unknown --f_divergence_type {settings.f_divergence_type!r}; choose one of "
+           f"{', '.join(F_DIVERGENCE_TYPES)}")
+    unsupported = [n for n in names if n not in _F_DIVERGENCE_LOSSES]
+    _check(settings.f_divergence_type == "reverse_kl" or not unsupported,
+           f"--f_divergence_type {settings.f_divergence_type} does not apply to --loss_type "
+           f"{', '.join(unsupported)}; it applies to {', '.join(_F_DIVERGENCE_LOSSES)}")
+    free = [n for n in names if n in REFERENCE_FREE_LOSSES]
+    _check(reference_free or not (free and settings.needs_reference),
+           f"--loss_type {settings.loss_type} mixes the reference-free {', '.join(free)} with "
+           "losses that use a reference model: add --reference_free (a uniform reference for "
+           "every term) or drop one of them")
+    if precompute_ref_log_probs:
+        _check(settings.needs_reference, f"--loss_type {settings.loss_type} uses no reference "
+               "model: drop --precompute_ref_log_probs")
+        _check(not reference_free,
+               "--reference_free uses no reference model: drop --precompute_ref_log_probs")
+
+
+class LossTerms(NamedTuple):
+    """What ``preference_loss`` returns, each [B]: the weighted total (with grad), the
+    rewards of the first loss type (detached) and, for a mixture, each term unweighted."""
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    components: dict[str, Tensor]
+
+
+def _one_loss(name: str, s: LossSettings, pc: Tensor, pr: Tensor, rc: Tensor | None,
+              rr: Tensor | None, lc: Tensor, lr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    f, eps = s.f_divergence, s.label_smoothing
+    if name == "sigmoid":
+        return dpo_loss(pc, pr, rc, rr, s.beta, eps, f)
+    if name == "robust":
+        return robust_loss(pc, pr, rc, rr, s.beta, eps, f)
+    if name == "ipo":
+        return ipo_loss(pc, pr, rc, rr, lc, lr, s.beta, f)
+    if name == "hinge":
+        return hinge_loss(pc, pr, rc, rr, s.beta, f)
+    if name == "rpo":
+        return rpo_loss(pc, pr, rc, rr, lc, s.beta, eps, s.rpo_alpha, s.nll_normalization, f)
+    if name == "sft":
+        return sft_loss(pc, pr, rc, rr, lc, s.beta, s.nll_normalization)
+    if name == "sigmoid_norm":
+        return sigmoid_norm_loss(pc, pr, rc, rr, lc, lr, s.beta, f)
+    if name == "exo_pair":
+        return exo_pair_loss(pc, pr, rc, rr, s.beta, eps, f)
+    if name == "nca_pair":
+        return nca_pair_loss(pc, pr, rc, rr, s.beta)
+    if name == "bco_pair":
+        return bco_pair_loss(pc, pr, rc, rr, s.beta)
+    if name == "sppo_hard":
+        return sppo_hard_loss(pc, pr, rc, rr, s.beta)
+    if name in ("aot", "aot_unpaired"):
+        return aot_loss(pc, pr, rc, rr, s.beta, eps, paired=name == "aot")
+    if name in ("apo_zero", "apo_down"):
+        return apo_loss(pc, pr, rc, rr, s.beta, anchor=name.removeprefix("apo_"))
+    if name == "discopop":
+        return discopop_loss(pc, pr, rc, rr, s.beta, s.discopop_tau, f)
+    if name == "simpo":
+        return simpo_loss(pc, pr, lc, lr, s.beta, s.simpo_gamma)
+    if name == "orpo":
+        return orpo_loss(pc, pr, lc, lr, s.orpo_alpha, s.nll_normalization)
+    # cpo: validate_loss_options has already rejected any other name.
+    return cpo_loss(pc, pr, lc, s.beta, eps, s.cpo_alpha, s.nll_normalization)
 
 
 def preference_loss(
-    loss_type: str,
+    settings: LossSettings,
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
     reference_chosen_logps: Tensor | None,
@@ -290,32 +889,29 @@ def preference_loss(
     *,
     chosen_lengths: Tensor,
     rejected_lengths: Tensor,
-    beta: float,
-    label_smoothing: float = 0.0,
-    rpo_alpha: float = 1.0,
-    simpo_gamma: float = 0.5,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Dispatch to the loss named by ``loss_type`` (one of ``LOSS_TYPES``).
+) -> LossTerms:
+    """The loss (or weighted mixture of losses) that ``settings`` names, on one micro-batch.
+
+        loss = sum_k weight_k * loss_k      (per pair; trl's ``loss_weights``, default 1)
 
     Args:
+        settings: the loss options (a ``PreferenceObjective`` is one).
         policy_*_logps: [B] summed response log-probs under the policy.
         reference_*_logps: [B] the same under the reference, or both None for reference-free
-            training (treated as 0). ``simpo`` takes no reference: passing one is an error.
+            training (treated as 0). simpo, orpo and cpo take no reference: passing one is an
+            error.
         chosen_lengths, rejected_lengths: [B] response token counts (labels != -100), used by
-            the length-normalised losses (ipo, rpo's NLL, simpo).
-    Returns: (losses, chosen_rewards, rejected_rewards), each [B]; rewards detached.
+            the length-normalised losses and the NLL terms.
+    Returns: ``LossTerms``; the rewards are those of the first loss type of a mixture.
     """
     if (reference_chosen_logps is None) != (reference_rejected_logps is None):
         raise ValueError("pass both reference log-probs (chosen and rejected) or neither")
     reference_free = reference_chosen_logps is None
-    if loss_type == "simpo" and not reference_free:
-        raise ValueError(
-            "loss_type 'simpo' is reference-free: do not compute or pass reference log-probs"
-        )
-    validate_loss_options(
-        loss_type, reference_free=reference_free, label_smoothing=label_smoothing, beta=beta,
-        rpo_alpha=rpo_alpha, simpo_gamma=simpo_gamma,
-    )
+    validate_loss_options(settings, reference_free=reference_free)
+    free = [n for n in settings.loss_types if n in REFERENCE_FREE_LOSSES]
+    if free and not reference_free:
+        raise ValueError(f"loss_type {', '.join(free)} is reference-free: do not compute or "
+                         "pass reference log-probs")
     shapes = {
         "policy_chosen_logps": policy_chosen_logps.shape,
         "policy_rejected_logps": policy_rejected_logps.shape,
@@ -328,24 +924,16 @@ def preference_loss(
     if len(set(shapes.values())) != 1 or policy_chosen_logps.dim() != 1:
         raise ValueError(f"preference_loss needs 1-D tensors of one shape [B], got {shapes}")
 
-    references = (reference_chosen_logps, reference_rejected_logps)
-    if loss_type == "sigmoid":
-        return dpo_loss(policy_chosen_logps, policy_rejected_logps, *references, beta,
-                        label_smoothing)
-    if loss_type == "robust":
-        return robust_loss(policy_chosen_logps, policy_rejected_logps, *references, beta,
-                           label_smoothing)
-    if loss_type == "ipo":
-        return ipo_loss(policy_chosen_logps, policy_rejected_logps, *references, chosen_lengths,
-                        rejected_lengths, beta)
-    if loss_type == "hinge":
-        return hinge_loss(policy_chosen_logps, policy_rejected_logps, *references, beta)
-    if loss_type == "rpo":
-        return rpo_loss(policy_chosen_logps, policy_rejected_logps, *references, chosen_lengths,
-                        beta, label_smoothing, rpo_alpha)
-    # simpo: validate_loss_options has already rejected any other name.
-    return simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths,
-                      rejected_lengths, beta, simpo_gamma)
+    inputs = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+              reference_rejected_logps, chosen_lengths, rejected_lengths)
+    terms = [_one_loss(name, settings, *inputs) for name in settings.loss_types]
+    _, chosen_rewards, rejected_rewards = terms[0]
+    total = sum(weight * losses for weight, (losses, _, _)
+                in zip(settings.weights, terms, strict=True))
+    components = ({} if len(terms) == 1 else
+                  {name: losses.detach() for name, (losses, _, _)
+                   in zip(settings.loss_types, terms, strict=True)})
+    return LossTerms(total, chosen_rewards, rejected_rewards, components)
 
 
 def preference_metrics(
@@ -354,6 +942,7 @@ def preference_metrics(
     rejected_rewards: Tensor,
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
+    **component_losses: Tensor,
 ) -> dict[str, Tensor]:
     """Batch means under the names trl and torchtune log, as detached 0-dim float32 tensors.
 
@@ -361,7 +950,8 @@ def preference_metrics(
     logging; each is the mean over this micro-batch, and the trainer averages them over
     gradient-accumulation micro-batches and processes.
 
-        loss                mean per-example loss
+        loss                mean per-example loss (the weighted sum for a mixture)
+        loss/<type>         a mixture's terms, unweighted (passed as keyword "loss/<type>")
         rewards/chosen      mean chosen reward (see each loss for what its reward is)
         rewards/rejected    mean rejected reward
         rewards/accuracies  fraction of pairs with chosen reward strictly > rejected (ties fail)
@@ -375,6 +965,7 @@ def preference_metrics(
     rejected_rewards = rejected_rewards.detach().float()
     return {
         "loss": losses.detach().float().mean(),
+        **{name: values.detach().float().mean() for name, values in component_losses.items()},
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),

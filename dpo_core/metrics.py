@@ -10,15 +10,12 @@ import torch
 
 from dpo_core.loss import preference_metrics
 
-# The per-pair tensors [B] an objective returns that the metrics are computed from.
-STAT_KEYS = ("losses", "chosen_rewards", "rejected_rewards", "policy_chosen_logps",
-             "policy_rejected_logps")
-
 
 def merged_metrics(stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Preference metrics over every pair in `stats` (per-batch dicts of per-pair tensors)."""
-    merged = [torch.cat([s[k] for s in stats]) for k in STAT_KEYS]
-    return {k: v.item() for k, v in preference_metrics(*merged).items()}
+    """Preference metrics over every pair in `stats` (per-batch dicts of per-pair tensors, as
+    `PreferenceObjective` returns them, detached and possibly gathered)."""
+    merged = {key: torch.cat([s[key] for s in stats]) for key in stats[0]}
+    return {k: v.item() for k, v in preference_metrics(**merged).items()}
 
 
 @dataclass

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 
-from dpo_core.logps import concatenated_forward
-from dpo_core.loss import preference_loss
-
-LogpsFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
+from dpo_core.logps import LogpsFn, concatenated_forward
+from dpo_core.loss import LossSettings, loss_settings_of, preference_loss
+from dpo_core.reference import ReferenceContext, adapter_disabled
 
 
 def response_lengths(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,25 +21,33 @@ def response_lengths(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torc
 
 
 @dataclass(frozen=True)
-class PreferenceObjective:
-    """The loss settings plus how log-probs are computed; call it on (model, batch)."""
+class PreferenceObjective(LossSettings):
+    """The loss settings plus how log-probs are computed; call it on (model, batch).
 
-    loss_type: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    rpo_alpha: float = 1.0
-    simpo_gamma: float = 0.5
+    The batch-wide losses (aot's sorting, the pooled NLL of sft/rpo/cpo/orpo) see this
+    micro-batch on this process, as in trl: see ``dpo_core.loss``.
+    """
+
     reference_free: bool = False
     logps_fn: LogpsFn = concatenated_forward
+    # Which network the reference pass runs (dpo_core/reference.py): by default the policy
+    # with its adapter switched off.
+    reference: ReferenceContext = adapter_disabled
+
+    @classmethod
+    def from_config(cls, config: object, logps_fn: LogpsFn) -> PreferenceObjective:
+        """The loss fields of a ``TrainConfig`` (same names) plus ``logps_fn``."""
+        settings = dataclasses.asdict(loss_settings_of(config))
+        return cls(**settings, reference_free=config.reference_free, logps_fn=logps_fn)
 
     @property
     def uses_reference(self) -> bool:
-        return not (self.reference_free or self.loss_type == "simpo")
+        return self.needs_reference and not self.reference_free
 
     def reference_logps(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The reference is the same model with its adapter switched off: no second copy.
+        """Log-probs ([B] each) under the network `self.reference` gives for `model`.
 
         Precomputed values in the batch (`reference_chosen_logps`, ...) are used as they are.
         """
@@ -49,31 +55,29 @@ class PreferenceObjective:
             return None, None
         if "reference_chosen_logps" in batch:
             return batch["reference_chosen_logps"], batch["reference_rejected_logps"]
-        with torch.no_grad(), extract_model_from_parallel(model).disable_adapter():
-            return self.logps_fn(model, batch)
+        with torch.no_grad(), self.reference(model) as reference_model:
+            return self.logps_fn(reference_model, batch)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict:
-        """Per-pair tensors [B]: `losses` (with grad) and detached rewards and log-probs."""
+        """Per-pair tensors [B]: `losses` (with grad), detached rewards and log-probs, and for
+        a mixture each unweighted term under `loss/<type>`."""
         policy_chosen, policy_rejected = self.logps_fn(model, batch)
         reference_chosen, reference_rejected = self.reference_logps(model, batch)
         chosen_lengths, rejected_lengths = response_lengths(batch)
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            self.loss_type,
+        terms = preference_loss(
+            self,
             policy_chosen,
             policy_rejected,
             reference_chosen,
             reference_rejected,
             chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths,
-            beta=self.beta,
-            label_smoothing=self.label_smoothing,
-            rpo_alpha=self.rpo_alpha,
-            simpo_gamma=self.simpo_gamma,
         )
         return {
-            "losses": losses,
-            "chosen_rewards": chosen_rewards,
-            "rejected_rewards": rejected_rewards,
+            "losses": terms.losses,
+            "chosen_rewards": terms.chosen_rewards,
+            "rejected_rewards": terms.rejected_rewards,
             "policy_chosen_logps": policy_chosen.detach(),
             "policy_rejected_logps": policy_rejected.detach(),
+            **{f"loss/{name}": values for name, values in terms.components.items()},
         }

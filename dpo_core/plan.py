@@ -23,6 +23,7 @@ class RunPlan:
     dtype: str | None = None  # "float32", "bfloat16" or "float16"
     gradient_checkpointing: bool | None = None
     distributed_type: str | None = None  # as Accelerate names it: NO, MULTI_CPU, MULTI_GPU, ...
+    fsdp_version: int | None = None  # 1 or 2 under FSDP
     num_processes: int | None = None
     chat_template: bool | None = None  # whether prompts are rendered with the tokenizer's
     padding_free: bool | None = None  # one packed row per micro-batch

@@ -31,11 +31,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from transformers import PreTrainedTokenizerBase
 
-from dpo_core.config import ConfigError, TrainConfig
+from dpo_core.config import TRACKERS, ConfigError, TrainConfig
 from dpo_core.generation import generate_replies
+from dpo_core.reference import ReferenceContext, adapter_disabled
 from dpo_core.run_files import CURVES_FILE, LOG_FILE, METRICS_FILE, read_run_plan
 
-TRACKERS = ("none", "tensorboard", "wandb")
 TRACKER_PROJECT = "dpo"  # the wandb project; TensorBoard writes to output_dir/tensorboard/dpo
 TENSORBOARD_DIR = "tensorboard"
 SPLITS = ("train", "eval")
@@ -71,7 +71,7 @@ def check_tracker_installed(report_to: str) -> None:
         raise ConfigError(f"--report_to must be one of {', '.join(TRACKERS)}, got {report_to!r}")
     if not available[report_to]():
         raise ConfigError(f"--report_to {report_to} needs the {report_to} package: "
-                          f"pip install 'dpo[{report_to}]'")
+                          f"pip install 'dpo-core[{report_to}]'")
 
 
 def tracker_options(report_to: str, output_dir: str) -> dict:
@@ -227,15 +227,20 @@ def write_training_curves(output_dir: str) -> list[Series]:
     "no records" where nothing was logged)."""
     path = os.path.join(output_dir, LOG_FILE)
     records = read_log(path) if os.path.isfile(path) else []
-    metrics_path = os.path.join(output_dir, METRICS_FILE)
-    before_after = None
-    if os.path.isfile(metrics_path):
-        with open(metrics_path) as f:
-            metrics = json.load(f)
-        if "before" in metrics and "after" in metrics:
-            before_after = {"before": metrics["before"], "after": metrics["after"]}
     return plot_runs({run_labels([output_dir])[0]: records},
-                     os.path.join(output_dir, CURVES_FILE), before_after)
+                     os.path.join(output_dir, CURVES_FILE), read_before_after(output_dir))
+
+
+def read_before_after(output_dir: str) -> dict[str, dict] | None:
+    """The before/after evaluation a run saved in metrics.json (the demo's), else None."""
+    metrics_path = os.path.join(output_dir, METRICS_FILE)
+    if not os.path.isfile(metrics_path):
+        return None
+    with open(metrics_path) as f:
+        metrics = json.load(f)
+    if "before" in metrics and "after" in metrics:
+        return {"before": metrics["before"], "after": metrics["after"]}
+    return None
 
 
 def final_metrics(records: Sequence[dict]) -> dict[str, dict]:
@@ -276,17 +281,22 @@ def write_samples(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[list[dict[str, str]] | str],
-    path: str,
+    path: str | None,
     *,
     use_chat_template: bool,
     max_new_tokens: int,
+    reference: ReferenceContext = adapter_disabled,
 ) -> tuple[list[str], list[str]]:
-    """Greedy replies of the base model (a PEFT model's adapter disabled) and of the trained
-    model to `prompts`, written to `path` as a markdown table; returns (base, trained)."""
+    """Greedy replies of the model training started from (`reference`, by default a PEFT
+    model's adapter disabled) and of the trained model to `prompts`, written to `path` as a
+    markdown table; returns (base, trained). `path` None: generate only (the other processes
+    of a run with sharded weights)."""
     options = {"use_chat_template": use_chat_template, "max_new_tokens": max_new_tokens}
-    with model.disable_adapter():
-        base = generate_replies(model, tokenizer, list(prompts), **options)
+    with torch.no_grad(), reference(model) as before:
+        base = generate_replies(before, tokenizer, list(prompts), **options)
     trained = generate_replies(model, tokenizer, list(prompts), **options)
+    if path is None:
+        return base, trained
     with open(path, "w") as f:
         f.write(format_samples(prompts, base, trained, use_chat_template=use_chat_template,
                                max_new_tokens=max_new_tokens))
@@ -302,7 +312,7 @@ def format_samples(prompts: Sequence[list[dict[str, str]] | str], base: Sequence
         "",
         f"Greedy replies (at most {max_new_tokens} new tokens) to the first {len(prompts)} "
         f"eval prompts, chat template {'on' if use_chat_template else 'off'} as in training. "
-        "Base = the same model with the LoRA adapter switched off.",
+        "Base = the model training started from (the reference).",
         "",
         "| # | prompt | base model | trained model |",
         "| --- | --- | --- | --- |",
@@ -368,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         path = "compare_" + "_vs_".join(
             os.path.basename(os.path.normpath(d)) for d in dirs) + ".png"
-    plot_runs(runs, path)
+    # One run is redrawn as training drew it, with its before/after panel if it has one.
+    plot_runs(runs, path, read_before_after(args.output_dir) if len(dirs) == 1 else None)
     plans = {label: read_run_plan(d) for label, d in zip(runs, dirs, strict=True)}
     print(format_final_metrics(runs, plans))
     print(f"Wrote {path}")

@@ -12,9 +12,11 @@ and the tests all read and write the same files:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 
 from dpo_core.checkpoint import checkpoint_dirs
 from dpo_core.config import RUN_PLAN_KEY, ConfigError
@@ -24,6 +26,19 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "training_config.json"
 CURVES_FILE = "training_curves.png"
 SAMPLES_FILE = "samples.md"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+# What the final save of a run writes besides the files above: the adapter (PEFT), the
+# tokenizer (the names transformers uses across tokenizer kinds), the merged model, the
+# TensorBoard events. A new run clears them with the old log, so that no directory ever
+# holds files of two runs (chat.py would load the old adapter beside the new config).
+PREVIOUS_RUN_FILES = (
+    LOG_FILE, METRICS_FILE, CURVES_FILE, SAMPLES_FILE, ADAPTER_CONFIG_FILE,
+    "adapter_model.safetensors", "adapter_model.bin", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
+)
+PREVIOUS_RUN_DIRS = ("merged", "tensorboard")
+PEFT_MODEL_CARD = "README.md"
 
 
 def check_output_dir(output_dir: str, *, overwrite: bool, resuming: bool) -> None:
@@ -43,16 +58,47 @@ def check_output_dir(output_dir: str, *, overwrite: bool, resuming: bool) -> Non
             f"{os.path.basename(saved[-1])}); pass --resume_from_checkpoint latest to continue "
             "it, --overwrite_output_dir to start over, or choose another directory"
         )
+    if os.path.isfile(os.path.join(output_dir, ADAPTER_CONFIG_FILE)):
+        raise ConfigError(
+            f"--output_dir {output_dir!r} holds a trained adapter; pass --overwrite_output_dir "
+            "to replace it or choose another directory"
+        )
 
 
 def clear_previous_run(output_dir: str) -> None:
-    """Starting afresh in a used output_dir: drop the old log, final metrics and checkpoints,
-    so neither the log nor `--resume_from_checkpoint latest` can mix two runs."""
-    for name in (LOG_FILE, METRICS_FILE):
+    """Starting afresh in a used output_dir: remove everything an earlier run wrote there
+    (log, metrics, checkpoints, adapter, tokenizer, merged model, curves, samples), so that
+    neither chat.py, the log nor `--resume_from_checkpoint latest` can mix two runs. The
+    reference log-prob cache stays: it is keyed by model and data, and valid for any run."""
+    for name in PREVIOUS_RUN_FILES:
         if os.path.isfile(os.path.join(output_dir, name)):
             os.remove(os.path.join(output_dir, name))
+    card = os.path.join(output_dir, PEFT_MODEL_CARD)
+    if os.path.isfile(card) and _is_peft_model_card(card):  # not a README of the user's
+        os.remove(card)
+    for name in PREVIOUS_RUN_DIRS:
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     for old in checkpoint_dirs(output_dir):
         shutil.rmtree(old)
+
+
+def _is_peft_model_card(path: str) -> bool:
+    with open(path, errors="replace") as f:
+        return "library_name: peft" in f.read(4096)
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(output_dir: str) -> Iterator[None]:
+    """A start that fails before writing anything leaves no empty output_dir behind (e.g.
+    the default dpo_tinyllama_model/ when the model cannot be downloaded)."""
+    existed = os.path.isdir(output_dir)
+    try:
+        yield
+    except BaseException:
+        if not existed and os.path.isdir(output_dir) and not os.listdir(output_dir):
+            with contextlib.suppress(OSError):  # another process may have removed it
+                os.rmdir(output_dir)
+        raise
 
 
 def append_log(output_dir: str, record: dict) -> None:

@@ -42,7 +42,7 @@ def test_file_settings_apply_and_command_line_flags_win(tmp_path):
     ("learning_rat: 1e-4\n", "unknown setting 'learning_rat'; did you mean 'learning_rate'?"),
     ("batch_size: two\n", "batch_size must be an int, got 'two'"),
     ("beta: true\n", "beta must be a float, got True"),
-    ("loss_type: dpo\n", "loss_type must be one of"),
+    ("lr_scheduler: exp\n", "lr_scheduler must be one of cosine, linear, constant"),
     ("max_steps: null\n", "max_steps cannot be null"),
     ("- beta\n", "expected a mapping of setting: value, got a list"),
     ("beta: [0.1\n", "not valid YAML or JSON"),

@@ -6,61 +6,28 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
-import torch
 from accelerate.utils import DistributedType
-from conftest import ROOT, learnable_pairs, read_log, train_args, train_records, write_jsonl
-from safetensors.torch import load_file
+from conftest import learnable_pairs, train_args, write_jsonl
+from launching import (
+    BIN,
+    KILLED_DURING_SAVE,
+    accelerate_launch,
+    assert_same_run,
+    free_port,
+    launch,
+)
 
 import train
+from dpo_core.checkpoint import resolve_checkpoint
 from dpo_core.config import ConfigError, TrainConfig
-from dpo_core.distributed import check_backend
+from dpo_core.distributed import _fallback_message, check_backend
 
 # No clipping, so grad_norm is the norm of the raw summed gradient: a wrongly scaled
 # gradient shows there even though AdamW's normalised update would hide it.
 STEPS = ("--max_steps", "4", "--save_steps", "2", "--max_grad_norm", "0")
-BIN = os.path.dirname(sys.executable)
-
-
-def assert_same_run(out, reference) -> None:
-    """Per-step loss and gradient norm, final eval and saved adapter all match."""
-    mine, theirs = train_records(out), train_records(reference)
-    assert [r["step"] for r in mine] == [r["step"] for r in theirs]  # each step exactly once
-    for a, b in zip(mine, theirs, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), a["step"]
-        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5), a["step"]
-    evals = [[r["loss"] for r in read_log(d) if r["split"] == "eval"] for d in (out, reference)]
-    assert evals[0] == pytest.approx(evals[1], abs=1e-5)
-    weights, expected = (load_file(os.path.join(d, "adapter_model.safetensors"))
-                         for d in (out, reference))
-    assert weights.keys() == expected.keys()
-    for name in expected:
-        # Adam turns fp32 round-off in a near-zero gradient into an update of up to ~lr *
-        # 1e-3; a wrong update would differ by ~lr (5e-3) itself.
-        torch.testing.assert_close(weights[name], expected[name], rtol=1e-4, atol=1e-5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(launcher: list[str], args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    # An empty HF_HOME: no accelerate config file, only the flags given here.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "HF_HOME": str(tmp_path / "hf_home")}
-    run = subprocess.run([*launcher, "train.py", *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +54,8 @@ def test_accelerate_launch_two_processes_match_one(one_process, tiny_model_dir, 
                  tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["steps"] == 4
+    assert (metrics["distributed_type"], metrics["fsdp_version"]) == ("MULTI_CPU", None)
+    assert "Backend: MULTI_CPU (MULTI_CPU), 2 process(es) on cpu." in run.stdout
     assert_same_run(out, one_process)  # losses gathered from both ranks, not rank 0's half
     # Only the main process prints and logs; the progress bar counts the 4 global steps.
     assert run.stdout.count("Saved the adapter") == 1
@@ -99,26 +68,54 @@ def test_accelerate_launch_two_processes_match_one(one_process, tiny_model_dir, 
         "adapter", "optimizer.pt", "rng_state_0.pt", "rng_state_1.pt", "trainer_state.json"]
 
 
+# 36 training pairs in micro-batches of 4 pairs (one process, or 2 processes x 2): 9 an epoch,
+# 2 a step, so epochs end inside a step's accumulation window (step 5 takes the last
+# micro-batch of epoch 0 and the first of epoch 1). Reference log-probs precomputed.
+RESUMED_RUN = ("--max_steps", "12", "--save_steps", "2", "--max_grad_norm", "0",
+               "--gradient_accumulation_steps", "2", "--precompute_ref_log_probs",
+               "--eval_steps", "0")
+MICRO_BATCHES_PER_EPOCH = 9
+
+
+@pytest.fixture(scope="module")
+def one_process_12_steps(tiny_model_dir, pairs_file, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("one_process_12_steps")
+    assert train.main(train_args(tiny_model_dir, pairs_file, out, *RESUMED_RUN,
+                                 "--batch_size", "4")) == 0
+    return str(out)
+
+
 @pytest.mark.slow
-def test_shipped_ddp_config_accumulates_and_resumes(one_process, tiny_model_dir, pairs_file,
-                                                    tmp_path):
-    out = tmp_path / "ddp_yaml"
-    # 2 processes x 1 pair x 2 micro-batches = the same 4 pairs per step; the first
-    # micro-batch of each step runs under no_sync. The file asks for bf16, but the precision
-    # comes from train.py's --dtype (float32 on this CPU).
-    launcher = [os.path.join(BIN, "accelerate"), "launch", "--config_file",
-                os.path.join(ROOT, "examples", "accelerate", "ddp.yaml"), "--num_processes", "2"]
-    args = train_args(tiny_model_dir, pairs_file, out, *STEPS, "--batch_size", "1",
-                      "--gradient_accumulation_steps", "2")
-    launch([*launcher, "--main_process_port", str(free_port())], args, tmp_path)
-    assert json.loads((out / "metrics.json").read_text())["num_processes"] == 2
-    assert_same_run(out, one_process)
-    # Both processes resume from checkpoint-2 (each its own RNG file) and redo steps 3-4.
-    resumed = shutil.copytree(out, tmp_path / "resumed")
-    launch([*launcher, "--main_process_port", str(free_port())],
-           [*args, "--output_dir", str(resumed), "--resume_from_checkpoint",
-            str(resumed / "checkpoint-2")], tmp_path)
-    assert_same_run(resumed, out)
+@pytest.mark.parametrize("config_file", ["ddp.yaml", "fsdp.yaml"])
+def test_killed_twice_in_one_epoch_resumes_exactly(config_file, one_process_12_steps,
+                                                   tiny_model_dir, pairs_file, tmp_path):
+    """2 processes, killed (SIGKILL) while saving checkpoint-8 and, after resuming, while
+    saving checkpoint-10: both resumes start in epoch 1 (from checkpoint-6, then -8), neither
+    at an accumulation window's edge within the epoch. The three launches together give the
+    unbroken one-process run: each step once, same losses, gradient norms and adapter."""
+    out = tmp_path / "run"
+    args = train_args(tiny_model_dir, pairs_file, out, *RESUMED_RUN, "--batch_size", "2")
+    killed_script = tmp_path / "killed_during_save.py"
+    killed_script.write_text(KILLED_DURING_SAVE)
+    resume = ["--resume_from_checkpoint", "latest"]
+    for kill_at, extra, position in ((8, [], (1, 3)), (10, resume, (1, 7))):
+        killed = launch(accelerate_launch(config_file), [*args, *extra], tmp_path,
+                        script=str(killed_script), check=False,
+                        env={"KILL_AT_CHECKPOINT": str(kill_at)})
+        assert killed.returncode != 0
+        assert (out / f".checkpoint-{kill_at}.tmp").is_dir()  # half written, never picked
+        latest = resolve_checkpoint("latest", str(out))
+        assert latest == str(out / f"checkpoint-{kill_at - 2}")
+        state = json.loads((out / f"checkpoint-{kill_at - 2}" / "trainer_state.json").read_text())
+        # (epoch, micro-batches into it): an odd count, so mid-window within the epoch.
+        assert divmod(state["micro_batches_seen"], MICRO_BATCHES_PER_EPOCH) == position
+    finished = launch(accelerate_launch(config_file), [*args, *resume], tmp_path)
+    assert f"Resumed from {out / 'checkpoint-8'} at step 8." in finished.stdout
+    assert_same_run(out, one_process_12_steps)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["distributed_type"] == {"ddp.yaml": "MULTI_CPU", "fsdp.yaml": "FSDP"}[
+        config_file]
+    assert metrics["steps"] == 12
 
 
 @pytest.mark.parametrize("batch_size, accumulation", [(2, 2), (1, 4)])
@@ -157,20 +154,25 @@ def backend_state(kind: str, *, zero_stage: int = 0, fsdp_version: int = 2,
 
 
 SHARDED_READY = {"save_steps": 0, "num_sample_prompts": 0, "gradient_accumulation_steps": 1}
+# What FSDP2 runs as on one process or DDP: checkpoints, resume, samples, demo, accumulation.
+EVERYTHING = {"save_steps": 2, "resume_from_checkpoint": "latest", "num_sample_prompts": 2,
+              "demo": True, "gradient_accumulation_steps": 2, "skip_nonfinite_steps": 1}
 
 
 @pytest.mark.parametrize("state, settings, quantize, needs", [
     # DDP runs everything, QLoRA and checkpoints included.
-    (backend_state("MULTI_GPU"), {}, True, []),
-    # The defaults (4-bit on CUDA, checkpoints every 100 steps, samples) under FSDP.
-    (backend_state("FSDP"), {}, True, ["--quantization none", "--save_steps 0",
-                                        "--num_sample_prompts 0"]),
-    (backend_state("FSDP"), SHARDED_READY, False, []),
+    (backend_state("MULTI_GPU"), EVERYTHING, True, []),
+    # FSDP2 too, except 4-bit weights.
+    (backend_state("FSDP"), EVERYTHING, False, []),
+    (backend_state("FSDP"), {}, True, ["--quantization none"]),
+    # FSDP1 (GPU only, untested): the defaults (4-bit on CUDA, checkpoints, samples).
+    (backend_state("FSDP", fsdp_version=1), {}, True, ["--quantization none", "--save_steps 0",
+                                                        "--num_sample_prompts 0"]),
     (backend_state("FSDP", fsdp_version=1, use_orig_params=False), SHARDED_READY, False,
      ["fsdp_use_orig_params: true"]),
     (backend_state("FSDP", fsdp_version=1), SHARDED_READY, False, []),
-    (backend_state("FSDP"), {**SHARDED_READY, "resume_from_checkpoint": "latest"}, False,
-     ["no --resume_from_checkpoint"]),
+    (backend_state("FSDP", fsdp_version=1), {**SHARDED_READY, "resume_from_checkpoint": "latest"},
+     False, ["no --resume_from_checkpoint"]),
     # ZeRO-2 keeps whole weights on every process: samples are fine, accumulation is not.
     (backend_state("DEEPSPEED", zero_stage=2),
      {"save_steps": 0, "skip_nonfinite_steps": 2}, False,
@@ -189,3 +191,31 @@ def test_backend_guard_names_what_fsdp_and_deepspeed_need(state, settings, quant
     message = str(error.value)
     assert all(need in message for need in needs), message
     assert message.count(";") == len(needs) - 1  # nothing else is asked for
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+     "asks for FSDP, but this run would use NO instead (it runs 1 process: launch with "
+     "--num_processes 2 or more"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "asks for DEEPSPEED that cannot start here"),
+])
+def test_config_asking_for_a_sharded_backend_stops_instead_of_falling_back(
+        variables, message, tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys):
+    """What `accelerate launch --config_file fsdp.yaml --num_processes 1` (or a DeepSpeed
+    config without deepspeed) exports: train.py stops with the reason before any work."""
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    assert train.main(train_args(tiny_model_dir, pairs_file, out)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_fallback_message_names_the_fix_for_fsdp1_without_gpus(monkeypatch):
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # one of two processes, on this GPU-less machine
+    running = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2)
+    message = _fallback_message(DistributedType.FSDP, running)
+    assert message == ("the Accelerate config asks for FSDP, but this run would use MULTI_CPU "
+                       "instead (without GPUs only FSDP2 can run: set fsdp_version: 2 in the "
+                       "config). Stopping rather than running unsharded.")

@@ -180,7 +180,7 @@ def test_trust_remote_code_only_when_asked(monkeypatch, tiny_model_dir, pairs_fi
     seen = {}
     real_model_class = model_module.AutoModelForCausalLM
 
-    class Stop(Exception):
+    class Stop(BaseException):  # passes through the commands' error path
         pass
 
     class Model:

@@ -32,7 +32,7 @@ from dpo_core.logps import (
     resolve_prefix_sharing,
 )
 from dpo_core.packing import PACKED_ATTENTION, pack_sequences, use_packed_attention
-from dpo_core.tiny import tiny_llama
+from dpo_core.testing import tiny_llama
 from dpo_core.tokenization import PreferenceCollator, TokenizedPair
 
 # Longer lists than PAIR_LENGTHS' so that packed rows hold sequences of very different lengths.

@@ -190,7 +190,7 @@ def test_training_writes_curves_and_samples(tiny_model_dir, pairs_file, tmp_path
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
-                    reason="tensorboard not installed (pip install 'dpo[tensorboard]')")
+                    reason="tensorboard not installed (pip install 'dpo-core[tensorboard]')")
 def test_report_to_tensorboard_logs_the_records(tiny_model_dir, pairs_file, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -216,7 +216,7 @@ def test_missing_tracker_package_is_named(tiny_model_dir, pairs_file, tmp_path, 
     monkeypatch.setattr(report, check, lambda: False)
     assert train.main(train_args(tiny_model_dir, pairs_file, tmp_path / "x", *TWO_STEPS,
                                  "--report_to", tracker)) == 2
-    assert (f"--report_to {tracker} needs the {tracker} package: pip install 'dpo[{tracker}]'"
+    assert (f"--report_to {tracker} needs the {tracker} package: pip install 'dpo-core[{tracker}]'"
             in capsys.readouterr().err)
 
 

@@ -15,7 +15,7 @@ from conftest import ROOT, read_log, train_args, train_records
 from safetensors.torch import load_file
 
 import train
-from dpo_core.checkpoint import checkpoint_dirs, resolve_checkpoint
+from dpo_core.checkpoint import CheckpointError, checkpoint_dirs, resolve_checkpoint
 
 # Dropout stays on so that the resumed run matches only if the RNG streams were restored too;
 # two micro-batches per step so the data position is not simply the step number.
@@ -125,7 +125,7 @@ def test_latest_skips_partial_and_foreign_entries(tmp_path):
     assert resolve_checkpoint("latest", str(tmp_path)) == str(tmp_path / "checkpoint-10")
     half = tmp_path / ".checkpoint-14.tmp"
     half.mkdir()  # a save killed before trainer_state.json was written
-    with pytest.raises(FileNotFoundError, match="is not a checkpoint directory"):
+    with pytest.raises(CheckpointError, match="is not a checkpoint directory"):
         resolve_checkpoint(str(half), str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
         resolve_checkpoint("latest", str(tmp_path / "empty"))

@@ -43,7 +43,7 @@ def tokenized_pairs(tokenizer, num: int = 12) -> list:
     pairs = [PreferencePair(r["prompt"], " " + r["chosen"], " " + r["rejected"]) for r in rows]
     tokenized, dropped = tokenize_pairs(tokenizer, pairs, max_length=64, max_prompt_length=32,
                                         use_chat_template=True, disable=True)
-    assert dropped == 0
+    assert not dropped
     return tokenized
 
 
@@ -396,7 +396,7 @@ def test_benchmark_flop_count_matches_torch_flop_counter(monkeypatch, checkpoint
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmarks import flops, synthetic
-    from dpo_core.tiny import tiny_llama
+    from dpo_core.testing import tiny_llama
 
     shape = synthetic.MODEL_PRESETS["tiny"]
     base = tiny_llama(vocab_size=shape.vocab, hidden_size=shape.hidden,

@@ -1,0 +1,113 @@
+"""Ctrl-C during training: stop at the next safe point instead of mid-step.
+
+The first SIGINT only sets a flag; the loop checks it after each optimizer step (when the
+weights, optimizer and data position agree), saves a checkpoint and raises
+`TrainingInterrupted` (exit status 130) with the command that resumes. A second Ctrl-C
+interrupts at once, as usual. Under several processes every process gets the
+signal from the terminal, but not necessarily at the same step: `requested` agrees across
+processes so that they all stop after the same step.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import NoReturn
+
+import torch
+
+from dpo_core.checkpoint import checkpoint_dirs, save_checkpoint
+from dpo_core.errors import TrainingInterrupted
+
+RESUME_FLAG = "--resume_from_checkpoint"
+
+
+class StopOnInterrupt:
+    """Context manager: while active, Ctrl-C asks the loop to stop at its next safe point."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous = None
+
+    def __enter__(self) -> StopOnInterrupt:
+        # Signal handlers can only be set from the main thread (e.g. not in a notebook worker).
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Give Ctrl-C back its usual meaning (e.g. once the loop is over); idempotent."""
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.pressed:  # the second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.pressed = True
+        print("\nCtrl-C: stopping after this step (press it again to stop at once).",
+              file=sys.stderr, flush=True)
+
+    def requested(self, accelerator) -> bool:
+        """Whether any process was interrupted; a collective call under several processes."""
+        if accelerator.num_processes == 1:
+            return self.pressed
+        flag = torch.tensor([float(self.pressed)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, "max").item())
+
+
+def checkpoint_and_stop(config, accelerator, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, state, total_steps: int,
+                        saved_now: bool) -> NoReturn:
+    """After Ctrl-C, at a step boundary: a checkpoint of this step (unless
+    --no-save_on_interrupt, or one was just saved on schedule), then TrainingInterrupted
+    saying how to resume. `config`: the TrainConfig; `state`: the TrainState."""
+    checkpoint = None
+    if saved_now or config.save_on_interrupt:
+        checkpoint = os.path.join(config.output_dir, f"checkpoint-{state.step}")
+        if not saved_now:
+            save_checkpoint(config.output_dir, accelerator, model, optimizer, state,
+                            config.save_total_limit)
+    newest = checkpoint_dirs(config.output_dir)
+    raise stopped(state.step, total_steps, checkpoint, newest[-1] if newest else None)
+
+
+def stopped(step: int, total_steps: int, checkpoint: str | None,
+            last_checkpoint: str | None) -> TrainingInterrupted:
+    """What the user reads after a Ctrl-C: where the run stopped, what was kept, the command
+    that continues it."""
+    if checkpoint:
+        kept = f"saved {checkpoint}."
+    else:
+        kept = (f"no checkpoint saved (--no-save_on_interrupt); the newest is "
+                f"{last_checkpoint or 'none, so a new run starts from step 0'}.")
+    return TrainingInterrupted(
+        f"Stopped by Ctrl-C after step {step} of {total_steps}; {kept}\n"
+        f"Continue with:\n  {resume_command()}")
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line that continues this run: the same flags, resuming from the newest
+    checkpoint (an earlier --resume_from_checkpoint is replaced)."""
+    args = list(sys.argv if argv is None else argv)
+    kept, skip = [], False
+    for arg in args[1:]:
+        if skip:
+            skip = False
+        elif arg == RESUME_FLAG:
+            skip = True
+        elif not arg.startswith(RESUME_FLAG + "="):
+            kept.append(arg)
+    # `python train.py`, or an installed console script (`dpo-train`) by its name.
+    program = ["python", args[0]] if args[0].endswith(".py") else [os.path.basename(args[0])]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        program = ["accelerate", "launch", "<your launch options>", args[0]]
+    return " ".join(shlex.quote(a) if not a.startswith("<") else a
+                    for a in [*program, *kept, RESUME_FLAG, "latest"])

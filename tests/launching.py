@@ -1,0 +1,86 @@
+"""Helpers for tests that run train.py in several processes (gloo on this CPU machine), and
+the check that two runs made the same updates."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, read_log, train_records
+from safetensors.torch import load_file
+
+BIN = os.path.dirname(sys.executable)
+CONFIGS = os.path.join(ROOT, "examples", "accelerate")
+
+# train.py, except that every process SIGKILLs itself (no cleanup, no flush) as it starts
+# writing checkpoint-N, N from $KILL_AT_CHECKPOINT: a crash in the middle of a save, after
+# step N's record was logged. Under FSDP2 saving the adapter is collective, so every process
+# reaches that point.
+KILLED_DURING_SAVE = """
+import os, runpy, signal, sys
+sys.path.insert(0, os.getcwd())
+import dpo_core.checkpoint as checkpoint
+
+real_save_trained_weights = checkpoint.save_trained_weights
+target = f".checkpoint-{os.environ['KILL_AT_CHECKPOINT']}.tmp"
+
+def save_trained_weights(accelerator, model, directory):
+    if target in directory:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save_trained_weights(accelerator, model, directory)
+
+checkpoint.save_trained_weights = save_trained_weights
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def assert_same_run(out, reference, *, evals: bool = True) -> None:
+    """Per-step loss and gradient norm, final eval and saved adapter all match."""
+    mine, theirs = train_records(out), train_records(reference)
+    assert [r["step"] for r in mine] == [r["step"] for r in theirs]  # each step exactly once
+    for a, b in zip(mine, theirs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-5), a["step"]
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5), a["step"]
+    if evals:
+        losses = [[r["loss"] for r in read_log(d) if r["split"] == "eval"]
+                  for d in (out, reference)]
+        assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    weights, expected = (load_file(os.path.join(d, "adapter_model.safetensors"))
+                         for d in (out, reference))
+    assert weights.keys() == expected.keys()
+    for name in expected:
+        # Adam turns fp32 round-off in a near-zero gradient into an update of up to ~lr *
+        # 1e-3; a wrong update would differ by ~lr (5e-3) itself.
+        torch.testing.assert_close(weights[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(launcher: list[str], args: list[str], tmp_path, script: str = "train.py",
+           check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `launcher script args` from the repository root. An empty HF_HOME: no accelerate
+    config file, only the flags and files given here."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HF_HOME": str(tmp_path / "hf_home"), **(env or {})}
+    run = subprocess.run([*launcher, script, *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True)
+    if check:
+        assert run.returncode == 0, run.stderr[-4000:]
+    return run
+
+
+def accelerate_launch(config_file: str, num_processes: int = 2) -> list[str]:
+    """`accelerate launch` with one of the shipped configs, on a free port."""
+    return [os.path.join(BIN, "accelerate"), "launch", "--config_file",
+            os.path.join(CONFIGS, config_file), "--num_processes", str(num_processes),
+            "--main_process_port", str(free_port())]
