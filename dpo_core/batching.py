@@ -103,3 +103,12 @@ class MicroBatchStream:
                 loader = self.accelerator.skip_first_batches(loader, offset)
             yield from loader
             epoch, offset = epoch + 1, 0
+
+
+def eval_loader(accelerator: Accelerator, pairs: list[TokenizedPair], batch_size: int,
+                collator: PreferenceCollator, lengths: list[int] | None = None) -> DataLoader:
+    """Every eval pair once per evaluation; with `lengths`, longest first (evaluation order
+    does not change its metrics, and sorted by length it pads least)."""
+    order = length_sorted_order(lengths) if lengths is not None else None
+    return accelerator.prepare_data_loader(DataLoader(pairs, batch_size=batch_size,
+                                                      sampler=order, collate_fn=collator))

@@ -43,8 +43,8 @@ class RunPlan:
         lines = ["Run plan:"]
         for name, value in self.record().items():
             asked = _asked(config, name)
-            shown = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) \
-                else value
+            shown = ({True: "on", False: "off"}[value] if isinstance(value, bool)
+                     else "-" if value is None else value)
             note = "" if asked is None or asked == value else f"  (asked: {asked})"
             lines.append(f"  {name:<26}{shown}{note}")
         return "\n".join(lines)

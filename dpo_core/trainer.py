@@ -19,19 +19,10 @@ from contextlib import nullcontext
 
 import torch
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dpo_core import distributed, failures, run_files
-from dpo_core.batching import MicroBatchStream, length_sorted_order, pair_length
-from dpo_core.checkpoint import (
-    TrainState,
-    data_order,
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-    save_trained_weights,
-)
+from dpo_core import checkpoint, distributed, failures, report, run_files
+from dpo_core.batching import MicroBatchStream, eval_loader, pair_length
 from dpo_core.config import TrainConfig
 from dpo_core.console import configure_console, logger
 from dpo_core.interrupt import StopOnInterrupt, checkpoint_and_stop
@@ -50,13 +41,6 @@ from dpo_core.objective import PreferenceObjective
 from dpo_core.plan import RunPlan, resolve_precompute
 from dpo_core.reference import reference_for
 from dpo_core.reference_cache import ReferenceLogpsCollator, precompute_reference
-from dpo_core.report import (
-    start_trackers,
-    tracker_options,
-    tracker_values,
-    write_samples,
-    write_training_curves,
-)
 from dpo_core.schedule import get_lr
 from dpo_core.tokenization import PreferenceCollator, resolve_chat_template
 from dpo_core.training_data import build_training_data
@@ -100,8 +84,9 @@ class Trainer:
         configure_console()
         config.validate()
         run_files.check_output_dir(config.output_dir, overwrite=config.overwrite_output_dir,
-                         resuming=bool(config.resume_from_checkpoint))
-        resume_path = (resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+                                   resuming=bool(config.resume_from_checkpoint))
+        resume_path = (checkpoint.resolve_checkpoint(config.resume_from_checkpoint,
+                                                     config.output_dir)
                        if config.resume_from_checkpoint else None)
         self._setup_accelerator()
         self._setup_model()
@@ -118,7 +103,7 @@ class Trainer:
             run_files.write_json(config.output_dir, run_files.CONFIG_FILE, {
                 **dataclasses.asdict(config), run_files.RUN_PLAN_KEY: self.plan.record()})
         # Started once setup has succeeded, so a bad model or data path leaves no empty run.
-        start_trackers(self.accelerator, config, self.plan.record())
+        report.start_trackers(self.accelerator, config, self.plan.record())
         self.model.train()
 
     def _setup_accelerator(self) -> None:
@@ -128,7 +113,7 @@ class Trainer:
                                              config.finetuning_type == "full")
         self.gradient_checkpointing = resolve_gradient_checkpointing(config.gradient_checkpointing)
         self.accelerator = distributed.make_accelerator(
-            self.dtype, tracker_options(config.report_to, config.output_dir))
+            self.dtype, report.tracker_options(config.report_to, config.output_dir))
         distributed.check_backend(config, self.accelerator.state, self.quantize)
         set_seed(config.seed)
         if self.is_main:
@@ -195,22 +180,19 @@ class Trainer:
         self.collator = ReferenceLogpsCollator(self.collator)
 
     def _setup_batches(self) -> None:
-        config = self.config
-        prefix_shared = self.plan.prefix_sharing == "always"
-        train_lengths = ([pair_length(p, prefix_shared) for p in self.train_pairs]
-                         if config.group_by_length else None)
+        config, plan = self.config, self.plan
+        prefix_shared = plan.prefix_sharing == "always"
+
+        def lengths(pairs: list) -> list[int] | None:  # None: no length grouping
+            return [pair_length(p, prefix_shared) for p in pairs] if config.group_by_length \
+                else None
+
         self.stream = MicroBatchStream(self.accelerator, self.train_pairs, config.batch_size,
-                                       self.collator, config.seed, lengths=train_lengths)
-        self.eval_loader = None
-        self.plan.eval_batch_size = config.eval_batch_size or config.batch_size
-        if self.eval_pairs:
-            # Evaluation order does not change its metrics; sorted by length it pads least.
-            eval_order = (length_sorted_order([pair_length(p, prefix_shared)
-                                               for p in self.eval_pairs])
-                          if config.group_by_length else None)
-            self.eval_loader = self.accelerator.prepare_data_loader(DataLoader(
-                self.eval_pairs, batch_size=self.plan.eval_batch_size, sampler=eval_order,
-                collate_fn=self.collator))
+                                       self.collator, config.seed, lengths(self.train_pairs))
+        plan.eval_batch_size = config.eval_batch_size or config.batch_size
+        self.eval_loader = (eval_loader(self.accelerator, self.eval_pairs, plan.eval_batch_size,
+                                        self.collator, lengths(self.eval_pairs))
+                            if self.eval_pairs else None)
 
     def _setup_schedule(self) -> None:
         config, plan = self.config, self.plan
@@ -226,11 +208,12 @@ class Trainer:
         """A fresh TrainState, or the checkpoint's (weights, optimizer, RNG and data position
         restored, after checking that the data order it was saved under is unchanged)."""
         config = self.config
-        order = data_order(config, self.accelerator.num_processes, len(self.train_pairs))
-        self.state = TrainState(data_order=order)
+        order = checkpoint.data_order(config, self.accelerator.num_processes,
+                                      len(self.train_pairs))
+        self.state = checkpoint.TrainState(data_order=order)
         if resume_path:
-            self.state = load_checkpoint(resume_path, self.accelerator, self.model,
-                                         self.optimizer, order)
+            self.state = checkpoint.load_checkpoint(resume_path, self.accelerator, self.model,
+                                                    self.optimizer, order)
             if self.is_main:
                 run_files.truncate_log(config.output_dir, self.state.step)
             logger.info(f"Resumed from {resume_path} at step {self.state.step}.")
@@ -273,8 +256,8 @@ class Trainer:
                 self._log(last_eval)
             saved = config.save_steps and state.step % config.save_steps == 0
             if saved:
-                save_checkpoint(config.output_dir, self.accelerator, self.model, self.optimizer,
-                                state, config.save_total_limit)
+                checkpoint.save_checkpoint(config.output_dir, self.accelerator, self.model,
+                                           self.optimizer, state, config.save_total_limit)
             if self.interrupt.requested(self.accelerator):
                 progress.close()
                 checkpoint_and_stop(config, self.accelerator, self.model, self.optimizer, state,
@@ -363,7 +346,7 @@ class Trainer:
         """One record to train_log.jsonl, the console and the trackers."""
         if self.is_main:
             run_files.append_log(self.config.output_dir, record)
-            self.accelerator.log(tracker_values(record), step=record["step"])
+            self.accelerator.log(report.tracker_values(record), step=record["step"])
         logger.info(format_record(record))
 
     def _finish(self, metrics: dict) -> dict:
@@ -381,20 +364,20 @@ class Trainer:
                 metrics["after"] = self.evaluation_hook(unwrapped, self.tokenizer)
             if self.data.sample_prompts and generates:
                 samples = os.path.join(config.output_dir, run_files.SAMPLES_FILE)
-                write_samples(unwrapped, self.tokenizer, self.data.sample_prompts,
-                              samples if self.is_main else None,
-                              use_chat_template=self.plan.chat_template,
-                              max_new_tokens=config.sample_max_new_tokens,
-                              reference=self.objective.reference)
+                report.write_samples(unwrapped, self.tokenizer, self.data.sample_prompts,
+                                     samples if self.is_main else None,
+                                     use_chat_template=self.plan.chat_template,
+                                     max_new_tokens=config.sample_max_new_tokens,
+                                     reference=self.objective.reference)
         accelerator.wait_for_everyone()
-        save_trained_weights(accelerator, self.model, config.output_dir)
+        checkpoint.save_trained_weights(accelerator, self.model, config.output_dir)
         if self.is_main:
             self.tokenizer.save_pretrained(config.output_dir)
             if config.merge_adapter:
                 metrics["merged_model"] = save_merged_model(config, config.output_dir,
                                                             self.dtype)
             run_files.write_json(config.output_dir, run_files.METRICS_FILE, metrics)
-            write_training_curves(config.output_dir)
+            report.write_training_curves(config.output_dir)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return metrics

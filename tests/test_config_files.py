@@ -86,7 +86,9 @@ def test_training_config_json_fed_back_reproduces_the_run(tiny_model_dir, pairs_
     asked = json.loads((first / "training_config.json").read_text())
     assert asked["quantization"] == "auto" and plan["quantization"] == "none"
     assert asked["dtype"] == "auto" and plan["dtype"] == "float32"
-    assert asked["prefix_sharing"] is None and plan["prefix_sharing"] == "per batch"
+    assert asked["padding_free"] is None and plan["padding_free"] is True
+    # Packed rows share each prompt unless sharing is turned off.
+    assert asked["prefix_sharing"] is None and plan["prefix_sharing"] == "always"
     assert plan["total_steps"] == 3 and plan["warmup_steps"] == 0
     assert plan["chat_template"] is True and plan["num_processes"] == 1
 
