@@ -1,13 +1,13 @@
 """Where a training step's time goes: the standard path's step, timed and profiled.
 
-Builds the same model and data as bench_dpo.py (same presets, same cache), takes the first
+Builds the same model and data as synthetic.py (same presets, same cache), takes the first
 `--batch_size` pairs, and runs policy + reference log-probs, the sigmoid loss, backward and an
 AdamW step, as `dpo_core.trainer` does. Prints the step time, then torch.profiler's self time
 split into matrix multiplies (with their achieved FLOP/s), attention kernels and everything
 else, against this machine's measured matmul peak.
 
-    python benchmarks/profile_step.py --preset cpu-medium
-    python benchmarks/profile_step.py --preset cpu-medium --compile_layers   # torch.compile
+    python -m benchmarks.profile_step --preset cpu-medium
+    python -m benchmarks.profile_step --preset cpu-medium --compile_layers   # torch.compile
 """
 
 from __future__ import annotations
@@ -19,15 +19,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import bench_dpo
+from benchmarks import synthetic
+from benchmarks.flops import matmul_peak_flops
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=list(bench_dpo.MODEL_PRESETS), default="cpu-medium")
-    parser.add_argument("--data", choices=list(bench_dpo.DATA_PRESETS), default="short")
+    parser.add_argument("--preset", choices=list(synthetic.MODEL_PRESETS), default="cpu-medium")
+    parser.add_argument("--data", choices=list(synthetic.DATA_PRESETS), default="short")
     parser.add_argument("--batch_size", type=int, help="pairs per step (preset default)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps after 2 warm-up steps")
     parser.add_argument("--attn_implementation", default="sdpa")
@@ -45,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     from dpo_core.objective import PreferenceObjective
     from dpo_core.tokenization import PreferenceCollator, tokenize_pairs
 
-    num_pairs, max_length, batch_size = bench_dpo.RUN_DEFAULTS[args.preset]
+    num_pairs, max_length, batch_size = synthetic.RUN_DEFAULTS[args.preset]
     batch_size = args.batch_size or batch_size
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    assets = bench_dpo.build_assets(args.preset, args.data, num_pairs, max_length, workdir)
+    assets = synthetic.build_assets(args.preset, args.data, num_pairs, max_length, workdir)
     config = TrainConfig(model_name=assets["model_dir"], dataset_name=assets["data_path"],
-                         quantization="none", dtype="float32", lora_r=bench_dpo.LORA_R,
-                         lora_alpha=bench_dpo.LORA_ALPHA, lora_target_modules="all-linear",
+                         quantization="none", dtype="float32", lora_r=synthetic.LORA_R,
+                         lora_alpha=synthetic.LORA_ALPHA, lora_target_modules="all-linear",
                          attn_implementation=args.attn_implementation)
     model = build_policy(config, torch.float32, quantize=False, gradient_checkpointing=False)
     if args.compile_layers:
@@ -65,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                                   max_prompt_length=max_length - 1, use_chat_template=False,
                                   disable=True)
     batch = PreferenceCollator(tokenizer.pad_token_id)(tokenized)
-    objective = PreferenceObjective(beta=bench_dpo.BETA)
+    objective = PreferenceObjective(beta=synthetic.BETA)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=bench_dpo.LEARNING_RATE)
+                                  lr=synthetic.LEARNING_RATE)
 
     def step() -> None:
         objective(model, batch)["losses"].mean().backward()
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
           f"warm-up steps took {warmup_s:.1f} s); "
           f"{real} tokens in rows of {padded} ({100 * (1 - real / padded):.1f}% padding)")
 
-    peak = bench_dpo.matmul_peak_flops("float32", "cpu")
+    peak = matmul_peak_flops("float32", "cpu")
     events = prof.key_averages(group_by_input_shape=True)
     total = sum(e.self_cpu_time_total for e in events)
     matmul_us = matmul_flops = 0.0

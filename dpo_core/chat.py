@@ -1,4 +1,10 @@
-"""Multi-turn chat with a base model plus a trained adapter, streaming tokens as they come."""
+"""Multi-turn chat with a base model plus a trained adapter, streaming tokens as they come.
+
+The conversation is rendered and tokenized by the same code as training (`encode_prompt`), with
+the chat-template setting the adapter was trained with (`trained_chat_template`, overridden by
+`--chat_template`), and generation stops at the template's end-of-turn token as well as at the
+generation config's and tokenizer's EOS (`stop_token_ids`).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,47 @@ import torch
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
 from dpo_core.chat_config import ChatConfig
-from dpo_core.tokenization import render_prompt
+from dpo_core.config import CHAT_TEMPLATE_MODES, RUN_PLAN_KEY
+from dpo_core.generation import until_stop
+from dpo_core.run_files import CONFIG_FILE, read_json
+from dpo_core.tokenization import (
+    encode_prompt,
+    resolve_chat_template,
+    stop_token_ids,
+)
 
-__all__ = ["ChatConfig", "ChatSession", "interactive"]
+__all__ = ["ChatConfig", "ChatSession", "chat_template_mode", "interactive",
+           "trained_chat_template"]
+
+
+def trained_chat_template(adapter_dir: str) -> str | None:
+    """The chat-template mode ("auto" / "none") a run was trained with, from the
+    `training_config.json` in its output directory; None if that cannot be told.
+
+    The run plan's `chat_template` (whether the template was really applied) wins over the
+    flag value recorded beside it (an older run has only the flag).
+    """
+    try:
+        recorded = read_json(adapter_dir, CONFIG_FILE)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    plan = recorded.get(RUN_PLAN_KEY)
+    applied = plan.get("chat_template") if isinstance(plan, dict) else None
+    if isinstance(applied, bool):
+        return "auto" if applied else "none"
+    flag = recorded.get("chat_template")
+    return flag if flag in CHAT_TEMPLATE_MODES else None
+
+
+def chat_template_mode(config: ChatConfig) -> str:
+    """The flag if given, else the adapter's training setting, else "auto"."""
+    if config.chat_template is not None:
+        return config.chat_template
+    if config.no_adapter:
+        return "auto"
+    return trained_chat_template(config.adapter_path) or "auto"
 
 
 class ChatSession:
@@ -19,7 +63,10 @@ class ChatSession:
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                  config: ChatConfig):
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.use_chat_template = tokenizer.chat_template is not None
+        self.use_chat_template = resolve_chat_template(tokenizer, chat_template_mode(config))
+        generation_config = getattr(model, "generation_config", None)
+        self.stop_ids = stop_token_ids(tokenizer, self.use_chat_template,
+                                       getattr(generation_config, "eos_token_id", None))
         self.reset()
 
     def reset(self) -> None:
@@ -32,10 +79,8 @@ class ChatSession:
         """Add the user's turn, generate (printing tokens as they come if `stream`), and add
         the assistant's turn to the history."""
         self.messages.append({"role": "user", "content": user_text})
-        text = render_prompt(self.tokenizer, self.messages, self.use_chat_template)
-        input_ids = self.tokenizer(text, add_special_tokens=not self.use_chat_template,
-                                   return_tensors="pt").input_ids
-        input_ids = input_ids.to(next(self.model.parameters()).device)
+        prompt_ids = encode_prompt(self.tokenizer, self.messages, self.use_chat_template)
+        input_ids = torch.tensor([prompt_ids], device=next(self.model.parameters()).device)
         sampling = self.config.temperature > 0
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) \
             if stream else None
@@ -47,12 +92,10 @@ class ChatSession:
             temperature=self.config.temperature if sampling else None,
             top_p=self.config.top_p if sampling else None,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=self.stop_ids,
             streamer=streamer,
         )
-        reply_ids = output[0, input_ids.shape[1]:].tolist()
-        if self.tokenizer.eos_token_id in reply_ids:
-            reply_ids = reply_ids[: reply_ids.index(self.tokenizer.eos_token_id)]
+        reply_ids = until_stop(output[0, input_ids.shape[1]:].tolist(), self.stop_ids)
         reply = self.tokenizer.decode(reply_ids, skip_special_tokens=True).strip()
         self.messages.append({"role": "assistant", "content": reply})
         return reply

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dpo_core.config import ConfigError, _arg, check_finite
+from dpo_core.config import (
+    CHAT_TEMPLATE_MODES,
+    DTYPE_NAMES,
+    QUANTIZATION_MODES,
+    ConfigError,
+    _arg,
+    check_finite,
+)
 
 MODEL, GEN, SESSION = "model", "generation", "session"
 
@@ -18,14 +25,18 @@ class ChatConfig:
                              "Directory holding the trained adapter (train.py's --output_dir).",
                              MODEL)
     quantization: str = _arg("auto", "'auto' = 4-bit where CUDA is present; '4bit'; 'none'.",
-                             MODEL, choices=["auto", "4bit", "none"])
+                             MODEL, choices=QUANTIZATION_MODES)
     dtype: str = _arg("auto", "bfloat16/float16 on GPU, float32 on CPU.", MODEL,
-                      choices=["auto", "float32", "bfloat16", "float16"])
+                      choices=DTYPE_NAMES)
     no_adapter: bool = _arg(False, "Chat with the base model alone (for comparison).", MODEL)
     trust_remote_code: bool = _arg(False, "Run modelling code shipped with the model.", MODEL)
     max_new_tokens: int = _arg(250, "Longest reply, in tokens (>= 1).", GEN)
     temperature: float = _arg(0.7, "Sampling temperature (0 = greedy; >= 0).", GEN)
     top_p: float = _arg(0.9, "Nucleus sampling threshold, in (0, 1].", GEN)
+    chat_template: str | None = _arg(
+        None, "'auto' (the tokenizer's chat template) or 'none' (plain text). Default: the "
+        "setting the adapter was trained with (its training_config.json), else 'auto'.",
+        SESSION, choices=CHAT_TEMPLATE_MODES)
     system: str | None = _arg(None, "System message that starts the conversation.", SESSION)
     prompt: str | None = _arg(None, "Answer this one message and exit (scriptable).", SESSION)
     demo: bool = _arg(False, "The bundled demo model plus the adapter `train.py --demo` wrote.",

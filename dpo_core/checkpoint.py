@@ -1,4 +1,5 @@
-"""Resumable checkpoints: adapter, optimizer, position in the data order and RNG states.
+"""Resumable checkpoints: trained weights (the LoRA adapter, or the whole model under full
+fine-tuning), optimizer, position in the data order and RNG states.
 
 A checkpoint is written into a hidden temporary directory and renamed into place, and an old
 one is renamed to a hidden name before it is deleted, so a run killed mid-save or mid-rotation
@@ -20,6 +21,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -30,11 +32,13 @@ from safetensors.torch import load_file
 
 from dpo_core.distributed import is_fsdp2_model
 from dpo_core.errors import RunFailure, UserError
+from dpo_core.model import POLICY_ADAPTER
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Hidden (leading dot) names: work in progress or being deleted, never a checkpoint.
 PARTIAL_RE = re.compile(r"^\.checkpoint-\d+\.(tmp|old)$")
-ADAPTER_DIR, OPTIMIZER_FILE, STATE_FILE = "adapter", "optimizer.pt", "trainer_state.json"
+ADAPTER_DIR, MODEL_DIR = "adapter", "model"  # what a checkpoint's weights are, by name
+OPTIMIZER_FILE, STATE_FILE = "optimizer.pt", "trainer_state.json"
 SHARDED_DIR = "sharded"  # FSDP2: trainable weights and optimizer state, one file per process
 
 
@@ -133,7 +137,8 @@ def save_checkpoint(
         accelerator.wait_for_everyone()
         # Each process has its own RNG streams; the optimizer state is replicated under DDP.
         torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pt"))
-        save_adapter(accelerator, model, os.path.join(tmp, ADAPTER_DIR))
+        save_trained_weights(accelerator, model,
+                             os.path.join(tmp, _weights_dir(accelerator.unwrap_model(model))))
         sharded = is_fsdp2_model(model)
         if sharded:
             save_sharded_state(model, optimizer, os.path.join(tmp, SHARDED_DIR))
@@ -174,13 +179,32 @@ def _save_problem(error: Exception) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
-def save_adapter(accelerator: Accelerator, model: torch.nn.Module, directory: str) -> None:
-    """Write the adapter (safetensors) from the main process. Call it on every process: under
-    FSDP and ZeRO-3 each holds a shard of the weights, and gathering them is collective."""
+def save_trained_weights(accelerator: Accelerator, model: torch.nn.Module,
+                         directory: str) -> None:
+    """Write what trains, as safetensors, from the main process: the policy adapter alone (a
+    plain PEFT adapter on the base; a frozen reference adapter is not saved), or the whole
+    model (`save_pretrained`, loadable by AutoModelForCausalLM). Call it on every process:
+    under FSDP and ZeRO-3 each holds a shard of the weights, and gathering them is collective."""
     state_dict = (gathered_trainable_state(model) if is_fsdp2_model(model)
                   else accelerator.get_state_dict(model))
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict)
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    if _is_peft(unwrapped):
+        unwrapped.save_pretrained(directory, state_dict=state_dict,
+                                  selected_adapters=[POLICY_ADAPTER])
+    else:
+        unwrapped.save_pretrained(directory, state_dict=state_dict)
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    # Without peft imported (full fine-tuning need not import it) no model is a PeftModel.
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def _weights_dir(model: torch.nn.Module) -> str:
+    return ADAPTER_DIR if _is_peft(model) else MODEL_DIR
 
 
 def _discard(checkpoint: str) -> None:
@@ -205,11 +229,12 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     data_order: dict,
 ) -> TrainState:
-    """Restore adapter weights, optimizer, RNG streams; return where the run stood.
+    """Restore trained weights (adapter or whole model), optimizer, RNG streams; return where
+    the run stood.
 
     Every file is read and checked before anything is changed: a checkpoint saved under
-    another `data_order` or another adapter shape, or a damaged file, raises CheckpointError
-    naming the checkpoint and what to do.
+    another `data_order`, another adapter shape or the other --finetuning_type, or a damaged
+    file, raises CheckpointError naming the checkpoint and what to do.
     """
     state = _read_state(path)
     changed = [f"{key} {state.data_order[key]!r} (now {value!r})"
@@ -221,34 +246,31 @@ def load_checkpoint(
             "values would not replay the same pairs. Resume with the checkpoint's settings.")
     state.data_order = data_order
     unwrapped = accelerator.unwrap_model(model)
-    _check_adapter_shape(path, unwrapped)
+    weights_dir = _weights_dir(unwrapped)
+    if not os.path.isdir(os.path.join(path, weights_dir)):
+        kind = {ADAPTER_DIR: "LoRA adapter (--finetuning_type lora)",
+                MODEL_DIR: "whole model (--finetuning_type full)"}[weights_dir]
+        raise CheckpointError(f"checkpoint {path!r} holds no {kind}; resume with the "
+                              "--finetuning_type it was saved with")
+    if weights_dir == ADAPTER_DIR:
+        _check_adapter_shape(path, unwrapped)
     if is_fsdp2_model(model):
         load_sharded_state(path, accelerator, model, optimizer)
         return state
     _check_not_sharded(path)
-    weights_file = os.path.join(path, ADAPTER_DIR, "adapter_model.safetensors")
-    try:
-        weights = load_file(weights_file)
-    except (OSError, SafetensorError) as error:
-        raise _damaged(path, weights_file, error) from None
+    if weights_dir == ADAPTER_DIR:
+        weights = _read_weights(path, [os.path.join(ADAPTER_DIR, "adapter_model.safetensors")])
+    else:
+        weights = _read_weights(path, _model_files(path))
     # Read onto the CPU (a process's device name, e.g. 'cpu:1' under gloo, may not be one
     # torch.load can map to); load_state_dict moves each state to its parameter's device.
     optimizer_state = _load_plain(os.path.join(path, OPTIMIZER_FILE), path)
     rng_file = os.path.join(path, f"rng_state_{accelerator.process_index}.pt")
     rng_state = _load_plain(rng_file, path) if os.path.isfile(rng_file) else None
-    from peft import set_peft_model_state_dict
-
-    try:
-        result = set_peft_model_state_dict(unwrapped, weights)
-    except RuntimeError as error:  # shapes that _check_adapter_shape could not foresee
-        raise CheckpointError(
-            f"checkpoint {path!r} holds adapter weights of other shapes than this model's "
-            f"({str(error).strip().splitlines()[-1].strip()}); resume with the settings in "
-            "its run's training_config.json") from None
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise CheckpointError(
-            f"checkpoint {path!r} has weights this model lacks: {unexpected[:3]}")
+    if weights_dir == ADAPTER_DIR:
+        _load_adapter_weights(unwrapped, weights, path)
+    else:
+        _load_whole_model(unwrapped, weights, path)
     try:
         optimizer.load_state_dict(optimizer_state)
     except (ValueError, KeyError, RuntimeError) as error:
@@ -259,6 +281,68 @@ def load_checkpoint(
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise _damaged(path, rng_file, error) from None
     return state
+
+
+def _read_weights(checkpoint: str, files: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors `files` (relative to `checkpoint`), merged."""
+    weights: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            weights.update(load_file(os.path.join(checkpoint, name)))
+        except (OSError, SafetensorError) as error:
+            raise _damaged(checkpoint, os.path.join(checkpoint, name), error) from None
+    return weights
+
+
+def _model_files(checkpoint: str) -> list[str]:
+    """The safetensors files `save_pretrained` wrote: one, or the shards its index names."""
+    index = os.path.join(checkpoint, MODEL_DIR, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        return [os.path.join(MODEL_DIR, "model.safetensors")]
+    try:
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError) as error:
+        raise _damaged(checkpoint, index, error) from None
+    return [os.path.join(MODEL_DIR, shard) for shard in shards]
+
+
+def _load_adapter_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
+                          checkpoint: str) -> None:
+    from peft import set_peft_model_state_dict
+
+    try:
+        result = set_peft_model_state_dict(model, weights, adapter_name=POLICY_ADAPTER)
+    except RuntimeError as error:  # shapes that _check_adapter_shape could not foresee
+        raise CheckpointError(
+            f"checkpoint {checkpoint!r} holds adapter weights of other shapes than this "
+            f"model's ({str(error).strip().splitlines()[-1].strip()}); resume with the "
+            "settings in its run's training_config.json") from None
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint {checkpoint!r} has weights this model lacks: {unexpected[:3]}")
+
+
+def _load_whole_model(model: torch.nn.Module, weights: dict[str, torch.Tensor],
+                      checkpoint: str) -> None:
+    """Every weight of `model` must be in `weights`, except copies of a tied weight, which
+    `save_pretrained` writes once."""
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # other shapes: another model
+        raise CheckpointError(
+            f"checkpoint {checkpoint!r} holds a model of other shapes than this run's "
+            f"({str(error).strip().splitlines()[-1].strip()}); resume with the settings in "
+            "its run's training_config.json") from None
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[name]) for name in weights if name in params}
+    missing = [name for name in result.missing_keys
+               if name not in params or id(params[name]) not in loaded]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"checkpoint {checkpoint!r} does not match this model: missing {missing[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}")
 
 
 # Only what trains is saved: the frozen base weights come from the base model again.

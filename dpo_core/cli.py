@@ -24,7 +24,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 TRAIN_DESCRIPTION = """Align a causal language model with Direct Preference Optimization
-(LoRA / QLoRA).
+(LoRA / QLoRA, from a fresh or an SFT adapter, or full fine-tuning).
 
 Runs as `python train.py ...` (or `dpo-train ...`) on one device, or as
 `accelerate launch train.py ...` on many."""
@@ -38,6 +38,8 @@ EXAMPLES = """examples:
   python train.py --num_samples 2000 --epochs 1           # TinyLlama-Chat on UltraFeedback
   python train.py --config examples/configs/tinyllama_qlora_ultrafeedback.yaml
   python train.py --model_name ./my-model --dataset_name pairs.jsonl --no_quantization
+  python train.py --adapter_path ./sft-adapter            # DPO from an SFT LoRA adapter
+  python train.py --model_name ./small-model --finetuning_type full --no_quantization
   accelerate launch --multi_gpu --num_processes 2 train.py --batch_size 4
 """
 
@@ -86,7 +88,8 @@ def _train(argv: list[str] | None) -> int:
         from dpo_core.demo import format_before_after
 
         print(format_before_after(metrics))
-    print(f"Saved the adapter, tokenizer, training_config.json and metrics.json to "
+    trained = "model" if config.finetuning_type == "full" else "adapter"
+    print(f"Saved the {trained}, tokenizer, training_config.json and metrics.json to "
           f"{config.output_dir}")
     return 0
 

@@ -40,18 +40,35 @@ MODEL, LORA, DATA, TRAIN, LOSS, LOG = (
 SPEED = "speed and memory"
 
 
+# Choices shared by train.py, chat.py and the modules that act on them.
+QUANTIZATION_MODES = ("auto", "4bit", "none")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+CHAT_TEMPLATE_MODES = ("auto", "none")
+TRACKERS = ("none", "tensorboard", "wandb")
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+NLL_NORMALIZATIONS = ("tokens", "pairs")
+
+
 @dataclass
 class TrainConfig:
     # -- model ------------------------------------------------------------------------------
     model_name: str = _arg(
         "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "Hub id or local directory of the base model.", MODEL
     )
+    adapter_path: str | None = _arg(
+        None,
+        "Start from this trained LoRA adapter of --model_name (a local directory or Hub id, "
+        "e.g. an SFT adapter): the policy trains it, and the reference is the adapter as "
+        "loaded, frozen, on the same base. Its own rank, alpha and targets replace the --lora_* "
+        "flags.",
+        MODEL,
+    )
     quantization: str = _arg(
         "auto",
         "Base weights: 'auto' = 4-bit NF4 QLoRA when CUDA is present, none on CPU; '4bit' "
         "forces QLoRA (bitsandbytes also runs it on CPU); 'none' trains on full-precision weights.",
         MODEL,
-        choices=["auto", "4bit", "none"],
+        choices=QUANTIZATION_MODES,
     )
     no_quantization: bool = _arg(False, "Same as --quantization none (original flag).", MODEL)
     dtype: str = _arg(
@@ -59,7 +76,7 @@ class TrainConfig:
         "Compute dtype: 'auto' = bfloat16 on GPUs that support it, float16 on older GPUs, "
         "float32 on CPU.",
         MODEL,
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=DTYPE_NAMES,
     )
     gradient_checkpointing: bool | None = _arg(
         None,
@@ -82,6 +99,13 @@ class TrainConfig:
         MODEL,
     )
     # -- LoRA -------------------------------------------------------------------------------
+    finetuning_type: str = _arg(
+        "lora",
+        "'lora' trains an adapter (fresh, or --adapter_path); 'full' trains every weight, with "
+        "fp32 master weights, and saves the whole model (no 4-bit: see README).",
+        LORA,
+        choices=["lora", "full"],
+    )
     lora_r: int = _arg(16, "LoRA rank.", LORA)
     lora_alpha: int = _arg(32, "LoRA scaling numerator (scale = alpha / r).", LORA)
     lora_dropout: float = _arg(0.05, "LoRA dropout (inactive while --disable_dropout).", LORA)
@@ -110,14 +134,15 @@ class TrainConfig:
     seed: int = _arg(42, "Seed for shuffling, the eval split, LoRA init and data order.", DATA)
     max_length: int = _arg(1024, "Longest prompt + response, in tokens.", DATA)
     max_prompt_length: int = _arg(
-        512, "Longest prompt, in tokens; longer prompts keep their end.", DATA
+        512, "Prompt tokens a pair keeps at least when it must be cut to --max_length (a prompt "
+        "loses only the leading tokens that must go).", DATA
     )
     chat_template: str = _arg(
         "auto",
-        "'auto' renders prompts with the tokenizer's chat template when it has one; 'none' "
-        "uses plain text.",
+        "'auto' renders prompt and replies with the tokenizer's chat template when it has one "
+        "(and trains its end-of-turn token); 'none' uses plain text.",
         DATA,
-        choices=["auto", "none"],
+        choices=CHAT_TEMPLATE_MODES,
     )
     skip_bad_rows: bool = _arg(
         False, "Drop malformed rows (and print how many and why) instead of stopping.", DATA
@@ -187,7 +212,7 @@ class TrainConfig:
         "f-DPO: the divergence from the reference (reverse_kl = DPO). Applies to sigmoid, "
         "sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, rpo, sft.",
         LOSS,
-        choices=["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"],
+        choices=F_DIVERGENCE_TYPES,
     )
     f_alpha_divergence_coef: float = _arg(
         0.5, "alpha of --f_divergence_type alpha_divergence (1 = reverse_kl).", LOSS
@@ -197,7 +222,7 @@ class TrainConfig:
         "The NLL term of sft, rpo, cpo and orpo: 'tokens' averages over every chosen token of "
         "the micro-batch (trl); 'pairs' averages each pair's per-token NLL over the pairs.",
         LOSS,
-        choices=["tokens", "pairs"],
+        choices=NLL_NORMALIZATIONS,
     )
     orpo_alpha: float = _arg(
         0.1,
@@ -217,6 +242,14 @@ class TrainConfig:
         "(same log-probs, fewer tokens; needs --attn_implementation sdpa or eager). Unset "
         "(None): per batch, where it saves enough tokens to pay for the longer rows' attention "
         "(logps.PREFIX_SHARING_MIN_SAVING; measured in benchmarks/RESULTS.md).",
+        SPEED,
+    )
+    padding_free: bool | None = _arg(
+        None,
+        "Lay each micro-batch out as one row of real tokens (no padding), each sequence "
+        "attending only to itself; same pairs per step and same log-probs. Unset (None): on "
+        "where the attention allows it (sdpa: per-sequence SDPA; flex_attention on CUDA); on "
+        "with eager uses one dense mask.",
         SPEED,
     )
     precompute_ref_log_probs: bool | None = _arg(
@@ -270,7 +303,7 @@ class TrainConfig:
         "Also send the train/ and eval/ metrics to an experiment tracker through Accelerate "
         "(install it with pip install 'dpo-core[tensorboard]' or 'dpo-core[wandb]').",
         LOG,
-        choices=["none", "tensorboard", "wandb"],
+        choices=TRACKERS,
     )
     num_sample_prompts: int = _arg(
         4,
@@ -356,17 +389,35 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self._validate_finetuning_type()
         try:  # the loss module's own checks, reported like every other bad setting
             validate_loss_options(
                 loss_settings_of(self), reference_free=self.reference_free,
                 precompute_ref_log_probs=bool(self.precompute_ref_log_probs))
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        for flag in ("model_name", "dataset_name", "eval_dataset"):
+        for flag in ("model_name", "adapter_path", "dataset_name", "eval_dataset"):
             value = getattr(self, flag)
             if value and _looks_like_path(value) and not os.path.exists(value):
                 raise ConfigError(f"--{flag}: path {value!r} does not exist")
         check_writable_dir("--output_dir", self.output_dir)
+
+    def _validate_finetuning_type(self) -> None:
+        if self.finetuning_type != "full":
+            return
+        if self.quantization == "4bit":
+            raise ConfigError(
+                "--finetuning_type full cannot train 4-bit weights: NF4 weights are frozen "
+                "integer codes with no gradient or optimizer state (QLoRA trains an adapter "
+                "beside them). Use --quantization none, or --finetuning_type lora for 4-bit.")
+        if self.adapter_path:
+            raise ConfigError(
+                "--adapter_path trains a LoRA adapter; for --finetuning_type full, merge the "
+                "adapter into its base first (PeftModel.merge_and_unload) and pass the merged "
+                "model as --model_name.")
+        if self.merge_adapter:
+            raise ConfigError("--merge_adapter merges a LoRA adapter; --finetuning_type full "
+                              "already saves the whole model to --output_dir.")
 
     def to_json(self, path: str) -> None:
         with open(path, "w") as f:
@@ -487,6 +538,11 @@ def _checked_value(f: dataclasses.Field, value: Any, where: str) -> Any:
             return None
         raise ConfigError(f"{where} cannot be null")
     base = type_name.replace(" | None", "")
+    if base == "str" and isinstance(value, list) and all(
+            isinstance(v, str | int | float) and not isinstance(v, bool) for v in value):
+        # Comma-separated settings (--loss_type, --loss_weights, --lora_target_modules) may
+        # be written as YAML lists.
+        value = ",".join(str(v) for v in value)
     if base in ("int", "float") and isinstance(value, str):
         # PyYAML reads 1e-4 (no dot) as a string; take numbers written as on the command line.
         try:

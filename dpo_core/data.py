@@ -11,8 +11,11 @@ Accepted row shapes (any extra columns are ignored):
   assistant reply (a one-message list, or a plain string).
 - HH (Anthropic hh-rlhf): no `prompt` column; `chosen` / `rejected` are whole dialogues
   `"\\n\\nHuman: ...\\n\\nAssistant: ..."`. The prompt is the shared beginning up to and
-  including the last `"\\n\\nAssistant:"`, parsed into user / assistant messages so that chat
-  templates apply; the replies are the remainders, less one leading space.
+  including the last `"\\n\\nAssistant:"`. Without a chat template that text and the
+  remainders are used exactly as written (`raw_text`). With a template the prompt is parsed
+  into messages, each "Human:" turn a user message and each "Assistant:" turn an assistant
+  message (content stripped of surrounding whitespace), and the replies are the remainders less
+  the one space that follows "Assistant:".
 
 A row that breaks these rules raises `DataError` naming the source, the row as an editor or a
 spreadsheet shows it (JSON / JSONL: 1-based line; CSV: 1-based row with the header as row 1;
@@ -72,12 +75,16 @@ class PreferencePair:
     """One preference example.
 
     `prompt` is either a message list (roles system/user/assistant, ending with a user turn)
-    or plain text; `chosen` and `rejected` are the two assistant replies as text.
+    or plain text; `chosen` and `rejected` are the two assistant replies as text. `raw_text`
+    (HH rows only): (prompt, chosen, rejected) exactly as the dataset writes them, used instead
+    when no chat template applies. `origin` names the row in error messages ("pairs.jsonl: line 7").
     """
 
     prompt: list[dict[str, str]] | str
     chosen: str
     rejected: str
+    raw_text: tuple[str, str, str] | None = None
+    origin: str = dataclasses.field(default="", compare=False)
 
 
 Fail = Callable[[str, str], DataError]
@@ -388,8 +395,9 @@ def load_pairs(
     converted: dict[int, PreferencePair] = {}
     for index, row in zip(in_file_order, source.take(in_file_order), strict=True):
         try:
-            pair = to_pair(row, f"{source.name}: {source.location(index)}",
-                           prompt_column=prompt_column)
+            location = f"{source.name}: {source.location(index)}"
+            pair = dataclasses.replace(to_pair(row, location, prompt_column=prompt_column),
+                                       origin=location)
         except DataError as error:
             if not skip_bad_rows:
                 raise
@@ -539,4 +547,5 @@ def _hh_pair(chosen: Any, rejected: Any, fail: Fail) -> PreferencePair:
         text = dialogue[len(prompt_text) :]
         return _text(text[1:] if text.startswith(" ") else text, field, fail)
 
-    return PreferencePair(prompt, reply(chosen, "chosen"), reply(rejected, "rejected"))
+    raw_text = (prompt_text, chosen[len(prompt_text) :], rejected[len(prompt_text) :])
+    return PreferencePair(prompt, reply(chosen, "chosen"), reply(rejected, "rejected"), raw_text)

@@ -38,3 +38,10 @@ def out_of_memory_message(config: TrainConfig, step: int, checkpointing: bool) -
     parts.append(("Or start" if not checkpointing else "Start") + " over (--overwrite_output_dir)"
                  " with " + " or ".join(restart) + ".")
     return " ".join(parts)
+
+
+def nonfinite_error(step: int, loss: float, grad_norm: float, output_dir: str) -> NonFiniteError:
+    return NonFiniteError(
+        f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; stopping. "
+        f"{last_checkpoint_note(output_dir)} Try a lower --learning_rate, or "
+        "--skip_nonfinite_steps N to skip such steps, and --resume_from_checkpoint latest.")

@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from dpo_core.tokenization import render_prompt
+from dpo_core.model import eval_mode
+from dpo_core.tokenization import encode_prompt, stop_token_ids
+
+
+def until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
+    """`ids` up to (not including) the first stop token."""
+    for position, token_id in enumerate(ids):
+        if token_id in stop_ids:
+            return ids[:position]
+    return ids
 
 
 @torch.no_grad()
@@ -24,36 +33,36 @@ def generate_replies(
     """One reply per prompt (messages or plain text), rendered exactly as in training.
 
     Prompts are left-padded so every row's reply starts at the same column; the reply is
-    the ids after that column, up to the first EOS, so nothing depends on string lengths.
+    the ids after that column, up to the first stop token (`stop_token_ids`: EOS, and with the
+    template its end-of-turn token), so nothing depends on string lengths.
     """
-    was_training = model.training
-    model.eval()
     replies: list[str] = []
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id
     device = next(model.parameters()).device
-    for start in range(0, len(prompts), batch_size):
-        texts = [render_prompt(tokenizer, p, use_chat_template)
-                 for p in prompts[start:start + batch_size]]
-        encoded = [tokenizer(t, add_special_tokens=not use_chat_template).input_ids for t in texts]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded])
-        attention_mask = torch.tensor(
-            [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample \
-            else {"do_sample": False}
-        output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **sampling,
-        )
-        for row in output[:, width:].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id)]
-            replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    model.train(was_training)
+    generation_config = getattr(model, "generation_config", None)
+    stop_ids = stop_token_ids(tokenizer, use_chat_template,
+                              getattr(generation_config, "eos_token_id", None))
+    with eval_mode(model):
+        for start in range(0, len(prompts), batch_size):
+            encoded = [encode_prompt(tokenizer, p, use_chat_template)
+                       for p in prompts[start:start + batch_size]]
+            width = max(len(ids) for ids in encoded)
+            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded])
+            attention_mask = torch.tensor(
+                [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+            sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p}
+                        if do_sample else {"do_sample": False})
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                eos_token_id=stop_ids,
+                **sampling,
+            )
+            for row in output[:, width:].tolist():
+                replies.append(tokenizer.decode(until_stop(row, stop_ids),
+                                                skip_special_tokens=True).strip())
     return replies

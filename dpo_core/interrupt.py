@@ -16,9 +16,11 @@ import signal
 import sys
 import threading
 from types import FrameType
+from typing import NoReturn
 
 import torch
 
+from dpo_core.checkpoint import checkpoint_dirs, save_checkpoint
 from dpo_core.errors import TrainingInterrupted
 
 RESUME_FLAG = "--resume_from_checkpoint"
@@ -59,6 +61,22 @@ class StopOnInterrupt:
             return self.pressed
         flag = torch.tensor([float(self.pressed)], device=accelerator.device)
         return bool(accelerator.reduce(flag, "max").item())
+
+
+def checkpoint_and_stop(config, accelerator, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, state, total_steps: int,
+                        saved_now: bool) -> NoReturn:
+    """After Ctrl-C, at a step boundary: a checkpoint of this step (unless
+    --no-save_on_interrupt, or one was just saved on schedule), then TrainingInterrupted
+    saying how to resume. `config`: the TrainConfig; `state`: the TrainState."""
+    checkpoint = None
+    if saved_now or config.save_on_interrupt:
+        checkpoint = os.path.join(config.output_dir, f"checkpoint-{state.step}")
+        if not saved_now:
+            save_checkpoint(config.output_dir, accelerator, model, optimizer, state,
+                            config.save_total_limit)
+    newest = checkpoint_dirs(config.output_dir)
+    raise stopped(state.step, total_steps, checkpoint, newest[-1] if newest else None)
 
 
 def stopped(step: int, total_steps: int, checkpoint: str | None,

@@ -1,17 +1,21 @@
 """Sequence log-probabilities of preference pairs under a causal LM.
 
-Three entry points, all returning fp32 sums of response-token log-probs:
+Entry points, all returning fp32 sums of response-token log-probs:
 
 - `sequence_logps(logits, labels)`: from logits you already have.
 - `concatenated_forward(model, batch)`: chosen and rejected stacked into one forward of 2B rows.
 - `prefix_shared_forward(model, batch)`: one row per pair, `[prompt | chosen | rejected]`, with a
   4D attention mask so the prompt is encoded once (arXiv 2410.20305). Same numbers, fewer tokens.
+- `padding_free_forward`, `padding_free_prefix_shared_forward`: the whole micro-batch as one
+  row of real tokens (`dpo_core/packing.py`). Same numbers, no padding.
 
-Memory: the log-softmax over the vocabulary is never materialised. Each label's log-prob is its
-logit minus a logsumexp computed over a chunk of tokens at a time, upcast to fp32 per chunk only;
-a custom autograd function recomputes the softmax chunk by chunk in backward. Both forwards ask
-the model for logits only at positions whose next token is a label (`logits_to_keep` as a 2D
-boolean mask, transformers 5), so prompt and padding positions never reach the LM head.
+Memory: no `[tokens, vocab]` logits tensor is ever built. The model's own head projects no
+position (`logits_to_keep` as an empty index, which every transformers 5 takes); the decoder's
+hidden states at label-predicting positions are gathered and `head_label_logps` projects them a
+chunk at a time, each label's log-prob its logit minus a logsumexp in fp32, with a custom
+backward (frozen linear head) or per-chunk recomputation (any other head). Models whose logits
+are post-processed (soft-capping, scaling) are asked for their full logits instead, and
+`sequence_logps` works on given logits with the same chunking.
 
 `model` may be a Hugging Face causal LM, a PEFT model, or an Accelerate/DDP wrapper of either:
 it is always called at the top level so DDP hooks, autocast wrappers and
@@ -21,21 +25,35 @@ it is always called at the top level so DDP hooks, autocast wrappers and
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import extract_model_from_parallel
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from dpo_core.console import logger
+from dpo_core.model import base_model_of
+from dpo_core.packing import (
+    PACKED_ATTENTION,
+    PackedRow,
+    pack_prefix_shared,
+    pack_sequences,
+    use_packed_attention,
+)
+from dpo_core.tokenization import IGNORE_INDEX
 
 # fp32 elements per chunk of the logsumexp (16 MiB): large enough to keep the kernels efficient,
 # small enough that the per-chunk upcast is negligible next to the logits themselves.
 CHUNK_ELEMENTS = 1 << 22
 
 # Attention implementations that take a ready-made 4D mask unchanged.
-FOUR_D_MASK_ATTENTION = ("eager", "sdpa")
+FOUR_D_MASK_ATTENTION = ("eager", "sdpa", PACKED_ATTENTION)
+# Config entries of models whose logits are not just the LM head's output (Gemma 2/3 soft-cap,
+# Cohere's scale, Granite's divisor): their log-probs come from the model's full logits.
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 PAIR_FIELDS = (
     "chosen_input_ids",
@@ -45,6 +63,9 @@ PAIR_FIELDS = (
     "rejected_attention_mask",
     "rejected_labels",
 )
+
+# (model, batch) -> (chosen_logps [B], rejected_logps [B]), fp32 sums over response tokens.
+LogpsFn = Callable[[torch.nn.Module, dict], tuple[Tensor, Tensor]]
 
 
 class _LabelLogProbs(torch.autograd.Function):
@@ -109,8 +130,83 @@ def _sum_label_logps(
     rows=None: row i of logits for target i.
     """
     token_logps = _LabelLogProbs.apply(logits, rows, targets.long())
-    sums = torch.zeros(num_sequences, dtype=torch.float32, device=logits.device)
-    return sums.index_add(0, sequence_index, token_logps)
+    return _per_sequence(token_logps, sequence_index, num_sequences)
+
+
+class _FrozenHeadLabelLogProbs(torch.autograd.Function):
+    """log p(target) through a frozen linear LM head, chunked over predictions.
+
+    forward(hidden [M, H], rows [N] long, targets [N] long, weight [V, H], bias [V] or None)
+    -> [N] fp32, out[i] = log_softmax(hidden[rows[i]] @ weight.T + bias)[targets[i]].
+    The head is frozen, so the only gradient is the one to `hidden`, and it is linear in the
+    upstream gradient: d out[i] / d hidden[rows[i]] = weight[targets[i]] - softmax_i @ weight.
+    Forward computes that [N, H] Jacobian chunk by chunk (the matmul a backward would do), so
+    backward is a scaled index_add and the logits are never recomputed.
+    Peak extra memory: one fp32 [rows_per_chunk, V] chunk, plus the [N, H] Jacobian.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, rows: Tensor, targets: Tensor, weight: Tensor,
+                bias: Tensor | None) -> Tensor:
+        needs_grad = ctx.needs_input_grad[0]
+        token_logps = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+        jacobian = (torch.empty(targets.shape[0], hidden.shape[-1], dtype=hidden.dtype,
+                                device=hidden.device) if needs_grad else None)
+        for chunk in _chunks(targets.shape[0], weight.shape[0]):
+            chunk_logits = F.linear(hidden.index_select(0, rows[chunk]), weight, bias).float()
+            logsumexp = torch.logsumexp(chunk_logits, dim=-1)
+            picked = chunk_logits.gather(1, targets[chunk, None]).squeeze(1)
+            token_logps[chunk] = picked - logsumexp
+            if needs_grad:
+                probs = chunk_logits.sub_(logsumexp[:, None]).exp_()
+                expected = probs.to(weight.dtype) @ weight  # [chunk, H]: E_softmax[weight row]
+                jacobian[chunk] = (weight[targets[chunk]] - expected).to(hidden.dtype)
+        ctx.save_for_backward(rows, jacobian)
+        ctx.num_hidden = hidden.shape[0]
+        return token_logps
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_token_logps: Tensor) -> tuple[Tensor, None, None, None, None]:
+        rows, jacobian = ctx.saved_tensors
+        grad_hidden = torch.zeros(ctx.num_hidden, jacobian.shape[-1], dtype=jacobian.dtype,
+                                  device=jacobian.device)
+        scaled = jacobian * grad_token_logps[:, None].to(jacobian.dtype)
+        return grad_hidden.index_add_(0, rows, scaled), None, None, None, None
+
+
+def _frozen_linear(head: torch.nn.Module) -> bool:
+    return type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())
+
+
+def head_label_logps(head: torch.nn.Module, hidden: Tensor, rows: Tensor,
+                     targets: Tensor) -> Tensor:
+    """log_softmax(head(hidden[rows[i]]))[targets[i]] -> [N] fp32, chunk by chunk.
+
+    hidden [M, H]; rows, targets [N]. A frozen `nn.Linear` head (LoRA's default: the head is
+    not a target) goes through `_FrozenHeadLabelLogProbs`. Any other head (trainable, an
+    adapter on it, `modules_to_save`, quantized) is called as the module it is, one chunk at
+    a time under activation checkpointing, so backward recomputes one chunk's logits at a
+    time instead of keeping all of them.
+    """
+    targets = targets.long()
+    if _frozen_linear(head):
+        return _FrozenHeadLabelLogProbs.apply(hidden, rows, targets, head.weight, head.bias)
+
+    def chunk_logps(chunk_hidden: Tensor, chunk_targets: Tensor) -> Tensor:
+        chunk_logits = head(chunk_hidden).float()
+        picked = chunk_logits.gather(1, chunk_targets[:, None]).squeeze(1)
+        return picked - torch.logsumexp(chunk_logits, dim=-1)
+
+    vocab_size = getattr(head, "out_features", None) or head.weight.shape[0]
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    parts = [torch.zeros(0, dtype=torch.float32, device=hidden.device)]
+    for chunk in _chunks(targets.shape[0], vocab_size):
+        chunk_hidden = hidden.index_select(0, rows[chunk])
+        parts.append(checkpoint(chunk_logps, chunk_hidden, targets[chunk], use_reentrant=False)
+                     if needs_grad else chunk_logps(chunk_hidden, targets[chunk]))
+    return torch.cat(parts)
 
 
 def sequence_logps(logits: Tensor, labels: Tensor) -> Tensor:
@@ -136,44 +232,74 @@ def sequence_logps(logits: Tensor, labels: Tensor) -> Tensor:
     )
 
 
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP/Accelerate/compile wrappers and a PEFT model.
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder, LM head) of a causal LM whose logits are just `lm_head(decoder(...)[0])`, or
+    None: models without `logits_to_keep`, without a separate decoder, or that post-process
+    their logits (LOGIT_POSTPROCESSING) take the full-logits path."""
+    base = base_model_of(model)
+    config = getattr(base, "config", None)
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters or any(
+        getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_POSTPROCESSING
+    ):
+        return None
+    get_decoder = getattr(base, "get_decoder", None)
+    get_head = getattr(base, "get_output_embeddings", None)
+    if not (callable(get_decoder) and callable(get_head)):
+        return None
+    decoder, head = get_decoder(), get_head()
+    if not isinstance(head, torch.nn.Module) or decoder is base or decoder is None:
+        return None
+    return decoder, head
 
-    Only read to inspect its signature and config; it is never called.
-    """
-    inner = extract_model_from_parallel(model)
-    get_base_model = getattr(inner, "get_base_model", None)  # PEFT
-    return get_base_model() if callable(get_base_model) else inner
+
+def _hidden_states(model: torch.nn.Module, decoder: torch.nn.Module, inputs: dict) -> Tensor:
+    """The decoder's last hidden states [R, L, H] from one top-level forward (so DDP hooks,
+    autocast wrappers and `disable_adapter()` apply). The model's own head projects no
+    position at all: `logits_to_keep` as an empty 1D index tensor, which every transformers 5
+    takes (the 2D boolean mask only exists from 5.21 on)."""
+    captured = []
+    hook = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    nothing = torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device)
+    try:
+        model(**inputs, logits_to_keep=nothing)
+    finally:
+        hook.remove()
+    return captured[-1]
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(_unwrapped(model).forward).parameters
-
-
-def _logits_at(
+def _predicted_logps(
     model: torch.nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    position_ids: Tensor,
-    keep: Tensor,
-) -> tuple[Tensor, Tensor | None]:
-    """One top-level forward; logits wherever keep [R, L] is True, as a matrix.
+    inputs: dict,
+    source_rows: Tensor,
+    source_positions: Tensor,
+    targets: Tensor,
+    kept: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """One forward over `inputs` (input_ids [R, L], masks, position ids, ...) -> [N] fp32:
+    log p(targets[i]) under the prediction at (source_rows[i], source_positions[i]).
 
-    Returns (logits [M, V], row_of): the logits of position (r, t) are logits[row_of[r, t]].
-    Models whose forward takes `logits_to_keep` compute only the kept positions, M = keep.sum(),
-    in row-major order, and row_of is None; for the others M = R * L and row_of [R, L] is given.
+    The LM head only ever sees the hidden states of those positions, projected chunk by chunk
+    by `head_label_logps`: no [tokens, vocab] logits tensor exists. Models that post-process
+    their logits are asked for full logits instead. `kept` = (kept_positions [M], kept_index
+    [N]): the distinct predicting positions (flat, row-major over [R, L]) and which of them
+    predicts target i, when computed beforehand (on the CPU, by the collator): then nothing
+    here waits for the device.
     """
-    inputs = dict(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-    )
-    if _accepts_logits_to_keep(model):
-        return model(**inputs, logits_to_keep=keep).logits, None
-    logits = model(**inputs).logits  # [R, L, V]
-    row_of = torch.arange(keep.numel(), device=keep.device).view_as(keep)
-    return logits.reshape(keep.numel(), logits.shape[-1]), row_of
+    shape = inputs["input_ids"].shape
+    parts = _decoder_and_head(model)
+    if parts is None:
+        logits = model(**inputs).logits  # [R, L, V]
+        rows = source_rows * shape[1] + source_positions
+        return _LabelLogProbs.apply(logits.reshape(-1, logits.shape[-1]), rows, targets.long())
+    decoder, head = parts
+    if kept is None:
+        keep = torch.zeros(shape, dtype=torch.bool, device=source_rows.device)
+        keep[source_rows, source_positions] = True
+        kept_row_of = keep.flatten().cumsum(0).sub_(1).view(shape)  # position -> kept state
+        kept = (keep.flatten().nonzero().squeeze(1), kept_row_of[source_rows, source_positions])
+    hidden = _hidden_states(model, decoder, inputs)
+    kept_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept[0])  # [M, H]
+    return head_label_logps(head, kept_hidden, kept[1], targets)
 
 
 def _check_pair_batch(batch: dict[str, Tensor], fields: tuple[str, ...]) -> None:
@@ -206,22 +332,22 @@ def concatenated_forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> tu
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
-    keep = torch.zeros_like(labels, dtype=torch.bool)
     # Positions whose next token is a label. A real token must predict it: with an empty prompt
     # the first response token follows left padding (or nothing), and is not scored.
-    keep[:, :-1] = (labels[:, 1:] != IGNORE_INDEX) & attention_mask[:, :-1].bool()
-    logits, row_of = _logits_at(model, input_ids, attention_mask, position_ids, keep)
-
-    seq_index, positions = keep.nonzero(as_tuple=True)  # row-major, the order of kept logits
-    logps = _sum_label_logps(
-        logits,
-        rows=None if row_of is None else row_of[seq_index, positions],
-        targets=labels[seq_index, positions + 1],
-        sequence_index=seq_index,
-        num_sequences=labels.shape[0],
-    )
+    scored = (labels[:, 1:] != IGNORE_INDEX) & attention_mask[:, :-1].bool()
+    seq_index, positions = scored.nonzero(as_tuple=True)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids, use_cache=False)
+    token_logps = _predicted_logps(model, inputs, seq_index, positions,
+                                   labels[seq_index, positions + 1])
+    logps = _per_sequence(token_logps, seq_index, labels.shape[0])
     num_pairs = batch["chosen_input_ids"].shape[0]
     return logps[:num_pairs], logps[num_pairs:]
+
+
+def _per_sequence(token_logps: Tensor, sequence_index: Tensor, num_sequences: int) -> Tensor:
+    sums = torch.zeros(num_sequences, dtype=torch.float32, device=token_logps.device)
+    return sums.index_add(0, sequence_index, token_logps)
 
 
 @dataclass
@@ -260,7 +386,7 @@ class PrefixSharedRows:
         position = torch.arange(seq_len, device=self.segment_ids.device)
         causal = position[:, None] >= position[None, :]
         visible = (causal & ((key == self.PROMPT) | (key == query)))[:, None]
-        if attn_implementation == "sdpa":
+        if attn_implementation != "eager":
             return visible
         # eager adds the mask to the scores; fp32 promotes bf16/fp16 scores before its fp32 softmax.
         additive = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
@@ -355,8 +481,7 @@ def prefix_shared_forward(
     Equals `concatenated_forward` up to float rounding. Needs an attention implementation that
     takes a 4D mask unchanged (eager or sdpa); flash-attention models raise ValueError.
     """
-    config = getattr(_unwrapped(model), "config", None)
-    attn_implementation = getattr(config, "_attn_implementation", None)
+    attn_implementation = _attn_implementation(model)
     if attn_implementation not in FOUR_D_MASK_ATTENTION:
         raise ValueError(
             f"prefix sharing needs a 4D attention mask, which attn_implementation="
@@ -364,26 +489,95 @@ def prefix_shared_forward(
             "'sdpa' (or 'eager'), or turn prefix sharing off"
         )
     shared = prefix_shared_batch(batch)
-    keep = torch.zeros_like(shared.input_ids, dtype=torch.bool)
-    keep[shared.source_rows, shared.source_positions] = True
-    logits, row_of = _logits_at(
-        model,
-        shared.input_ids,
-        shared.attention_mask(attn_implementation),
-        shared.position_ids,
-        keep,
-    )
-    if row_of is None:  # logits of the kept positions only, in row-major order
-        row_of = keep.flatten().cumsum(0).sub_(1).view_as(keep)
+    inputs = dict(input_ids=shared.input_ids,
+                  attention_mask=shared.attention_mask(attn_implementation),
+                  position_ids=shared.position_ids, use_cache=False)
+    token_logps = _predicted_logps(model, inputs, shared.source_rows, shared.source_positions,
+                                   shared.targets)
     num_pairs = shared.input_ids.shape[0]
-    logps = _sum_label_logps(
-        logits,
-        rows=row_of[shared.source_rows, shared.source_positions],
-        targets=shared.targets,
-        sequence_index=shared.sequence_index,
-        num_sequences=2 * num_pairs,
-    )
+    logps = _per_sequence(token_logps, shared.sequence_index, 2 * num_pairs)
     return logps[:num_pairs], logps[num_pairs:]
+
+
+def _packed_logps(model: torch.nn.Module, row: PackedRow) -> tuple[Tensor, Tensor]:
+    """One forward over a packed row -> (chosen_logps [B], rejected_logps [B]) fp32; the
+    attention that keeps its sequences apart is chosen by the model's implementation."""
+    attn_implementation = _attn_implementation(model)
+    inputs = dict(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False)
+    if attn_implementation == PACKED_ATTENTION:
+        # A 4D placeholder stops transformers building a mask (dense for SDPA); the packed
+        # attention ignores it and reads the blocks.
+        inputs["attention_mask"] = torch.ones(1, 1, 1, 1, dtype=torch.bool,
+                                              device=row.input_ids.device)
+        inputs["packed_blocks"] = row.blocks
+    elif attn_implementation == "flex_attention" and row.input_ids.device.type == "cuda":
+        inputs["attention_mask"] = row.flex_block_mask()
+    elif attn_implementation in ("sdpa", "eager"):
+        inputs["attention_mask"] = row.dense_mask(attn_implementation)
+    else:
+        raise ValueError(
+            f"padding-free batches need attn_implementation 'sdpa' or 'eager' (or "
+            f"'flex_attention' on CUDA); this model uses {attn_implementation!r}: load it with "
+            "attn_implementation='sdpa', or turn --padding_free off")
+    token_logps = _predicted_logps(model, inputs, torch.zeros_like(row.source_positions),
+                                   row.source_positions, row.targets,
+                                   kept=(row.kept_positions, row.kept_index))
+    logps = _per_sequence(token_logps, row.sequence_index, row.num_sequences)
+    num_pairs = row.num_sequences // 2
+    return logps[:num_pairs], logps[num_pairs:]
+
+
+def padding_free_forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Chosen and rejected sequences packed into one row without padding -> (chosen_logps [B],
+    rejected_logps [B]) fp32. Equals `concatenated_forward` up to float rounding."""
+    return _packed_logps(model, packed_row(batch, prefix_shared=False))
+
+
+def padding_free_prefix_shared_forward(
+    model: torch.nn.Module, batch: dict[str, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """`[prompt | chosen | rejected]` of every pair packed into one row without padding ->
+    (chosen_logps [B], rejected_logps [B]) fp32. Equals `concatenated_forward` up to float
+    rounding; each prompt is encoded once."""
+    return _packed_logps(model, packed_row(batch, prefix_shared=True))
+
+
+def packed_row(batch: dict, prefix_shared: bool) -> PackedRow:
+    """The batch's packed layout: the one `PaddingFreeCollator` put in the batch (built on the
+    CPU), or built here from the padded fields."""
+    if batch.get(PackedRow.LAYOUT_KEY) == PackedRow.layout_name(prefix_shared):
+        return PackedRow.from_batch(batch)
+    if not prefix_shared:
+        _check_pair_batch(batch, PAIR_FIELDS)
+        return pack_sequences(
+            torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
+            torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
+            torch.cat([batch["chosen_labels"], batch["rejected_labels"]]),
+        )
+    shared = prefix_shared_batch(batch)
+    counts = torch.stack([(shared.segment_ids == kind).sum(-1) for kind in (
+        PrefixSharedRows.PROMPT, PrefixSharedRows.CHOSEN, PrefixSharedRows.REJECTED)], dim=1)
+    return pack_prefix_shared(shared.input_ids, shared.position_ids, counts, shared.source_rows,
+                              shared.source_positions, shared.targets, shared.sequence_index)
+
+
+class PaddingFreeCollator:
+    """A pair collator whose batches also carry their packed layout (`PackedRow` fields),
+    built here on the CPU, in the DataLoader: the padding-free forward then needs no host
+    sync to find lengths and positions. The padded fields stay, for everything else that
+    reads the batch (lengths, token counts)."""
+
+    def __init__(self, collator, prefix_shared: bool):
+        self.collator, self.prefix_shared = collator, prefix_shared
+
+    def __call__(self, pairs) -> dict:
+        batch = self.collator(pairs)
+        batch.update(packed_row(batch, self.prefix_shared).to_batch(self.prefix_shared))
+        return batch
+
+
+def _attn_implementation(model: torch.nn.Module) -> str | None:
+    return getattr(getattr(base_model_of(model), "config", None), "_attn_implementation", None)
 
 
 # Prefix sharing feeds fewer tokens but attends over rows about twice as long (with a dense
@@ -411,9 +605,37 @@ def prefix_sharing_when_it_pays(model: torch.nn.Module, batch: dict[str, Tensor]
     return concatenated_forward(model, batch)
 
 
-def resolve_prefix_sharing(setting: bool | None, attn_implementation: str | None) -> str:
+def resolve_padding_free(requested: bool | None, attn_implementation: str | None,
+                         on_cuda: bool) -> bool:
+    """--padding_free on: wherever some attention can keep packed sequences apart (a dense mask
+    with eager); unset: where that attention is fast (SDPA per block, FlexAttention on CUDA)."""
+    fast = attn_implementation in ("sdpa", PACKED_ATTENTION) or (
+        attn_implementation == "flex_attention" and on_cuda)
+    if requested is None:
+        return fast
+    return bool(requested) and (fast or attn_implementation == "eager")
+
+
+def use_padding_free(model: torch.nn.Module, requested: bool | None) -> bool:
+    """Resolve --padding_free for `model`; when on and the model uses SDPA, switch it to the
+    per-block packed SDPA attention (the same numbers for every other input)."""
+    base = base_model_of(model)
+    attn_implementation = _attn_implementation(model)
+    on_cuda = any(p.device.type == "cuda" for p in base.parameters())
+    padding_free = resolve_padding_free(requested, attn_implementation, on_cuda)
+    if padding_free and attn_implementation == "sdpa":
+        use_packed_attention(base)
+    return padding_free
+
+
+def resolve_prefix_sharing(setting: bool | None, attn_implementation: str | None,
+                           padding_free: bool = False) -> str:
     """--prefix_sharing on: "always"; unset: "per batch" (when it pays); off, or when the
-    model's attention cannot take a 4D mask: "off" (the standard two-row forward)."""
+    model's attention cannot take a 4D mask: "off" (the standard two-row forward).
+    Padding-free rows share the prompt unless it is off: packed, sharing always saves tokens
+    and widens nothing, and the packed attention keeps the parts apart."""
+    if padding_free:
+        return "off" if setting is False else "always"
     if setting is False or attn_implementation not in FOUR_D_MASK_ATTENTION:
         return "off"
     return "always" if setting else "per batch"
@@ -422,3 +644,29 @@ def resolve_prefix_sharing(setting: bool | None, attn_implementation: str | None
 # The log-prob function for each prefix-sharing mode; all give the same log-probs.
 LOGPS_FNS = {"off": concatenated_forward, "always": prefix_shared_forward,
              "per batch": prefix_sharing_when_it_pays}
+PADDING_FREE_LOGPS_FNS = {"off": padding_free_forward,
+                          "always": padding_free_prefix_shared_forward}
+
+
+def logps_fn_for(prefix_sharing: str, padding_free: bool):
+    """The log-prob function for a resolved prefix-sharing mode and padding-free setting."""
+    return (PADDING_FREE_LOGPS_FNS if padding_free else LOGPS_FNS)[prefix_sharing]
+
+
+def resolve_forward(model: torch.nn.Module, padding_free: bool | None,
+                    prefix_sharing: bool | None) -> tuple[bool, str, LogpsFn]:
+    """--padding_free and --prefix_sharing resolved for `model` (a flag asked for that the
+    model's attention cannot do is said, and dropped) -> (padding_free, prefix-sharing mode,
+    the log-prob function that runs them)."""
+    attn_implementation = _attn_implementation(model)
+    packed = use_padding_free(model, padding_free)
+    if padding_free and not packed:
+        logger.warning(f"--padding_free needs attn_implementation sdpa or eager (or "
+                       f"flex_attention on CUDA), and this model uses {attn_implementation!r}: "
+                       "padding as before.")
+    mode = resolve_prefix_sharing(prefix_sharing, attn_implementation, packed)
+    if prefix_sharing and mode == "off":
+        logger.warning(f"--prefix_sharing needs attn_implementation sdpa or eager, and this "
+                       f"model uses {attn_implementation!r}: using the standard two-row forward "
+                       "instead.")
+    return packed, mode, logps_fn_for(mode, packed)

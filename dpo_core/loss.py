@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dpo_core.config import F_DIVERGENCE_TYPES, NLL_NORMALIZATIONS
+
 LOSS_TYPES = (
     "sigmoid", "robust", "ipo", "hinge", "rpo", "simpo", "exo_pair", "nca_pair", "bco_pair",
     "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm",
@@ -47,12 +49,10 @@ _NO_REFERENCE = (*REFERENCE_FREE_LOSSES, "sft")
 # Losses whose formula has a label-noise term; any other loss would silently ignore it.
 _LOSSES_WITH_LABEL_SMOOTHING = ("sigmoid", "robust", "rpo", "exo_pair", "aot", "aot_unpaired",
                                 "cpo")
-F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # trl's list (the f-DPO derivation only holds for losses of the chosen - rejected score
 # difference), plus rpo, which is sigmoid + sft here.
 _F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
                         "discopop", "sft", "rpo")
-NLL_NORMALIZATIONS = ("tokens", "pairs")
 # Largest exponent of alpha_divergence's exp(.) per dtype, as trl clamps it (beyond it the
 # score is constant and its gradient 0).
 _ALPHA_EXP_CLAMP = {torch.float16: 11.0, torch.bfloat16: 80.0, torch.float32: 80.0,

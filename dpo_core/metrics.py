@@ -24,14 +24,16 @@ class MetricWindow:
 
     stats: list[dict[str, torch.Tensor]] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
-    tokens: int = 0
+    # Real tokens over every process, summed on the device (no host sync per micro-batch).
+    tokens: torch.Tensor | int = 0
     started: float = field(default_factory=time.perf_counter)
 
     def metrics(self) -> dict[str, float]:
         values = merged_metrics(self.stats)
         if self.grad_norms:
             values["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
-        values["tokens_per_second"] = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        values["tokens_per_second"] = float(self.tokens) / max(
+            time.perf_counter() - self.started, 1e-9)
         return values
 
 

@@ -1,5 +1,6 @@
-"""Base model, tokenizer and LoRA adapter: one model in memory, the reference is the same
-model with its adapter disabled.
+"""Base model, tokenizer and what trains on it: a fresh LoRA adapter (the reference is the same
+model with its adapter disabled), an SFT adapter loaded twice on one base (a trainable policy
+copy and a frozen reference copy), or every weight (full fine-tuning).
 
 peft is imported where it is used: importing it imports bitsandbytes, which a run without
 4-bit weights must not pay for (see `avoid_bitsandbytes`).
@@ -14,6 +15,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -22,7 +24,35 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.errors import UserError
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Adapter names when DPO starts from an SFT adapter: PEFT's default name for the one that
+# trains (and is saved), and a frozen copy of the adapter as loaded for the reference pass.
+POLICY_ADAPTER, REFERENCE_ADAPTER = "default", "reference"
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model` in eval mode (dropout off) inside the block, then in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def base_model_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP/Accelerate/compile wrappers and a PEFT model: for
+    reading its config, signature, modules and weights (a wrapped model is still what is
+    called)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    get_base_model = getattr(inner, "get_base_model", None)  # PEFT
+    return get_base_model() if callable(get_base_model) else inner
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -38,10 +68,11 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.float32
 
 
-def resolve_quantization(name: str) -> bool:
-    """Whether to load the base weights in 4-bit: 'auto' means only where CUDA is present."""
+def resolve_quantization(name: str, full_finetuning: bool = False) -> bool:
+    """Whether to load the base weights in 4-bit: 'auto' means only where CUDA is present, and
+    never for full fine-tuning (4-bit weights cannot train; config validation refuses '4bit')."""
     if name == "auto":
-        return torch.cuda.is_available()
+        return torch.cuda.is_available() and not full_finetuning
     return name == "4bit"
 
 
@@ -202,7 +233,30 @@ def add_lora(
     quantized: bool,
 ) -> torch.nn.Module:
     """Wrap `model` with a fresh LoRA adapter; only the adapter's weights train."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
+
+    model = _prepare_frozen_base(model, gradient_checkpointing=gradient_checkpointing,
+                                 quantized=quantized)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        with _quiet_peft():
+            return get_peft_model(model, config)
+    except ValueError as error:
+        raise ConfigError(f"--lora_target_modules: {error}") from None
+
+
+def _prepare_frozen_base(model: torch.nn.Module, *, gradient_checkpointing: bool,
+                         quantized: bool) -> torch.nn.Module:
+    """Ready a base whose own weights stay frozen for adapter training (QLoRA casts, and the
+    input-grad hook that gradient checkpointing needs)."""
+    from peft import prepare_model_for_kbit_training
 
     if quantized:
         # Casts norms to fp32 and hooks input grads, as QLoRA training needs.
@@ -218,19 +272,81 @@ def add_lora(
         model.enable_input_require_grads()
     if gradient_checkpointing:
         model.config.use_cache = False
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    return model
+
+
+def load_trainable_adapter(
+    model: torch.nn.Module,
+    adapter_path: str,
+    *,
+    gradient_checkpointing: bool,
+    quantized: bool,
+) -> PeftModel:
+    """Load the LoRA adapter at `adapter_path` (local directory or Hub id) twice onto `model`:
+    as `POLICY_ADAPTER`, trainable and active, and as `REFERENCE_ADAPTER`, frozen. The
+    reference pass switches the frozen copy in (`reference.AdapterSwitched`): the reference
+    is the model the adapter made, as the DPO paper's SFT reference, with one base in memory.
+
+    Raises ModelLoadError when the adapter is not LoRA or does not fit the base (other
+    architecture, other sizes, other layer count)."""
+    from peft import PeftConfig, PeftModel, PeftType
+
+    try:
+        adapter_config = PeftConfig.from_pretrained(adapter_path)
+    except (OSError, ValueError) as error:
+        raise _load_error("adapter", adapter_path, error) from None
+    if adapter_config.peft_type != PeftType.LORA:
+        raise ModelLoadError(f"--adapter_path {adapter_path!r} holds a "
+                             f"{adapter_config.peft_type.value} adapter; DPO here trains LoRA")
+    model = _prepare_frozen_base(model, gradient_checkpointing=gradient_checkpointing,
+                                 quantized=quantized)
+    base_name = getattr(model, "name_or_path", "") or "the base model"
+    trained_on = adapter_config.base_model_name_or_path
+    where = f"the adapter at {adapter_path!r}" + (f" (made for {trained_on!r})" if trained_on
+                                                   else "")
     try:
         with _quiet_peft():
-            return get_peft_model(model, config)
-    except ValueError as error:
-        raise ConfigError(f"--lora_target_modules: {error}") from None
+            peft_model = PeftModel.from_pretrained(model, adapter_path,
+                                                   adapter_name=POLICY_ADAPTER, is_trainable=True)
+            peft_model.load_adapter(adapter_path, adapter_name=REFERENCE_ADAPTER,
+                                    is_trainable=False)
+    except (ValueError, RuntimeError, KeyError, SafetensorError) as error:
+        # Module names the base lacks (ValueError), weight shapes that differ (RuntimeError).
+        detail = " ".join(str(error).split())[:600]
+        raise ModelLoadError(f"{where} does not fit {base_name!r}: {detail}") from None
+    _check_every_weight_loaded(peft_model, adapter_path, f"{where} does not fit {base_name!r}")
+    peft_model.set_adapter(POLICY_ADAPTER)  # trainable; the reference copy stays frozen
+    return peft_model
+
+
+def _check_every_weight_loaded(model: PeftModel, adapter_path: str, mismatch: str) -> None:
+    """PEFT only warns about adapter weights the base has no place for, or places the file does
+    not fill (e.g. an adapter of a model with fewer layers); either means another base."""
+    from peft import get_peft_model_state_dict, load_peft_weights
+
+    saved = set(load_peft_weights(adapter_path))
+    expected = set(get_peft_model_state_dict(model, adapter_name=POLICY_ADAPTER))
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} adapter weights the base expects are not in it "
+                        f"(e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} of its weights have no place in the base "
+                        f"(e.g. {unexpected[0]})")
+    if problems:
+        raise ModelLoadError(f"{mismatch}: " + "; ".join(problems))
+
+
+def prepare_full_finetuning(model: torch.nn.Module, *,
+                            gradient_checkpointing: bool) -> torch.nn.Module:
+    """Make every weight of `model` trainable (full fine-tuning)."""
+    model.requires_grad_(True)
+    if gradient_checkpointing:
+        # The embeddings train, so checkpointed blocks get inputs that require grad already.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
 
 
 def load_inference_model(
@@ -295,14 +411,23 @@ def _first_line(error: Exception) -> str:
 
 def build_policy(config: TrainConfig, dtype: torch.dtype, quantize: bool,
                  gradient_checkpointing: bool) -> torch.nn.Module:
-    """Base model + fresh LoRA adapter; dropout off (unless asked) so both passes see one
-    network."""
-    base = load_base_model(config.model_name, dtype=dtype, quantize_4bit=quantize,
-                           attn_implementation=config.attn_implementation,
+    """Base model + fresh LoRA adapter, the --adapter_path adapter, or every weight trainable
+    (--finetuning_type full); dropout off (unless asked) so both passes see one network."""
+    full = config.finetuning_type == "full"
+    # Full fine-tuning keeps fp32 master weights: --dtype is then the autocast precision.
+    base = load_base_model(config.model_name, dtype=torch.float32 if full else dtype,
+                           quantize_4bit=quantize, attn_implementation=config.attn_implementation,
                            trust_remote_code=config.trust_remote_code)
-    model = add_lora(base, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                     target_modules=config.target_modules,
-                     gradient_checkpointing=gradient_checkpointing, quantized=quantize)
+    if full:
+        model = prepare_full_finetuning(base, gradient_checkpointing=gradient_checkpointing)
+    elif config.adapter_path:
+        model = load_trainable_adapter(base, config.adapter_path,
+                                       gradient_checkpointing=gradient_checkpointing,
+                                       quantized=quantize)
+    else:
+        model = add_lora(base, r=config.lora_r, alpha=config.lora_alpha,
+                         dropout=config.lora_dropout, target_modules=config.target_modules,
+                         gradient_checkpointing=gradient_checkpointing, quantized=quantize)
     if config.disable_dropout:
         disable_dropout(model)
     return model

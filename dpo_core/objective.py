@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 
-from dpo_core.logps import concatenated_forward
+from dpo_core.logps import LogpsFn, concatenated_forward
 from dpo_core.loss import LossSettings, loss_settings_of, preference_loss
-
-LogpsFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
+from dpo_core.reference import ReferenceContext, adapter_disabled
 
 
 def response_lengths(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +30,9 @@ class PreferenceObjective(LossSettings):
 
     reference_free: bool = False
     logps_fn: LogpsFn = concatenated_forward
+    # Which network the reference pass runs (dpo_core/reference.py): by default the policy
+    # with its adapter switched off.
+    reference: ReferenceContext = adapter_disabled
 
     @classmethod
     def from_config(cls, config: object, logps_fn: LogpsFn) -> PreferenceObjective:
@@ -47,7 +47,7 @@ class PreferenceObjective(LossSettings):
     def reference_logps(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The reference is the same model with its adapter switched off: no second copy.
+        """Log-probs ([B] each) under the network `self.reference` gives for `model`.
 
         Precomputed values in the batch (`reference_chosen_logps`, ...) are used as they are.
         """
@@ -55,8 +55,8 @@ class PreferenceObjective(LossSettings):
             return None, None
         if "reference_chosen_logps" in batch:
             return batch["reference_chosen_logps"], batch["reference_rejected_logps"]
-        with torch.no_grad(), extract_model_from_parallel(model).disable_adapter():
-            return self.logps_fn(model, batch)
+        with torch.no_grad(), self.reference(model) as reference_model:
+            return self.logps_fn(reference_model, batch)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict:
         """Per-pair tensors [B]: `losses` (with grad), detached rewards and log-probs, and for

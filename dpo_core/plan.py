@@ -26,6 +26,7 @@ class RunPlan:
     fsdp_version: int | None = None  # 1 or 2 under FSDP
     num_processes: int | None = None
     chat_template: bool | None = None  # whether prompts are rendered with the tokenizer's
+    padding_free: bool | None = None  # one packed row per micro-batch
     prefix_sharing: str | None = None  # "always", "per batch" or "off"
     precompute_ref_log_probs: bool | None = None
     ref_batch_size: int | None = None

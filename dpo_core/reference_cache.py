@@ -1,17 +1,20 @@
 """Reference log-probs computed once before training and cached on disk.
 
-The reference model is the policy with its adapter switched off, and it never changes, so its
+The reference model (the policy with its adapter switched off, a frozen copy of the SFT adapter
+it started from, or the full model before training) never changes, so its
 log-probs of every pair can be computed in one no-grad pass (larger batches, pairs sorted by
 length so batches carry little padding) and reused by every epoch and every evaluation. The
 values are cached in a safetensors file named after a key that covers everything they depend
-on: the model's configuration, a fingerprint of its adapter-free weights, the token ids of the
-pairs and the log-prob settings. A restart or a second run on the same model and data loads
+on: the model's configuration, a fingerprint of its weights other than the trained adapter's
+(the starting adapter's frozen copy included), the token ids of the pairs and the log-prob
+settings. A restart or a second run on the same model and data loads
 them; any change gives another key and a fresh pass. An unreadable or mismatched file is
 recomputed and replaced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, extract_model_from_parallel
+from accelerate.utils import broadcast_object_list
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
@@ -30,7 +33,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dpo_core.batching import length_sorted_order, pair_length
+from dpo_core.model import POLICY_ADAPTER, base_model_of, eval_mode
 from dpo_core.objective import PreferenceObjective
+from dpo_core.reference import policy_itself
 from dpo_core.tokenization import PreferenceCollator, TokenizedPair
 
 CACHE_FORMAT = 1
@@ -76,21 +81,22 @@ class ReferencePass:
     seconds: float
 
 
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    inner = extract_model_from_parallel(model)
-    get_base_model = getattr(inner, "get_base_model", None)  # PEFT
-    return get_base_model() if callable(get_base_model) else inner
+def is_policy_adapter_weight(name: str) -> bool:
+    """A weight of the LoRA adapter that trains (`...lora_A.default.weight`, ...)."""
+    parts = name.split(".")
+    return POLICY_ADAPTER in parts and any(part.startswith("lora_") for part in parts)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over every non-LoRA parameter and buffer: name, shape, dtype, an evenly spaced
-    sample of its values and its fp64 sum. Adapter weights are left out: the reference is the
-    model with its adapter off, whatever the adapter holds."""
+    """sha256 over every parameter and buffer but the trained adapter's: name, shape, dtype, an
+    evenly spaced sample of its values and its fp64 sum. The trained adapter is left out: the
+    reference never runs it, whatever it holds. A frozen reference adapter (DPO started from an
+    SFT adapter) is in: other starting adapters give other reference log-probs."""
     digest = hashlib.sha256()
-    base = _base_model(model)
+    base = base_model_of(model)
     tensors = list(base.named_parameters()) + list(base.named_buffers())
     for name, tensor in tensors:
-        if "lora_" in name:
+        if is_policy_adapter_weight(name):
             continue
         if isinstance(tensor, DTensor):  # FSDP2: every process gathers the same whole weight
             tensor = tensor.full_tensor()
@@ -118,7 +124,7 @@ def reference_cache_key(
     model: torch.nn.Module, pairs: Sequence[TokenizedPair], settings: Mapping[str, object]
 ) -> str:
     """Hex key of the cache entry for `pairs` under `model` and the log-prob `settings`."""
-    config = _base_model(model).config.to_dict()
+    config = base_model_of(model).config.to_dict()
     for key in _VOLATILE_CONFIG_KEYS:
         config.pop(key, None)
     parts = {
@@ -160,9 +166,7 @@ def compute_reference_logps(
         DataLoader(order, batch_size=batch_size, collate_fn=collate, generator=torch.Generator())
     )
     values = torch.empty(len(pairs), 2, dtype=torch.float32)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch in tqdm(loader, desc="Reference log-probs", unit="batch",
                           disable=not (show_progress and accelerator.is_main_process)):
             chosen, rejected = objective.reference_logps(model, batch)
@@ -172,8 +176,6 @@ def compute_reference_logps(
                 {"index": batch["pair_index"], "logps": torch.stack([chosen, rejected], dim=1)}
             )
             values[gathered["index"].cpu()] = gathered["logps"].float().cpu()
-    finally:
-        model.train(was_training)
     return values
 
 
@@ -250,3 +252,26 @@ def with_reference_logps(
         how = "loaded from" if from_cache else f"computed in {seconds:.1f} s and cached to"
         print(f"Reference log-probs of {len(pairs)} pairs {how} {path}.")
     return ReferencePass(with_values, path, from_cache, seconds)
+
+
+def precompute_reference(config, splits: Sequence[Sequence[TokenizedPair]], *,
+                         model: torch.nn.Module, objective: PreferenceObjective,
+                         collator: PreferenceCollator, accelerator: Accelerator,
+                         batch_size: int, dtype: torch.dtype,
+                         quantize: bool) -> list[ReferencePass]:
+    """`with_reference_logps` for each of a run's `splits` (train, eval), cached under
+    --ref_cache_dir (default output_dir/reference_logps) and keyed also by what else changes
+    the values. `config`: the run's TrainConfig."""
+    # Full fine-tuning: the policy before its first step (and before a resumed checkpoint is
+    # loaded) is the reference.
+    if config.finetuning_type == "full":
+        objective = dataclasses.replace(objective, reference=policy_itself)
+    settings = {"logps_fn": objective.logps_fn.__name__,
+                "attn_implementation": config.attn_implementation,
+                "dtype": str(dtype), "quantize": quantize}
+    cache_dir = config.ref_cache_dir or os.path.join(config.output_dir, "reference_logps")
+    return [with_reference_logps(pairs, model=model, objective=objective, collator=collator,
+                                 accelerator=accelerator, batch_size=batch_size,
+                                 cache_dir=cache_dir, settings=settings,
+                                 show_progress=accelerator.is_main_process)
+            for pairs in splits]

@@ -31,11 +31,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from transformers import PreTrainedTokenizerBase
 
-from dpo_core.config import ConfigError, TrainConfig
+from dpo_core.config import TRACKERS, ConfigError, TrainConfig
 from dpo_core.generation import generate_replies
+from dpo_core.reference import ReferenceContext, adapter_disabled
 from dpo_core.run_files import CURVES_FILE, LOG_FILE, METRICS_FILE, read_run_plan
 
-TRACKERS = ("none", "tensorboard", "wandb")
 TRACKER_PROJECT = "dpo"  # the wandb project; TensorBoard writes to output_dir/tensorboard/dpo
 TENSORBOARD_DIR = "tensorboard"
 SPLITS = ("train", "eval")
@@ -285,13 +285,15 @@ def write_samples(
     *,
     use_chat_template: bool,
     max_new_tokens: int,
+    reference: ReferenceContext = adapter_disabled,
 ) -> tuple[list[str], list[str]]:
-    """Greedy replies of the base model (a PEFT model's adapter disabled) and of the trained
-    model to `prompts`, written to `path` as a markdown table; returns (base, trained).
-    `path` None: generate only (the other processes of a run with sharded weights)."""
+    """Greedy replies of the model training started from (`reference`, by default a PEFT
+    model's adapter disabled) and of the trained model to `prompts`, written to `path` as a
+    markdown table; returns (base, trained). `path` None: generate only (the other processes
+    of a run with sharded weights)."""
     options = {"use_chat_template": use_chat_template, "max_new_tokens": max_new_tokens}
-    with model.disable_adapter():
-        base = generate_replies(model, tokenizer, list(prompts), **options)
+    with torch.no_grad(), reference(model) as before:
+        base = generate_replies(before, tokenizer, list(prompts), **options)
     trained = generate_replies(model, tokenizer, list(prompts), **options)
     if path is None:
         return base, trained
@@ -310,7 +312,7 @@ def format_samples(prompts: Sequence[list[dict[str, str]] | str], base: Sequence
         "",
         f"Greedy replies (at most {max_new_tokens} new tokens) to the first {len(prompts)} "
         f"eval prompts, chat template {'on' if use_chat_template else 'off'} as in training. "
-        "Base = the same model with the LoRA adapter switched off.",
+        "Base = the model training started from (the reference).",
         "",
         "| # | prompt | base model | trained model |",
         "| --- | --- | --- | --- |",

@@ -1,48 +1,81 @@
 """Turn preference pairs into token ids, truncate them, and collate them into padded batches.
 
-Prompt / response boundary (found in token space):
-    The prompt is rendered to text P (chat template with the generation prompt, or plain text),
-    then P, P + chosen and P + rejected are tokenized. The prompt ids are the longest common
-    prefix of all three, and each response's ids are the rest of its joint tokenization, plus
-    EOS unless it already ends with EOS. So prompt + response ids are exactly the tokenization of
-    the full text, chosen and rejected share identical prompt ids, and every response label is a
-    response token. Byte-level BPE can merge the end of P into the first response token (P ending
-    with a space, then "the" -> " the"); that token then belongs to the response, so the few
-    prompt characters it carries get a label too (in both responses alike).
-    Text rendered by a chat template is tokenized without special tokens (the template writes BOS
-    itself if it wants one); plain text gets the tokenizer's usual special tokens. Those sit only
-    at the ends of the text, never at the boundary: a leading BOS is part of the common prefix,
-    and a trailing EOS added to P alone is not.
+With a chat template (`--chat_template auto` and the tokenizer has one):
+    The template's rendering is what is trained. The prompt messages (a plain-text prompt is one
+    user message) are rendered with the generation prompt, and prompt + each reply (one
+    assistant message) is rendered as a whole conversation; both texts are tokenized as they
+    are (no special tokens added: the template writes BOS itself if it wants one). The response
+    ids are the conversation's ids after the prompt's ids, so they hold whatever the template
+    writes around the reply: a think block (Qwen3), trimming (Llama-3, Gemma), the end-of-turn
+    marker (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`, `<|end|>`, `</s>`).
+    - End of the response: the response stops right after the template's end-of-turn token
+      (found once per tokenizer by `end_of_turn_ids`: the first special token the template writes
+      after an assistant reply). What the template writes after that token (ChatML's and
+      Gemma's newline, Phi-3's closing `<|endoftext|>`) is not trained: generation stops at the
+      end-of-turn token, so the model never emits those tokens, and in a longer conversation the
+      newline belongs to the next prompt. (trl 1.16 trains them; its response ids are one or two
+      tokens longer for those families.) EOS is appended only when the template writes no
+      end-of-turn token after the reply, so every untruncated response ends with a stop token and
+      never with one the template does not write there.
+    - Hard check: the prompt's ids must be a prefix of the conversation's ids. If not (a template
+      that renders earlier turns differently once a reply follows, or a reply whose first
+      characters merge with the end of the generation prompt into one token) the row stops with a
+      `DataError` naming the row and the mismatch, or is dropped and counted with
+      `--skip_bad_rows`; prompt tokens are never labelled as response (trl 1.16 instead starts the
+      response where the two diverge and leaves the prompt's tail out of the sequence, with a
+      warning).
+    - A template that raises on the messages (e.g. a system message for a template without a
+      system role) is the same kind of bad row, reported with the template's own message.
 
-Truncation, when prompt + longest response exceeds `max_length`:
-    1. the prompt is cut to its last `max_prompt_length` tokens (prompts keep their end);
-    2. both responses are cut to their first `max_length - len(prompt)` tokens (responses keep
-       their start; a cut response loses its EOS).
-    A pair where a response would be left with no tokens is dropped (`tokenize_pair` returns
-    None, `tokenize_pairs` counts it).
+Without a template (`--chat_template none`, or the tokenizer has none), plain text:
+    The prompt is rendered to text P (a plain-text prompt as is, HH dialogues exactly as the
+    dataset writes them, messages as "role: content" lines then "assistant: "); P, P + chosen and
+    P + rejected are tokenized with the tokenizer's usual special tokens. The prompt ids are the
+    longest common prefix of the three, each response is the rest of its joint tokenization, plus
+    EOS unless it already ends with EOS. Byte-level BPE can merge the end of P into the first
+    response token (P ending with a space, then "the" -> " the"); that token then belongs to the
+    response, in both responses alike.
+
+Truncation, only when prompt + longest response exceeds `max_length` (0 < max_prompt_length <
+max_length):
+    1. the prompt keeps its last max(max_prompt_length, max_length - longest response) tokens:
+       it loses only the leading tokens that must go, and keeps at least `max_prompt_length`;
+    2. both responses keep their first `max_length - len(prompt)` tokens (a cut response loses
+       its end-of-turn token).
+    Chosen and rejected keep the same prompt ids. No pair is ever dropped by truncation.
+    trl 1.16 (`truncation_mode="keep_start"`, its default; it has no prompt limit) cuts each
+    prompt + response to its first `max_length` tokens and drops pairs whose prompt alone fills
+    `max_length`. The two agree whenever the prompt has at most `max_prompt_length` tokens;
+    for a longer prompt trl keeps all of it and cuts (or loses) the replies, this project cuts
+    the prompt's start first.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+from jinja2.exceptions import TemplateError
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from dpo_core.data import PreferencePair
+from dpo_core.config import CHAT_TEMPLATE_MODES
+from dpo_core.data import DataError, DropCounts, PreferencePair
 
 IGNORE_INDEX = -100
-CHAT_TEMPLATE_MODES = ("auto", "none")
+Messages = list[dict[str, str]]
+Prompt = Messages | str
+
+# An assistant reply no template rewrites (no whitespace to trim, no think tags).
+_PROBE_REPLY = "dpo-probe-reply"
 
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    """Token ids of one pair; `chosen_ids` / `rejected_ids` are response tokens + EOS.
-
-    EOS is missing only where truncation cut it, or if the tokenizer has no EOS token.
-    """
+    """Token ids of one pair; `chosen_ids` / `rejected_ids` are the response tokens, ending
+    with the template's end-of-turn token (or EOS), unless truncation cut it."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
@@ -56,20 +89,81 @@ def resolve_chat_template(tokenizer: PreTrainedTokenizerBase, mode: str) -> bool
     return mode == "auto" and bool(getattr(tokenizer, "chat_template", None))
 
 
+def as_messages(prompt: Prompt) -> Messages:
+    """A plain-text prompt becomes one user message; messages stay as they are."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def pair_view(pair: PreferencePair, use_chat_template: bool) -> tuple[Prompt, str, str]:
+    """(prompt, chosen, rejected) as the model sees them: an HH row without a template keeps
+    the dataset's raw text, with a template its dialogue parsed into messages."""
+    if pair.raw_text is not None and not use_chat_template:
+        return pair.raw_text
+    return pair.prompt, pair.chosen, pair.rejected
+
+
 def render_prompt(
-    tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, str]] | str, use_chat_template: bool
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, use_chat_template: bool
 ) -> str:
     """The prompt as text, ending where the assistant's reply begins.
 
-    With the chat template a plain-text prompt becomes one user message. Without it, a plain
-    text prompt is used as is and messages become "role: content" lines then "assistant: ".
+    With the chat template: the messages (`as_messages`) with the generation prompt. Without
+    it, a plain text prompt is used as is and messages become "role: content" lines then
+    "assistant: ". Raises jinja2's `TemplateError` if the template rejects the messages.
     """
     if use_chat_template:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            as_messages(prompt), tokenize=False, add_generation_prompt=True
+        )
     if isinstance(prompt, str):
         return prompt
     return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, use_chat_template: bool
+) -> list[int]:
+    """Token ids of the rendered prompt, as generation sees them (a template's text gets no
+    added special tokens; plain text gets the tokenizer's usual ones)."""
+    text = render_prompt(tokenizer, prompt, use_chat_template)
+    return tokenizer(text, add_special_tokens=not use_chat_template)["input_ids"]
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token the chat template writes to close an assistant reply, as a 0- or 1-element list.
+
+    Found by rendering a probe conversation and taking the first special token after the reply
+    (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `<|end|>`, `</s>`). Empty when the tokenizer
+    has no template, the template writes no special token there, or it rejects the probe.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    probe = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": _PROBE_REPLY}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except TemplateError:
+        return []
+    end = text.rfind(_PROBE_REPLY)
+    if end < 0:
+        return []
+    after = tokenizer(text[end + len(_PROBE_REPLY):], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {
+        token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special
+    }
+    return next(([token_id] for token_id in after if token_id in special), [])
+
+
+def stop_token_ids(
+    tokenizer: PreTrainedTokenizerBase, use_chat_template: bool, generation_eos: object = None
+) -> list[int]:
+    """Ids at which generation stops: `generation_eos` (a generation config's `eos_token_id`,
+    int or list), the tokenizer's EOS, and with the template its end-of-turn token."""
+    if isinstance(generation_eos, int):
+        generation_eos = [generation_eos]
+    candidates = list(generation_eos or []) + [tokenizer.eos_token_id]
+    if use_chat_template:
+        candidates += end_of_turn_ids(tokenizer)
+    return list(dict.fromkeys(i for i in candidates if i is not None))
 
 
 def tokenize_pair(
@@ -79,34 +173,45 @@ def tokenize_pair(
     max_length: int,
     max_prompt_length: int,
     use_chat_template: bool,
-) -> TokenizedPair | None:
-    """Tokenize and truncate one pair (rules in the module docstring); None if it is dropped."""
-    if max_length <= 0 or max_prompt_length <= 0:
-        raise ValueError(
-            f"max_length and max_prompt_length must be positive, "
-            f"got {max_length} and {max_prompt_length}"
-        )
-    prompt_text = render_prompt(tokenizer, pair.prompt, use_chat_template)
-    prompt_ids, chosen_full, rejected_full = tokenizer(
-        [prompt_text, prompt_text + pair.chosen, prompt_text + pair.rejected],
-        add_special_tokens=not use_chat_template,
-    )["input_ids"]
-    boundary = min(
-        _common_prefix_length(prompt_ids, chosen_full),
-        _common_prefix_length(prompt_ids, rejected_full),
-    )
-    prompt_ids = prompt_ids[:boundary]
-    chosen_ids = _with_eos(chosen_full[boundary:], tokenizer.eos_token_id)
-    rejected_ids = _with_eos(rejected_full[boundary:], tokenizer.eos_token_id)
+    end_of_turn: Sequence[int] | None = None,
+) -> TokenizedPair:
+    """Tokenize and truncate one pair (rules in the module docstring).
 
-    if len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > max_length:
-        prompt_ids = prompt_ids[-max_prompt_length:]
-        response_budget = max_length - len(prompt_ids)
-        if response_budget <= 0:
-            return None
-        chosen_ids = chosen_ids[:response_budget]
-        rejected_ids = rejected_ids[:response_budget]
-    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
+    `end_of_turn` is `end_of_turn_ids(tokenizer)`, computed here when not given. Raises
+    `DataError` (naming `pair.origin`) when the template rejects the messages or its prompt is
+    not a token prefix of the conversation.
+    """
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(
+            f"need 0 < max_prompt_length < max_length, got {max_prompt_length} and {max_length}"
+        )
+    prompt, chosen, rejected = pair_view(pair, use_chat_template)
+    if use_chat_template:
+        if end_of_turn is None:
+            end_of_turn = end_of_turn_ids(tokenizer)
+        prompt_ids, chosen_ids, rejected_ids = _tokenize_with_template(
+            tokenizer, pair.origin or "pair", as_messages(prompt), chosen, rejected, end_of_turn
+        )
+    else:
+        prompt_ids, chosen_ids, rejected_ids = _tokenize_text(tokenizer, prompt, chosen, rejected)
+    return truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
+
+
+def truncate(
+    prompt_ids: list[int],
+    chosen_ids: list[int],
+    rejected_ids: list[int],
+    max_length: int,
+    max_prompt_length: int,
+) -> TokenizedPair:
+    """Fit prompt + longest response into `max_length` (policy in the module docstring)."""
+    longest = max(len(chosen_ids), len(rejected_ids))
+    if len(prompt_ids) + longest <= max_length:
+        return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
+    keep = min(len(prompt_ids), max(max_prompt_length, max_length - longest))
+    prompt_ids = prompt_ids[len(prompt_ids) - keep:]
+    budget = max_length - keep
+    return TokenizedPair(prompt_ids, chosen_ids[:budget], rejected_ids[:budget])
 
 
 def tokenize_pairs(
@@ -116,28 +221,30 @@ def tokenize_pairs(
     max_length: int,
     max_prompt_length: int,
     use_chat_template: bool,
+    skip_bad_rows: bool = False,
     desc: str = "Tokenizing",
     disable: bool | None = None,
-) -> tuple[list[TokenizedPair], int]:
-    """Tokenize every pair; returns the kept pairs and how many were dropped by truncation.
+) -> tuple[list[TokenizedPair], DropCounts]:
+    """Tokenize every pair; returns the kept pairs and the dropped ones counted by reason.
 
-    `disable` hides the progress bar (None: hidden when stderr is not a terminal).
+    A pair the template cannot render faithfully (see `tokenize_pair`) raises `DataError`, or
+    is dropped and counted when `skip_bad_rows`. `disable` hides the progress bar (None: hidden
+    when stderr is not a terminal).
     """
+    end_of_turn = end_of_turn_ids(tokenizer) if use_chat_template else []
     kept: list[TokenizedPair] = []
-    dropped = 0
+    drops: DropCounts = Counter()
     for pair in tqdm(pairs, desc=desc, unit="pair", disable=disable):
-        tokenized = tokenize_pair(
-            tokenizer,
-            pair,
-            max_length=max_length,
-            max_prompt_length=max_prompt_length,
-            use_chat_template=use_chat_template,
-        )
-        if tokenized is None:
-            dropped += 1
-        else:
-            kept.append(tokenized)
-    return kept, dropped
+        try:
+            kept.append(tokenize_pair(
+                tokenizer, pair, max_length=max_length, max_prompt_length=max_prompt_length,
+                use_chat_template=use_chat_template, end_of_turn=end_of_turn,
+            ))
+        except DataError as error:
+            if not skip_bad_rows:
+                raise
+            drops[error.reason] += 1
+    return kept, drops
 
 
 class PreferenceCollator:
@@ -194,7 +301,98 @@ class PreferenceCollator:
         }
 
 
-def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+def _tokenize_text(
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chosen: str, rejected: str
+) -> tuple[list[int], list[int], list[int]]:
+    prompt_text = render_prompt(tokenizer, prompt, use_chat_template=False)
+    prompt_ids, chosen_full, rejected_full = tokenizer(
+        [prompt_text, prompt_text + chosen, prompt_text + rejected]
+    )["input_ids"]
+    boundary = min(
+        _common_prefix_length(prompt_ids, chosen_full),
+        _common_prefix_length(prompt_ids, rejected_full),
+    )
+    eos = tokenizer.eos_token_id
+    return (
+        prompt_ids[:boundary],
+        _with_eos(chosen_full[boundary:], eos),
+        _with_eos(rejected_full[boundary:], eos),
+    )
+
+
+def _tokenize_with_template(
+    tokenizer: PreTrainedTokenizerBase,
+    origin: str,
+    messages: Messages,
+    chosen: str,
+    rejected: str,
+    end_of_turn: Sequence[int],
+) -> tuple[list[int], list[int], list[int]]:
+    def render(conversation: Messages, generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except TemplateError as error:
+            raise DataError(
+                f"{origin}: the chat template rejects these messages: {error} "
+                "(--skip_bad_rows drops such rows)",
+                reason=f"chat template error: {error}",
+            ) from None
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    prompt_text = render(messages, True)
+    prompt_ids = encode(prompt_text)
+    responses = []
+    for field, reply in (("chosen", chosen), ("rejected", rejected)):
+        full_text = render(messages + [{"role": "assistant", "content": reply}], False)
+        full_ids = encode(full_text)
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise DataError(
+                f"{origin}, field '{field}': the prompt rendered by the chat template is not a "
+                f"token prefix of the conversation rendered with this reply: "
+                f"{_prefix_mismatch(tokenizer, prompt_text, full_text, prompt_ids, full_ids)}. "
+                "Training on it would label prompt tokens as response (--skip_bad_rows drops "
+                "such rows; --chat_template none trains on plain text).",
+                reason="chat template: the prompt is not a token prefix of the conversation",
+            )
+        response = full_ids[len(prompt_ids):]
+        ends = [i for i, token in enumerate(response) if token in end_of_turn]
+        if ends:  # stop after the template's end-of-turn token (module docstring)
+            responses.append(response[: ends[-1] + 1])
+        else:
+            responses.append(_with_eos(response, tokenizer.eos_token_id))
+    return prompt_ids, responses[0], responses[1]
+
+
+def _prefix_mismatch(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_text: str,
+    full_text: str,
+    prompt_ids: list[int],
+    full_ids: list[int],
+) -> str:
+    """Where and why the prompt's rendering and the conversation's part ways."""
+    if not full_text.startswith(prompt_text):
+        at = _common_prefix_length(prompt_text, full_text)
+        return (
+            f"the texts differ from character {at}: the prompt has "
+            f"{prompt_text[max(0, at - 20): at + 20]!r}, the conversation "
+            f"{full_text[max(0, at - 20): at + 20]!r} (the template renders the earlier turns "
+            "differently once a reply follows)"
+        )
+    at = _common_prefix_length(prompt_ids, full_ids)
+    return (
+        f"the texts agree, but the prompt's last tokens {tokenizer.decode(prompt_ids[at:])!r} "
+        f"and the reply's first characters are tokenized together as "
+        f"{tokenizer.decode(full_ids[at: at + 1])!r} (often a reply that "
+        "starts with whitespace)"
+    )
+
+
+def _common_prefix_length(a: Sequence, b: Sequence) -> int:
     length = 0
     for x, y in zip(a, b, strict=False):
         if x != y:

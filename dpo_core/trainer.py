@@ -16,47 +16,30 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from typing import NoReturn
 
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dpo_core import distributed, failures, run_files
 from dpo_core.batching import MicroBatchStream, length_sorted_order, pair_length
 from dpo_core.checkpoint import (
     TrainState,
-    checkpoint_dirs,
     data_order,
     load_checkpoint,
     resolve_checkpoint,
-    save_adapter,
     save_checkpoint,
+    save_trained_weights,
 )
 from dpo_core.config import TrainConfig
 from dpo_core.console import configure_console, logger
-from dpo_core.distributed import (
-    backend_record,
-    check_backend,
-    describe_backend,
-    fsdp_version,
-    make_accelerator,
-    prepare_for_backend,
-    prepare_model,
-    root_weights_gathered,
-    weights_are_sharded,
-)
-from dpo_core.failures import (
-    DeviceMemoryError,
-    NonFiniteError,
-    last_checkpoint_note,
-    out_of_memory_message,
-)
-from dpo_core.interrupt import StopOnInterrupt, stopped
-from dpo_core.logps import LOGPS_FNS, resolve_prefix_sharing
+from dpo_core.interrupt import StopOnInterrupt, checkpoint_and_stop
+from dpo_core.logps import PaddingFreeCollator, resolve_forward
 from dpo_core.metrics import MetricWindow, format_record, merged_metrics
 from dpo_core.model import (
     build_policy,
+    eval_mode,
     load_tokenizer,
     resolve_dtype,
     resolve_gradient_checkpointing,
@@ -65,7 +48,8 @@ from dpo_core.model import (
 )
 from dpo_core.objective import PreferenceObjective
 from dpo_core.plan import RunPlan, resolve_precompute
-from dpo_core.reference_cache import ReferenceLogpsCollator, with_reference_logps
+from dpo_core.reference import reference_for
+from dpo_core.reference_cache import ReferenceLogpsCollator, precompute_reference
 from dpo_core.report import (
     start_trackers,
     tracker_options,
@@ -73,32 +57,22 @@ from dpo_core.report import (
     write_samples,
     write_training_curves,
 )
-from dpo_core.run_files import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    RUN_PLAN_KEY,
-    SAMPLES_FILE,
-    append_log,
-    check_output_dir,
-    clear_previous_run,
-    removed_if_left_empty,
-    truncate_log,
-    write_json,
-)
 from dpo_core.schedule import get_lr
 from dpo_core.tokenization import PreferenceCollator, resolve_chat_template
 from dpo_core.training_data import build_training_data
 from dpo_core.training_signal import ZeroGradientWatch
 
-# An extra evaluation run after training on the base model (adapter off) and on the trained
-# model: hook(model, tokenizer) -> {"metric": value}. The demo's before/after table uses it.
+# An extra evaluation run after training on the reference (the model training started from)
+# and on the trained model: hook(model, tokenizer) -> {"metric": value}. The demo's
+# before/after table uses it.
 EvaluationHook = Callable[[torch.nn.Module, object], dict]
 
 
 def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None) -> dict:
-    """Train a LoRA adapter with DPO as `config` says; return the final metrics."""
+    """Train a LoRA adapter (or every weight) with DPO as `config` says; return the final
+    metrics."""
     trainer = Trainer(config, evaluation_hook)
-    with removed_if_left_empty(config.output_dir):
+    with run_files.removed_if_left_empty(config.output_dir):
         trainer.setup()
     with trainer.interrupt:  # Ctrl-C stops at the next step boundary
         return trainer.train()
@@ -125,7 +99,7 @@ class Trainer:
         config = self.config
         configure_console()
         config.validate()
-        check_output_dir(config.output_dir, overwrite=config.overwrite_output_dir,
+        run_files.check_output_dir(config.output_dir, overwrite=config.overwrite_output_dir,
                          resuming=bool(config.resume_from_checkpoint))
         resume_path = (resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
                        if config.resume_from_checkpoint else None)
@@ -141,8 +115,8 @@ class Trainer:
         self._setup_state(resume_path)
         logger.info(self.plan.describe(config))
         if self.is_main:
-            write_json(config.output_dir, CONFIG_FILE,
-                       {**dataclasses.asdict(config), RUN_PLAN_KEY: self.plan.record()})
+            run_files.write_json(config.output_dir, run_files.CONFIG_FILE, {
+                **dataclasses.asdict(config), run_files.RUN_PLAN_KEY: self.plan.record()})
         # Started once setup has succeeded, so a bad model or data path leaves no empty run.
         start_trackers(self.accelerator, config, self.plan.record())
         self.model.train()
@@ -150,11 +124,12 @@ class Trainer:
     def _setup_accelerator(self) -> None:
         config, plan = self.config, self.plan
         self.dtype = resolve_dtype(config.dtype)
-        self.quantize = resolve_quantization(config.quantization)
+        self.quantize = resolve_quantization(config.quantization,
+                                             config.finetuning_type == "full")
         self.gradient_checkpointing = resolve_gradient_checkpointing(config.gradient_checkpointing)
-        self.accelerator = make_accelerator(self.dtype,
-                                            tracker_options(config.report_to, config.output_dir))
-        check_backend(config, self.accelerator.state, self.quantize)
+        self.accelerator = distributed.make_accelerator(
+            self.dtype, tracker_options(config.report_to, config.output_dir))
+        distributed.check_backend(config, self.accelerator.state, self.quantize)
         set_seed(config.seed)
         if self.is_main:
             os.makedirs(config.output_dir, exist_ok=True)
@@ -162,7 +137,7 @@ class Trainer:
         plan.dtype = str(self.dtype).removeprefix("torch.")
         plan.gradient_checkpointing = self.gradient_checkpointing
         plan.distributed_type = self.accelerator.distributed_type.value
-        plan.fsdp_version = fsdp_version(self.accelerator)
+        plan.fsdp_version = distributed.fsdp_version(self.accelerator)
         plan.num_processes = self.accelerator.num_processes
 
     def _setup_model(self) -> None:
@@ -179,16 +154,10 @@ class Trainer:
             lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
 
     def _setup_objective(self) -> None:
-        config = self.config
-        attn_implementation = getattr(self.model.config, "_attn_implementation", None)
-        self.plan.prefix_sharing = resolve_prefix_sharing(config.prefix_sharing,
-                                                          attn_implementation)
-        if config.prefix_sharing and self.plan.prefix_sharing == "off":
-            logger.warning(f"--prefix_sharing needs attn_implementation sdpa or eager, and this "
-                           f"model uses {attn_implementation!r}: using the standard two-row "
-                           "forward instead.")
-        self.objective = PreferenceObjective.from_config(config,
-                                                         LOGPS_FNS[self.plan.prefix_sharing])
+        plan = self.plan
+        plan.padding_free, plan.prefix_sharing, logps_fn = resolve_forward(
+            self.model, self.config.padding_free, self.config.prefix_sharing)
+        self.objective = PreferenceObjective.from_config(self.config, logps_fn)
 
     def _setup_data(self) -> None:
         with self.accelerator.main_process_first():
@@ -196,9 +165,13 @@ class Trainer:
                                             show_progress=self.is_main)
         self.train_pairs, self.eval_pairs = self.data.train, self.data.eval
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id)
-        prepare_for_backend(self.accelerator, self.config.batch_size)
-        self.model, self.optimizer = prepare_model(self.accelerator, self.model, self.optimizer)
-        logger.info(describe_backend(self.accelerator, self.model))
+        if self.plan.padding_free:  # the packed layout built on the CPU, in the DataLoader
+            self.collator = PaddingFreeCollator(self.collator,
+                                                prefix_shared=self.plan.prefix_sharing == "always")
+        distributed.prepare_for_backend(self.accelerator, self.config.batch_size)
+        self.model, self.optimizer = distributed.prepare_model(self.accelerator, self.model,
+                                                               self.optimizer)
+        logger.info(distributed.describe_backend(self.accelerator, self.model))
 
     def _setup_reference(self) -> None:
         """The reference log-probs of every pair in one no-grad pass, cached on disk, where
@@ -207,19 +180,16 @@ class Trainer:
         plan.precompute_ref_log_probs = resolve_precompute(
             config, self.objective.uses_reference, len(self.train_pairs),
             self.accelerator.num_processes)
+        self.objective = dataclasses.replace(self.objective, reference=reference_for(
+            config, self.model, self.accelerator, precomputed=plan.precompute_ref_log_probs))
         self.reference_pass_s = 0.0
         if not plan.precompute_ref_log_probs:
             return
         plan.ref_batch_size = config.ref_batch_size or 4 * config.batch_size
-        cache_dir = config.ref_cache_dir or os.path.join(config.output_dir, "reference_logps")
-        settings = {"logps_fn": self.objective.logps_fn.__name__,
-                    "attn_implementation": config.attn_implementation,
-                    "dtype": str(self.dtype), "quantize": self.quantize}
-        passes = [with_reference_logps(pairs, model=self.model, objective=self.objective,
-                                       collator=self.collator, accelerator=self.accelerator,
-                                       batch_size=plan.ref_batch_size, cache_dir=cache_dir,
-                                       settings=settings, show_progress=self.is_main)
-                  for pairs in (self.train_pairs, self.eval_pairs)]
+        passes = precompute_reference(
+            config, (self.train_pairs, self.eval_pairs), model=self.model,
+            objective=self.objective, collator=self.collator, accelerator=self.accelerator,
+            batch_size=plan.ref_batch_size, dtype=self.dtype, quantize=self.quantize)
         self.train_pairs, self.eval_pairs = passes[0].pairs, passes[1].pairs
         self.reference_pass_s = sum(p.seconds for p in passes)
         self.collator = ReferenceLogpsCollator(self.collator)
@@ -262,10 +232,10 @@ class Trainer:
             self.state = load_checkpoint(resume_path, self.accelerator, self.model,
                                          self.optimizer, order)
             if self.is_main:
-                truncate_log(config.output_dir, self.state.step)
+                run_files.truncate_log(config.output_dir, self.state.step)
             logger.info(f"Resumed from {resume_path} at step {self.state.step}.")
         elif self.is_main:
-            clear_previous_run(config.output_dir)
+            run_files.clear_previous_run(config.output_dir)
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> dict:
@@ -284,7 +254,7 @@ class Trainer:
             try:
                 step_loss = self._optimizer_step(batches, lr, window)
             except torch.OutOfMemoryError as error:
-                raise DeviceMemoryError(out_of_memory_message(
+                raise failures.DeviceMemoryError(failures.out_of_memory_message(
                     config, state.step + 1, self.gradient_checkpointing)) from error
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
@@ -307,7 +277,8 @@ class Trainer:
                                 state, config.save_total_limit)
             if self.interrupt.requested(self.accelerator):
                 progress.close()
-                self._stop_interrupted(saved)
+                checkpoint_and_stop(config, self.accelerator, self.model, self.optimizer, state,
+                                    plan.total_steps, saved_now=saved)
         progress.close()
         self.interrupt.release()
         if warning := self.gradients.warning():
@@ -317,7 +288,7 @@ class Trainer:
             "eval": {k: v for k, v in last_eval.items() if k != "split"},
             "steps": state.step,
             "num_processes": self.accelerator.num_processes,
-            **backend_record(self.accelerator),
+            **distributed.backend_record(self.accelerator),
             "train_pairs": len(self.train_pairs),
             "eval_pairs": len(self.eval_pairs),
             "train_runtime_s": time.perf_counter() - started,
@@ -350,10 +321,13 @@ class Trainer:
             window.stats.append(gathered)
             step_losses.append(gathered["losses"])
             tokens = batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
-            window.tokens += int(accelerator.reduce(tokens, "sum").item())
-        grad_norm = float(accelerator.clip_grad_norm_(self.model.parameters(),
-                                                      config.max_grad_norm or float("inf")))
-        step_loss = torch.cat(step_losses).mean().item()
+            window.tokens = window.tokens + accelerator.reduce(tokens, "sum")  # stays on device
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(),
+                                                config.max_grad_norm or float("inf"))
+        mean_loss = torch.cat(step_losses).mean().float()
+        # The step's one host sync: whether to apply the update needs the loss and the norm.
+        step_loss, grad_norm = torch.stack([mean_loss, torch.as_tensor(
+            grad_norm, dtype=torch.float32, device=mean_loss.device)]).tolist()
         # Under fp16 loss scaling an inf gradient is the scaler's business: it skips the step.
         finite = math.isfinite(step_loss) and (math.isfinite(grad_norm)
                                                or accelerator.scaler is not None)
@@ -363,11 +337,8 @@ class Trainer:
             self.gradients.observe(grad_norm)
         else:
             if state.nonfinite_steps_skipped >= config.skip_nonfinite_steps:
-                raise NonFiniteError(
-                    f"step {state.step + 1}: loss {step_loss} / grad norm {grad_norm} is not "
-                    f"finite; stopping. {last_checkpoint_note(config.output_dir)} "
-                    "Try a lower --learning_rate, or --skip_nonfinite_steps N to skip such "
-                    "steps, and --resume_from_checkpoint latest.")
+                raise failures.nonfinite_error(state.step + 1, step_loss, grad_norm,
+                                               config.output_dir)
             state.nonfinite_steps_skipped += 1
             del window.stats[-accumulation:]
             logger.warning(f"step {state.step + 1}: non-finite loss or gradient, update skipped "
@@ -376,37 +347,22 @@ class Trainer:
         state.step += 1
         return step_loss
 
-    def _stop_interrupted(self, saved: bool) -> NoReturn:
-        """After Ctrl-C: a checkpoint of this step (unless --no-save_on_interrupt, or just
-        saved on schedule), then TrainingInterrupted saying how to resume."""
-        config, state = self.config, self.state
-        checkpoint = None
-        if saved or config.save_on_interrupt:
-            checkpoint = os.path.join(config.output_dir, f"checkpoint-{state.step}")
-            if not saved:
-                save_checkpoint(config.output_dir, self.accelerator, self.model, self.optimizer,
-                                state, config.save_total_limit)
-        newest = checkpoint_dirs(config.output_dir)
-        raise stopped(state.step, self.plan.total_steps, checkpoint,
-                      newest[-1] if newest else None)
-
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Preference metrics over every eval pair exactly once (duplicates from padding to
         equal batches across processes are dropped by gather_for_metrics)."""
-        self.model.eval()
         gathered = []
-        for batch in self.eval_loader:
-            stats = self.objective(self.model, batch)
-            gathered.append(self.accelerator.gather_for_metrics(
-                {k: v.detach() for k, v in stats.items()}))
-        self.model.train()
+        with eval_mode(self.model):
+            for batch in self.eval_loader:
+                stats = self.objective(self.model, batch)
+                gathered.append(self.accelerator.gather_for_metrics(
+                    {k: v.detach() for k, v in stats.items()}))
         return merged_metrics(gathered)
 
     def _log(self, record: dict) -> None:
         """One record to train_log.jsonl, the console and the trackers."""
         if self.is_main:
-            append_log(self.config.output_dir, record)
+            run_files.append_log(self.config.output_dir, record)
             self.accelerator.log(tracker_values(record), step=record["step"])
         logger.info(format_record(record))
 
@@ -417,29 +373,27 @@ class Trainer:
         unwrapped = accelerator.unwrap_model(self.model)
         # With sharded weights every process takes part in each forward pass, so every
         # process evaluates and generates (the same text); only the main process writes.
-        generates = self.is_main or weights_are_sharded(accelerator)
-        with root_weights_gathered(unwrapped):
+        generates = self.is_main or distributed.weights_are_sharded(accelerator)
+        with distributed.root_weights_gathered(unwrapped):
             if self.evaluation_hook is not None and generates:
-                with unwrapped.disable_adapter():
-                    metrics["before"] = self.evaluation_hook(unwrapped, self.tokenizer)
+                with torch.no_grad(), self.objective.reference(unwrapped) as before:
+                    metrics["before"] = self.evaluation_hook(before, self.tokenizer)
                 metrics["after"] = self.evaluation_hook(unwrapped, self.tokenizer)
             if self.data.sample_prompts and generates:
+                samples = os.path.join(config.output_dir, run_files.SAMPLES_FILE)
                 write_samples(unwrapped, self.tokenizer, self.data.sample_prompts,
-                              os.path.join(config.output_dir, SAMPLES_FILE) if self.is_main
-                              else None,
+                              samples if self.is_main else None,
                               use_chat_template=self.plan.chat_template,
-                              max_new_tokens=config.sample_max_new_tokens)
-            elif config.num_sample_prompts and not self.data.sample_prompts:
-                logger.warning(f"No {SAMPLES_FILE}: its prompts come from the eval set, and "
-                               "this run has none (--eval_fraction 0 and no --eval_dataset).")
+                              max_new_tokens=config.sample_max_new_tokens,
+                              reference=self.objective.reference)
         accelerator.wait_for_everyone()
-        save_adapter(accelerator, self.model, config.output_dir)
+        save_trained_weights(accelerator, self.model, config.output_dir)
         if self.is_main:
             self.tokenizer.save_pretrained(config.output_dir)
             if config.merge_adapter:
                 metrics["merged_model"] = save_merged_model(config, config.output_dir,
                                                             self.dtype)
-            write_json(config.output_dir, METRICS_FILE, metrics)
+            run_files.write_json(config.output_dir, run_files.METRICS_FILE, metrics)
             write_training_curves(config.output_dir)
         accelerator.wait_for_everyone()
         accelerator.end_training()

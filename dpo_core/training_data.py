@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.console import logger
 from dpo_core.data import load_pairs, split_pairs
-from dpo_core.tokenization import TokenizedPair, tokenize_pairs
+from dpo_core.run_files import SAMPLES_FILE
+from dpo_core.tokenization import TokenizedPair, pair_view, tokenize_pairs
 from dpo_core.training_signal import check_identical_pairs
 
 
@@ -37,22 +38,24 @@ def build_training_data(config: TrainConfig, tokenizer, use_chat_template: bool,
         _report_drops(config.eval_dataset, eval_drops)
     else:
         train_pairs, eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
+    if config.num_sample_prompts and not eval_pairs:
+        logger.warning(f"No {SAMPLES_FILE}: its prompts come from the eval set, and this run "
+                       "has none (--eval_fraction 0 and no --eval_dataset).")
     lengths = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
-               "use_chat_template": use_chat_template}
+               "use_chat_template": use_chat_template, "skip_bad_rows": config.skip_bad_rows}
     tokenized = {}
     for name, split in (("train", train_pairs), ("eval", eval_pairs)):
-        tokenized[name], dropped = tokenize_pairs(tokenizer, split, desc=f"Tokenizing {name}",
-                                                  disable=not show_progress, **lengths)
-        if dropped:
-            logger.info(f"Dropped {dropped} {name} pairs whose response would not fit in "
-                        f"--max_length {config.max_length} after the prompt.")
+        tokenized[name], drops = tokenize_pairs(tokenizer, split, desc=f"Tokenizing {name}",
+                                                disable=not show_progress, **lengths)
+        _report_drops(f"the {name} pairs", drops)
         if warning := check_identical_pairs(tokenized[name], name, config.max_length):
             logger.warning(warning)
     logger.info(f"Pairs: {len(tokenized['train'])} train, {len(tokenized['eval'])} eval.")
     if not tokenized["train"]:
         raise ConfigError("no training pairs left after loading and truncation")
-    return TrainingData(tokenized["train"], tokenized["eval"],
-                        [pair.prompt for pair in eval_pairs[:config.num_sample_prompts]])
+    sample_prompts = [pair_view(pair, use_chat_template)[0]
+                      for pair in eval_pairs[:config.num_sample_prompts]]
+    return TrainingData(tokenized["train"], tokenized["eval"], sample_prompts)
 
 
 def _report_drops(source: str, drops: dict[str, int]) -> None:

@@ -6,7 +6,7 @@ What it does, every random choice seeded:
 1. Data. Two-digit addition (`dpo_core.demo.task`): 200 unordered operand pairs are held
    out for eval.jsonl; train.jsonl holds every other ordered pair (7,703 rows). A held-out
    prompt's commuted twin is held out too.
-2. Tokenizer. Byte-level BPE (`dpo_core.tiny.train_tokenizer`, Zephyr chat template) trained
+2. Tokenizer. Byte-level BPE (`dpo_core.testing.train_tokenizer`, Zephyr chat template) trained
    on the data's text with the digits removed: no merge can join digits, so every digit is
    its own token and the model can add column by column.
 3. Base model. A tiny Llama fine-tuned on train.jsonl's prompts, the loss on the reply
@@ -40,7 +40,7 @@ from transformers import PreTrainedTokenizerBase
 from dpo_core.demo.paths import ASSETS_DIR
 from dpo_core.demo.task import cut_short, make_pairs, make_reply, parse_prompt, split_operands
 from dpo_core.generation import generate_replies
-from dpo_core.tiny import tiny_llama, train_tokenizer
+from dpo_core.testing import tiny_llama, train_tokenizer
 
 SEED = 0
 NUM_EVAL = 200

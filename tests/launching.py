@@ -25,15 +25,15 @@ import os, runpy, signal, sys
 sys.path.insert(0, os.getcwd())
 import dpo_core.checkpoint as checkpoint
 
-real_save_adapter = checkpoint.save_adapter
+real_save_trained_weights = checkpoint.save_trained_weights
 target = f".checkpoint-{os.environ['KILL_AT_CHECKPOINT']}.tmp"
 
-def save_adapter(accelerator, model, directory):
+def save_trained_weights(accelerator, model, directory):
     if target in directory:
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_save_adapter(accelerator, model, directory)
+    return real_save_trained_weights(accelerator, model, directory)
 
-checkpoint.save_adapter = save_adapter
+checkpoint.save_trained_weights = save_trained_weights
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 """

@@ -240,7 +240,7 @@ def finished_run(tiny_model_dir, pairs_file, tmp_path_factory) -> str:
 
 
 def test_chat_with_an_adapter_of_another_base(finished_run, tmp_path, tiny_tokenizer, capsys):
-    from dpo_core.tiny import tiny_llama
+    from dpo_core.testing import tiny_llama
 
     other = tmp_path / "wider"
     tiny_llama(vocab_size=len(tiny_tokenizer), hidden_size=32, num_layers=2,

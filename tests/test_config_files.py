@@ -29,6 +29,13 @@ def test_file_settings_apply_and_command_line_flags_win(tmp_path):
     config = parse(["--config", str(path), "--batch_size", "3"])
     assert (config.beta, config.batch_size, config.prefix_sharing) == (0.25, 3, False)
     assert config.learning_rate == 1e-4 and config.epochs == 1  # untouched: the default
+    # Comma-separated settings may be YAML lists.
+    path.write_text("loss_type: [sigmoid, sft]\nloss_weights: [0.8, 1]\n"
+                    "lora_target_modules: [q_proj, v_proj]\n")
+    config = parse(["--config", str(path)])
+    assert (config.loss_type, config.loss_weights) == ("sigmoid,sft", "0.8,1")
+    assert config.target_modules == ["q_proj", "v_proj"]
+    config.validate()
     # JSON files are read the same way; the demo preset fills only what neither file nor
     # flags set.
     path = tmp_path / "run.json"
@@ -42,7 +49,7 @@ def test_file_settings_apply_and_command_line_flags_win(tmp_path):
     ("learning_rat: 1e-4\n", "unknown setting 'learning_rat'; did you mean 'learning_rate'?"),
     ("batch_size: two\n", "batch_size must be an int, got 'two'"),
     ("beta: true\n", "beta must be a float, got True"),
-    ("loss_type: dpo\n", "loss_type must be one of"),
+    ("lr_scheduler: exp\n", "lr_scheduler must be one of cosine, linear, constant"),
     ("max_steps: null\n", "max_steps cannot be null"),
     ("- beta\n", "expected a mapping of setting: value, got a list"),
     ("beta: [0.1\n", "not valid YAML or JSON"),

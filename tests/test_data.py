@@ -58,11 +58,14 @@ def test_conversational_row_with_system_and_several_turns():
     assert to_pair(row, "conv") == PreferencePair(prompt, "apple", "rock")
 
 
-def test_hh_row_extracts_the_shared_prompt_as_messages():
+def test_hh_row_extracts_the_shared_prompt_as_messages_and_keeps_the_raw_text():
     dialogue = "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: name a fruit\n\nAssistant:"
     row = {"chosen": dialogue + " an apple", "rejected": dialogue + " a rock\nor two"}
     assert to_pair(row, "hh") == PreferencePair(
-        [user("hi there"), assistant("hello"), user("name a fruit")], "an apple", "a rock\nor two"
+        [user("hi there"), assistant("hello"), user("name a fruit")],
+        "an apple",
+        "a rock\nor two",
+        raw_text=(dialogue, " an apple", " a rock\nor two"),
     )
 
 

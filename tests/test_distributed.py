@@ -32,9 +32,11 @@ STEPS = ("--max_steps", "4", "--save_steps", "2", "--max_grad_norm", "0")
 
 @pytest.fixture(scope="module")
 def one_process(tiny_model_dir, pairs_file, tmp_path_factory) -> str:
-    """Batch 4 on one process: the run the two-process runs must reproduce."""
+    """Batch 4 on one process, padded: the run the two-process runs (padding-free by default)
+    must reproduce."""
     out = tmp_path_factory.mktemp("one_process")
-    assert train.main(train_args(tiny_model_dir, pairs_file, out, *STEPS)) == 0
+    assert train.main(train_args(tiny_model_dir, pairs_file, out, *STEPS,
+                                 "--no-padding_free")) == 0
     return str(out)
 
 

@@ -7,15 +7,13 @@ on one unpadded sequence at a time.
 from __future__ import annotations
 
 import copy
-import weakref
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from benchmarks.memory import peak_bytes_of
 from dpo_core import logps as logps_module
 from dpo_core.data import PreferencePair
 from dpo_core.logps import (
@@ -115,52 +113,6 @@ def backward_and_grads(model, forward, batch, weights) -> tuple[torch.Tensor, ..
     chosen, rejected = forward(model, batch)
     (chosen @ weights[0] + rejected @ weights[1]).backward()
     return chosen.detach(), rejected.detach(), lora_grads(model)
-
-
-class PeakLiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensor storages allocated inside the mode and alive at once.
-
-    Tensors that existed before (the logits themselves) are not counted.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key = storage.data_ptr()
-            if (
-                key in self.live
-                or storage.nbytes() == 0
-                or any(
-                    key == a.untyped_storage().data_ptr()
-                    for a in tree_flatten((args, kwargs))[0]
-                    if isinstance(a, torch.Tensor)
-                )
-            ):
-                continue  # a view or in-place result: no new memory
-            self.live[key] = storage.nbytes()
-            self.current += storage.nbytes()
-            self.peak = max(self.peak, self.current)
-            weakref.finalize(tensor, self._release, key)
-        return out
-
-    def _release(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-
-
-def peak_bytes_of(step) -> int:
-    tracker = PeakLiveBytes()
-    with tracker:
-        step()
-    return tracker.peak
 
 
 @pytest.fixture()
@@ -348,17 +300,27 @@ def test_concatenated_forward_independent_of_batch_neighbours(lora_and_base):
     torch.testing.assert_close(in_first[1][1], in_second[1][0], atol=1e-5, rtol=0)
 
 
-def test_concatenated_forward_computes_logits_only_at_label_positions(lora_and_base):
+def test_concatenated_forward_never_builds_token_by_vocab_logits(lora_and_base, monkeypatch):
+    """The model's own head projects no position. The label positions are projected
+    by head_label_logps: through the frozen head's weight (PEFT model), or by calling the
+    trainable head module (plain model) one chunk at a time: no [tokens, vocab] logits."""
     model, base = lora_and_base
-    batch = pair_batch(random_pairs(model.config.vocab_size, PAIR_LENGTHS), "left")
+    vocab = model.config.vocab_size
+    monkeypatch.setattr(logps_module, "CHUNK_ELEMENTS", 10 * vocab)
+    batch = pair_batch(random_pairs(vocab, PAIR_LENGTHS), "left")
+    rows = 2 * batch["chosen_input_ids"].shape[0]
     num_labels = sum(int((batch[f"{s}_labels"] != IGNORE).sum()) for s in ("chosen", "rejected"))
-    shapes = []
-    for called, lm_head in ((model, model.get_base_model().lm_head), (base, base.lm_head)):
-        hook = lm_head.register_forward_hook(lambda module, args, out: shapes.append(out.shape))
-        with torch.no_grad():
-            concatenated_forward(called, batch)
+    chunks = [(10, vocab)] * (num_labels // 10) + [(num_labels % 10, vocab)]
+    for called, lm_head, expected in ((model, model.get_base_model().lm_head, []),
+                                      (base, base.lm_head, chunks)):
+        shapes: list = []
+        hook = lm_head.register_forward_hook(
+            lambda module, args, out, shapes=shapes: shapes.append(out.shape))
+        concatenated_forward(called, batch)[0].sum().backward()
         hook.remove()
-    assert shapes == [(num_labels, model.config.vocab_size)] * 2  # PEFT model, then plain model
+        # Forward: no position, then the chunks; backward recomputes the chunks.
+        assert shapes[0] == (rows, 0, vocab)
+        assert sorted(shapes[1:]) == sorted(expected + expected)
 
 
 def test_reference_pass_equals_base_model_without_lora(lora_and_base):
@@ -489,7 +451,11 @@ def test_prefix_shared_forward_with_gradient_checkpointing(lora_and_base):
     batch = pair_batch(random_pairs(model.config.vocab_size, PAIR_LENGTHS, seed=4), "left")
     weights = pair_weights(len(PAIR_LENGTHS))
     *plain, plain_grads = backward_and_grads(model, prefix_shared_forward, batch, weights)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.22's name
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # checkpointing is active in training mode only (all dropout rates are 0)
     *checkpointed, checkpointed_grads = backward_and_grads(
         model, prefix_shared_forward, batch, weights

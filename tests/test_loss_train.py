@@ -8,7 +8,6 @@ so each reference-based loss has the closed-form value the README's metrics tabl
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,8 +21,8 @@ from dpo_core.logps import concatenated_forward
 from dpo_core.metrics import merged_metrics
 from dpo_core.model import add_lora
 from dpo_core.objective import PreferenceObjective
+from dpo_core.plan import resolve_precompute
 from dpo_core.tokenization import PreferenceCollator, tokenize_pairs
-from dpo_core.trainer import wants_precomputed_reference
 
 LN2 = math.log(2)
 TWO_STEPS = ("--max_steps", "2")
@@ -34,7 +33,7 @@ def pair_batch(tokenizer, num: int = 6) -> dict[str, torch.Tensor]:
     pairs = [PreferencePair(r["prompt"], " " + r["chosen"], " " + r["rejected"]) for r in rows]
     tokenized, dropped = tokenize_pairs(tokenizer, pairs, max_length=64, max_prompt_length=32,
                                         use_chat_template=True, disable=True)
-    assert dropped == 0
+    assert not dropped
     return PreferenceCollator(tokenizer.eos_token_id)(tokenized)
 
 
@@ -107,8 +106,7 @@ def test_reference_cache_only_for_losses_with_a_reference(loss_type, precompute)
     """A full epoch would precompute (and cache) reference log-probs unless no term uses them."""
     config = TrainConfig(loss_type=loss_type, epochs=1)
     objective = PreferenceObjective.from_config(config, concatenated_forward)
-    single_process = SimpleNamespace(num_processes=1)
-    assert wants_precomputed_reference(config, objective, 36, single_process) == precompute
+    assert resolve_precompute(config, objective.uses_reference, 36, 1) == precompute
 
 
 def test_mixture_stats_carry_each_term_into_the_metrics(tiny_tokenizer, tiny_model):

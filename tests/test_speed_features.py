@@ -13,11 +13,13 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 
 import pytest
 import torch
 from accelerate import Accelerator
 from conftest import ROOT, learnable_pairs, read_log, train_args
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 from dpo_core.batching import MicroBatchStream, epoch_order, length_sorted_order, pair_length
@@ -41,7 +43,7 @@ def tokenized_pairs(tokenizer, num: int = 12) -> list:
     pairs = [PreferencePair(r["prompt"], " " + r["chosen"], " " + r["rejected"]) for r in rows]
     tokenized, dropped = tokenize_pairs(tokenizer, pairs, max_length=64, max_prompt_length=32,
                                         use_chat_template=True, disable=True)
-    assert dropped == 0
+    assert not dropped
     return tokenized
 
 
@@ -61,7 +63,7 @@ ONE_EPOCH = ("--max_steps", "9")
 def standard_run(tiny_model_dir, pairs_file, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("standard")
     args = train_args(tiny_model_dir, pairs_file, out, *ONE_EPOCH, "--no-prefix_sharing",
-                      "--no-precompute_ref_log_probs")
+                      "--no-precompute_ref_log_probs", "--no-padding_free")
     assert train.main(args) == 0
     return read_log(out)
 
@@ -69,10 +71,15 @@ def standard_run(tiny_model_dir, pairs_file, tmp_path_factory) -> list[dict]:
 @pytest.mark.parametrize("flags", [
     ("--prefix_sharing", "--no-precompute_ref_log_probs"),
     ("--no-prefix_sharing", "--precompute_ref_log_probs", "--ref_batch_size", "5"),
-    # Both unset: the reference is precomputed (the run trains on every pair) and prefix
+    ("--padding_free", "--no-prefix_sharing", "--no-precompute_ref_log_probs"),
+    ("--padding_free", "--prefix_sharing", "--precompute_ref_log_probs"),
+    # All unset: the reference is precomputed (the run trains on every pair) and prefix
     # sharing is used where it pays (these prompts are long next to their replies).
+    ("--no-padding_free",),
+    # Padding-free, prompts shared, reference precomputed.
     (),
-], ids=["prefix_sharing", "precompute_ref_log_probs", "defaults"])
+], ids=["prefix_sharing", "precompute_ref_log_probs", "padding_free",
+        "padding_free+prefix+precompute", "padded_defaults", "defaults"])
 def test_speed_flags_reproduce_the_standard_run(standard_run, tiny_model_dir, pairs_file,
                                                 tmp_path, flags):
     """Every logged train step (loss, log-probs, rewards, gradient norm) and the final
@@ -93,9 +100,26 @@ def test_speed_flags_reproduce_the_standard_run(standard_run, tiny_model_dir, pa
         assert len(cached) == 2 and all(name.endswith(".safetensors") for name in cached)
 
 
+def test_padding_free_with_accumulation_reproduces_padded_steps(tiny_model_dir, pairs_file,
+                                                                 tmp_path):
+    """Three micro-batches per step, last one smaller: the same losses and gradient norms."""
+    logs = []
+    for flag in ("--no-padding_free", "--padding_free"):
+        out = tmp_path / flag
+        assert train.main(train_args(tiny_model_dir, pairs_file, out, "--max_steps", "3",
+                                     "--gradient_accumulation_steps", "3", "--batch_size", "5",
+                                     flag)) == 0
+        logs.append([r for r in read_log(out) if r["split"] == "train"])
+    assert len(logs[0]) == len(logs[1]) == 3
+    for ours, expected in zip(logs[1], logs[0], strict=True):
+        for key in ("loss", "grad_norm", "logps/chosen", "rewards/margins"):
+            assert ours[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-5), key
+
+
 def test_speed_defaults_and_bad_settings():
     config = TrainConfig()
     assert config.prefix_sharing is None and config.precompute_ref_log_probs is None
+    assert config.padding_free is None
     # Unset, the precompute flag never conflicts with a loss that has no reference ...
     TrainConfig(loss_type="simpo").validate()
     # ... asked for explicitly, it does.
@@ -343,7 +367,7 @@ def test_gradient_checkpointing_unset_means_on_only_where_cuda_is(monkeypatch):
 def test_benchmark_smoke_run_writes_its_report(tmp_path):
     report_path = tmp_path / "bench.json"
     completed = subprocess.run(
-        [sys.executable, "benchmarks/bench_dpo.py", "--preset", "tiny", "--steps", "2",
+        [sys.executable, "-m", "benchmarks.bench_dpo", "--preset", "tiny", "--steps", "2",
          "--repeats", "1", "--no_warmup", "--retries", "0", "--quiet_wait", "0",
          "--variants", "prefix+precompute",
          "--workdir", str(tmp_path / "work"), "--json", str(report_path),
@@ -371,16 +395,14 @@ def test_benchmark_flop_count_matches_torch_flop_counter(monkeypatch, checkpoint
     standard path: policy and reference forwards, backward, LoRA, LM head at label positions."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dpo_core.tiny import tiny_llama
+    from benchmarks import flops, synthetic
+    from dpo_core.testing import tiny_llama
 
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
-    import bench_dpo
-
-    shape = bench_dpo.MODEL_PRESETS["tiny"]
+    shape = synthetic.MODEL_PRESETS["tiny"]
     base = tiny_llama(vocab_size=shape.vocab, hidden_size=shape.hidden,
                       num_layers=shape.layers, num_heads=shape.heads,
                       num_kv_heads=shape.kv_heads, intermediate_size=shape.intermediate)
-    model = add_lora(base, r=bench_dpo.LORA_R, alpha=bench_dpo.LORA_ALPHA, dropout=0.0,
+    model = add_lora(base, r=synthetic.LORA_R, alpha=synthetic.LORA_ALPHA, dropout=0.0,
                      target_modules="all-linear", gradient_checkpointing=checkpointing,
                      quantized=False)
     segments = (6, 9, 9)  # equal response lengths: no padding, every token is counted
@@ -393,16 +415,15 @@ def test_benchmark_flop_count_matches_torch_flop_counter(monkeypatch, checkpoint
     counted = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
     matmul = sum(flops for op, flops in counted.items() if op in ("aten.mm", "aten.addmm"))
 
-    per_pair = bench_dpo.pair_train_flops(shape, list(segments), prefix_shared=False,
+    per_pair = flops.pair_train_flops(shape, list(segments), prefix_shared=False,
                                           checkpointing=checkpointing, full_logits=False)
-    attention = bench_dpo.attention_flops(shape, list(segments), prefix_shared=False)
+    attention = flops.attention_flops(shape, list(segments), prefix_shared=False)
     attention_terms = 5 * attention if checkpointing else 4 * attention
     assert matmul == 3 * (per_pair - attention_terms), counted
 
 
 def test_profile_step_splits_the_step_time(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
-    import profile_step
+    from benchmarks import profile_step
 
     # 2*M*N*K from the operand shapes; addmm's first operand is the bias, bmm's dim 0 a batch.
     assert profile_step._matmul_flops("aten::mm", [[3, 4], [4, 5]]) == 120
@@ -410,7 +431,7 @@ def test_profile_step_splits_the_step_time(tmp_path, monkeypatch):
     assert profile_step._matmul_flops("aten::bmm", [[2, 3, 4], [2, 4, 5]]) == 240
 
     completed = subprocess.run(
-        [sys.executable, "benchmarks/profile_step.py", "--preset", "tiny", "--steps", "1",
+        [sys.executable, "-m", "benchmarks.profile_step", "--preset", "tiny", "--steps", "1",
          "--workdir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -418,3 +439,65 @@ def test_profile_step_splits_the_step_time(tmp_path, monkeypatch):
               if line.startswith(("matrix multiplies:", "attention kernels:", "everything else:"))]
     assert len(shares) == 3 and all(share > 0 for share in shares)
     assert sum(shares) == pytest.approx(100, abs=0.2)
+
+
+# ------------------------------------------------------------------ host syncs
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the operations that make the host wait for the device on a GPU: reading a value
+    (item, float, bool, ...), and ops whose output shape depends on values (nonzero, boolean
+    indexing, unique). `Tensor.tolist` does not dispatch on CPU: `count_tolist` counts it."""
+
+    VALUE_DEPENDENT = ("aten._local_scalar_dense", "aten.nonzero", "aten._unique2",
+                       "aten.masked_select")
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func).rsplit(".", 1)[0] if str(func).count(".") > 1 else str(func)
+        boolean_index = name == "aten.index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []) if
+            i is not None)
+        # torch's Adam keeps its step counts on the CPU (unless capturable): reading them
+        # never waits for a GPU, so the optimizer's own reads are not counted.
+        if (name in self.VALUE_DEPENDENT or boolean_index) and not any(
+                "torch/optim/" in frame.filename for frame in traceback.extract_stack()):
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_padding_free_step_syncs_with_the_host_once(tiny_model_dir, pairs_file, tmp_path,
+                                                      monkeypatch):
+    """Three micro-batches per step, defaults (padding-free, prompts shared, reference
+    precomputed): the packed layout comes from the collator, token counts stay on the device,
+    and the step reads its loss and gradient norm together: one host sync per step."""
+    from dpo_core import trainer as trainer_module
+
+    original = trainer_module.Trainer._optimizer_step
+    per_step = []
+
+    def counted(self, batches, *args, **kwargs):
+        # Collation happens on the CPU in the DataLoader, even with a GPU: not counted.
+        drawn = iter([next(batches) for _ in range(self.config.gradient_accumulation_steps)])
+        tolist = torch.Tensor.tolist
+        calls = collections.Counter()
+
+        def counting_tolist(tensor):
+            calls["tolist"] += 1
+            return tolist(tensor)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+        with HostSyncs() as syncs:
+            result = original(self, drawn, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+        per_step.append(dict(syncs.ops + calls))
+        return result
+
+    monkeypatch.setattr(trainer_module.Trainer, "_optimizer_step", counted)
+    assert train.main(train_args(tiny_model_dir, pairs_file, tmp_path / "run", "--max_steps", "2",
+                                 "--gradient_accumulation_steps", "3", "--batch_size", "3",
+                                 "--logging_steps", "100")) == 0
+    assert per_step == [{"tolist": 1}, {"tolist": 1}]

@@ -26,6 +26,7 @@ from dpo_core.data import PreferencePair
 from dpo_core.demo.paths import eval_file
 from dpo_core.demo.task import generation_accuracy, implicit_reward_accuracy, preference_accuracy
 from dpo_core.logps import concatenated_forward
+from dpo_core.model import eval_mode
 from dpo_core.tokenization import PreferenceCollator, tokenize_pairs
 
 # Demo pairs are about 30 tokens; these limits never cut one (checked: none may be dropped).
@@ -49,7 +50,7 @@ def pair_logps(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: list[PreferencePair]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs (chosen [N], rejected [N]) under `model`, tokenized as in training."""
-    tokenized, dropped = tokenize_pairs(
+    tokenized, drops = tokenize_pairs(
         tokenizer,
         pairs,
         max_length=MAX_LENGTH,
@@ -57,22 +58,20 @@ def pair_logps(
         use_chat_template=True,
         disable=True,
     )
-    if dropped:
-        raise ValueError(f"{dropped} demo pairs do not fit in {MAX_LENGTH} tokens")
+    if drops:
+        raise ValueError(f"demo pairs dropped: {dict(drops)}")
     pad_id = tokenizer.pad_token_id
     collate = PreferenceCollator(tokenizer.eos_token_id if pad_id is None else pad_id)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     chosen, rejected = [], []
-    for start in range(0, len(tokenized), BATCH_SIZE):
-        batch = collate(tokenized[start : start + BATCH_SIZE])
-        chosen_logps, rejected_logps = concatenated_forward(
-            model, {key: value.to(device) for key, value in batch.items()}
-        )
-        chosen.append(chosen_logps.cpu())
-        rejected.append(rejected_logps.cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(tokenized), BATCH_SIZE):
+            batch = collate(tokenized[start : start + BATCH_SIZE])
+            chosen_logps, rejected_logps = concatenated_forward(
+                model, {key: value.to(device) for key, value in batch.items()}
+            )
+            chosen.append(chosen_logps.cpu())
+            rejected.append(rejected_logps.cpu())
     return torch.cat(chosen), torch.cat(rejected)
 
 

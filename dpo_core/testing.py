@@ -1,4 +1,5 @@
-"""Tiny tokenizers and Llama models built locally, for tests, benchmarks and the demo.
+"""Test machinery that ships with the package (as `numpy.testing` does): tiny tokenizers and
+Llama models built locally, for the tests, the benchmarks and the demo asset builder.
 
 Nothing here touches the Hugging Face Hub: the tokenizer is trained with `tokenizers`
 on text the caller supplies, the model is built from a config with random weights.
@@ -9,7 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 # Zephyr-style template, the format TinyLlama-1.1B-Chat uses: every turn ends with EOS,
@@ -21,6 +30,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
+# Llama-3's pre-tokenizer regex (Qwen2's differs only in splitting digits one by one).
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
@@ -29,16 +44,25 @@ def train_tokenizer(
     vocab_size: int = 512,
     chat_template: str | None = CHAT_TEMPLATE,
     pad_token: str | None = None,
+    split_pattern: str | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `texts` (seconds for a few thousand lines).
 
     Byte-level BPE merges across word boundaries, so tokenizing a prompt and its
     response separately can give other ids than tokenizing them together: the case
     the prompt/response boundary code must handle. No pad token unless `pad_token`.
+    Text is split into words by GPT-2's pattern, or by the regex `split_pattern` (e.g.
+    `LLAMA3_SPLIT_PATTERN`, which keeps a run of newlines together as Llama-3 and Qwen do).
     """
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_pattern is None:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
     tokenizer.decoder = decoders.ByteLevel()
     specials = SPECIAL_TOKENS + ([pad_token] if pad_token else [])
     trainer = trainers.BpeTrainer(

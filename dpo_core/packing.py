@@ -1,0 +1,251 @@
+"""Padding-free layout: every sequence of a micro-batch in one row, and attention that keeps
+them apart.
+
+A packed row concatenates *blocks*, one per sequence (standard layout: each chosen and each
+rejected sequence) or one per pair (prefix sharing: `[prompt | chosen | rejected]`). A block is
+`(start, shared, first, second)`: the `shared + first` tokens from `start` are one causal
+sequence; the `second` tokens after them attend to the block's first `shared` tokens and to
+themselves, never to the `first` part. A standard sequence is `(start, 0, length, 0)`, a
+prefix-shared pair `(start, prompt, chosen response, rejected response)`. Position ids restart
+in every sequence, so each sequence sees exactly what it sees alone.
+
+Attention, per device:
+- CPU (and wherever else SDPA runs): `packed_sdpa_attention`, registered with transformers'
+  `AttentionInterface` as PACKED_ATTENTION, runs SDPA block by block (causal within a block,
+  plus a small `[second, shared + second]` mask for the rejected part): cost linear in the
+  number of blocks, no `[T, T]` mask. Called without a packed layout it is plain SDPA, so a
+  model switched to it still generates and evaluates as before.
+- CUDA: FlexAttention with a `BlockMask` built from the same blocks (`flex_block_mask`), when
+  the model was loaded with `attn_implementation="flex_attention"`. FlexAttention has no
+  backward on CPU, so this path is refused there.
+- Any other model with eager or SDPA attention: one dense `[T, T]` mask (`dense_mask`), exact
+  but quadratic in the row length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Name under which `packed_sdpa_attention` is registered with transformers.
+PACKED_ATTENTION = "dpo_packed_sdpa"
+# Token kinds inside a block, for the mask builders: SHARED tokens are visible to both parts.
+SHARED, FIRST, SECOND = 0, 1, 2
+
+Block = tuple[int, int, int, int]  # (start, shared, first, second)
+
+
+@dataclass
+class PackedRow:
+    """One padding-free row and what it predicts.
+
+    input_ids, position_ids: [1, T]; blocks: the row's blocks in order, covering [0, T).
+    Predictions: the hidden state at row position `source_positions[i]` predicts `targets[i]`,
+    a label of sequence `sequence_index[i]` (of `num_sequences`).
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    blocks: list[Block]
+    source_positions: Tensor
+    targets: Tensor
+    sequence_index: Tensor
+    num_sequences: int
+    # The distinct predicting positions [M] and which of them predicts target i [N].
+    kept_positions: Tensor
+    kept_index: Tensor
+
+    LAYOUT_KEY = "packed_layout"
+    _TENSORS = ("input_ids", "position_ids", "source_positions", "targets", "sequence_index",
+                "kept_positions", "kept_index")
+
+    @staticmethod
+    def layout_name(prefix_shared: bool) -> str:
+        return "prefix_shared" if prefix_shared else "sequences"
+
+    def to_batch(self, prefix_shared: bool) -> dict:
+        """Batch fields (`packed_*`) that `from_batch` turns back into this row."""
+        fields = {f"packed_{name}": getattr(self, name) for name in self._TENSORS}
+        fields.update(packed_blocks=self.blocks, packed_num_sequences=self.num_sequences)
+        fields[self.LAYOUT_KEY] = self.layout_name(prefix_shared)
+        return fields
+
+    @classmethod
+    def from_batch(cls, batch: dict) -> PackedRow:
+        return cls(blocks=[tuple(block) for block in batch["packed_blocks"]],
+                   num_sequences=int(batch["packed_num_sequences"]),
+                   **{name: batch[f"packed_{name}"] for name in cls._TENSORS})
+
+    def token_kinds(self) -> tuple[Tensor, Tensor]:
+        """(block index [T], kind [T] in SHARED / FIRST / SECOND) of every position."""
+        device = self.input_ids.device
+        sizes = torch.tensor([size for _, *parts in self.blocks for size in parts], device=device)
+        kinds = torch.tensor([SHARED, FIRST, SECOND] * len(self.blocks), device=device)
+        owners = torch.arange(len(self.blocks), device=device).repeat_interleave(3)
+        return owners.repeat_interleave(sizes), kinds.repeat_interleave(sizes)
+
+    def dense_mask(self, attn_implementation: str) -> Tensor:
+        """[1, 1, T, T]: bool (True = attend) for sdpa, additive fp32 for eager. Quadratic in T."""
+        owner, kind = self.token_kinds()
+        position = torch.arange(len(owner), device=owner.device)
+        visible = (
+            (position[:, None] >= position[None, :])
+            & (owner[:, None] == owner[None, :])
+            & ((kind[None, :] == SHARED) | (kind[None, :] == kind[:, None]))
+        )[None, None]
+        if attn_implementation != "eager":
+            return visible
+        additive = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
+        return additive.masked_fill_(~visible, torch.finfo(torch.float32).min)
+
+    def flex_block_mask(self):
+        """A FlexAttention `BlockMask` with the dense mask's pattern (CUDA only)."""
+        if self.input_ids.device.type != "cuda":
+            raise ValueError("padding-free FlexAttention runs on CUDA only (no backward on CPU); "
+                             "use attn_implementation 'sdpa' here")
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        owner, kind = self.token_kinds()
+
+        def visible(batch, head, query, key):
+            return ((query >= key) & (owner[query] == owner[key])
+                    & ((kind[key] == SHARED) | (kind[key] == kind[query])))
+
+        length = len(owner)
+        return create_block_mask(visible, 1, None, length, length, device=owner.device)
+
+
+def pack_sequences(
+    input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+) -> PackedRow:
+    """Rows of a padded batch ([S, W] each, either padding side) -> one packed row, a standard
+    block per sequence. A label at unpadded position t + 1 is predicted from position t, so the
+    first token of a sequence is never scored (as in the padded forward)."""
+    device = input_ids.device
+    lengths = attention_mask.sum(-1).tolist()
+    real = attention_mask.bool()
+    ids = input_ids[real]  # row-major: the sequences one after another
+    row_labels = labels[real]
+    starts = [0]
+    for length in lengths[:-1]:
+        starts.append(starts[-1] + length)
+    start_of = torch.tensor(starts, device=device)
+    sequence_of = torch.arange(len(lengths), device=device).repeat_interleave(
+        torch.tensor(lengths, device=device))
+    position_ids = torch.arange(len(ids), device=device) - start_of[sequence_of]
+    # Position t predicts t + 1 within one sequence: t + 1 must not start the next sequence.
+    scored = (row_labels[1:] != -100) & (position_ids[1:] != 0)
+    sources = scored.nonzero().squeeze(1)
+    return PackedRow(
+        input_ids=ids[None],
+        position_ids=position_ids[None],
+        blocks=[(start, 0, length, 0) for start, length in zip(starts, lengths, strict=True)],
+        source_positions=sources,
+        targets=row_labels[sources + 1],
+        sequence_index=sequence_of[sources],
+        num_sequences=len(lengths),
+        kept_positions=sources,  # each position predicts at most one label here
+        kept_index=torch.arange(len(sources), device=device),
+    )
+
+
+def pack_prefix_shared(
+    input_ids: Tensor, position_ids: Tensor, segment_counts: Tensor, source_rows: Tensor,
+    source_positions: Tensor, targets: Tensor, sequence_index: Tensor
+) -> PackedRow:
+    """Prefix-shared rows (one right-padded `[prompt | chosen | rejected]` row per pair, as
+    `logps.prefix_shared_batch` builds them) -> one packed row, a block per pair.
+
+    segment_counts: [B, 3] tokens of prompt, chosen response and rejected response per row.
+    """
+    counts = segment_counts.tolist()
+    lengths = [sum(row) for row in counts]
+    starts = [0]
+    for length in lengths[:-1]:
+        starts.append(starts[-1] + length)
+    width = input_ids.shape[1]
+    real = torch.arange(width, device=input_ids.device)[None, :] < torch.tensor(
+        lengths, device=input_ids.device)[:, None]
+    sources = torch.tensor(starts, device=input_ids.device)[source_rows] + source_positions
+    # A prompt's last token predicts the first chosen and the first rejected token.
+    kept_positions, kept_index = torch.unique(sources, return_inverse=True)
+    return PackedRow(
+        input_ids=input_ids[real][None],
+        position_ids=position_ids[real][None],
+        blocks=[(start, *row) for start, row in zip(starts, counts, strict=True)],
+        source_positions=sources,
+        targets=targets,
+        sequence_index=sequence_index,
+        num_sequences=2 * len(lengths),
+        kept_positions=kept_positions,
+        kept_index=kept_index,
+    )
+
+
+def packed_sdpa_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    packed_blocks: list[Block] | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers attention function: query [B, H, T, D], key/value [B, KV, T, D] ->
+    ([B, T, H, D], None). With `packed_blocks` (a packed row, B = 1) SDPA runs per block and
+    the mask argument is ignored; without, this is transformers' own SDPA attention."""
+    if packed_blocks is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:  # grouped-query attention: key/value head i serves query heads i*g .. i*g+g-1
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    outputs = []
+    for start, shared, first, second in packed_blocks:
+        end = start + shared + first
+        outputs.append(F.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+            dropout_p=dropout, is_causal=True, scale=scaling))
+        if second:
+            keys = torch.cat([key[:, :, start:start + shared], key[:, :, end:end + second]], 2)
+            values = torch.cat([value[:, :, start:start + shared],
+                                value[:, :, end:end + second]], 2)
+            mask = torch.ones(second, shared + second, dtype=torch.bool, device=query.device)
+            mask[:, shared:] = torch.ones(second, second, dtype=torch.bool,
+                                          device=query.device).tril_()
+            outputs.append(F.scaled_dot_product_attention(
+                query[:, :, end:end + second], keys, values, attn_mask=mask,
+                dropout_p=dropout, scale=scaling))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register_packed_attention() -> None:
+    """Make PACKED_ATTENTION a transformers attention implementation (idempotent). Its mask
+    builder is SDPA's, for the calls that carry an ordinary padding mask."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+
+
+def use_packed_attention(model: torch.nn.Module) -> bool:
+    """Switch a model using SDPA to PACKED_ATTENTION (the same numbers; per-block SDPA for
+    packed rows). `model` is the transformers model (PEFT/DDP unwrapped). Returns whether the
+    model now uses it."""
+    config = model.config
+    if config._attn_implementation == PACKED_ATTENTION:
+        return True
+    if config._attn_implementation != "sdpa":
+        return False
+    register_packed_attention()
+    model.set_attn_implementation(PACKED_ATTENTION)
+    return model.config._attn_implementation == PACKED_ATTENTION
