@@ -138,6 +138,14 @@ def root_weights_gathered(model: torch.nn.Module) -> Iterator[None]:
         model.reshard()
 
 
+def whole_tensor(value):
+    """`value` as a plain tensor: under FSDP2 a gradient norm comes back as a (replicated)
+    DTensor, which cannot be stacked with plain tensors or read with `.tolist()`."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
 def fsdp_version(accelerator: Accelerator) -> int | None:
     """1 or 2 under FSDP, else None."""
     if accelerator.distributed_type != DistributedType.FSDP:

@@ -305,8 +305,8 @@ class Trainer:
             step_losses.append(gathered["losses"])
             tokens = batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
             window.tokens = window.tokens + accelerator.reduce(tokens, "sum")  # stays on device
-        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(),
-                                                config.max_grad_norm or float("inf"))
+        grad_norm = distributed.whole_tensor(accelerator.clip_grad_norm_(
+            self.model.parameters(), config.max_grad_norm or float("inf")))
         mean_loss = torch.cat(step_losses).mean().float()
         # The step's one host sync: whether to apply the update needs the loss and the norm.
         step_loss, grad_norm = torch.stack([mean_loss, torch.as_tensor(

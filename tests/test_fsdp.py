@@ -49,8 +49,12 @@ def test_shipped_fsdp_config_shards_and_matches_one_process(tmp_path):
     assert_same_run(out, one)
     # Evaluation and generation with sharded weights: every process takes part, the main
     # process writes, and the text and numbers are those of the one-process run.
-    assert metrics["before"] == reference["before"]
-    assert metrics["after"] == reference["after"]
+    assert metrics["before"] == reference["before"]  # the same base weights
+    # The adapters agree to fp32 round-off (above); a held-out pair whose two log-probs tie
+    # that closely may rank either way, so "after" may differ by one pair in 200.
+    one_pair = 1 / metrics["after"]["num_pairs"]
+    for name, value in reference["after"].items():
+        assert metrics["after"][name] == pytest.approx(value, abs=one_pair + 1e-9), name
     assert metrics["after"]["preference_accuracy"] != metrics["before"]["preference_accuracy"]
     assert (out / "samples.md").read_text() == (one / "samples.md").read_text()
     assert run.stdout.count("Saved the adapter") == 1
