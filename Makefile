@@ -29,7 +29,7 @@ lint: setup
 
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) benchmarks/bench_dpo.py --preset cpu-small --compare trl
+	$(PY) -m benchmarks.bench_dpo --preset cpu-small --data ultrafeedback --compare trl
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info demo_output
