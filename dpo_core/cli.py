@@ -44,13 +44,14 @@ EXAMPLES = """examples:
 """
 
 
-def demo_presets(settings: dict) -> dict:
-    """The demo's tuned settings when `settings` ask for the demo (flags still win)."""
+def demo_presets(settings: dict, chat: bool = False) -> dict:
+    """The demo's tuned settings (training's, or with `chat` its model and adapter) when
+    `settings` ask for the demo; flags and the config file still win."""
     if not settings.get("demo"):
         return {}
-    from dpo_core.demo import DEMO_PRESETS
+    from dpo_core import demo
 
-    return DEMO_PRESETS
+    return demo.CHAT_PRESETS if chat else demo.DEMO_PRESETS
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -95,12 +96,8 @@ def _train(argv: list[str] | None) -> int:
 
 
 def _chat(argv: list[str] | None) -> int:
-    explicit = vars(build_parser(ChatConfig, CHAT_DESCRIPTION).parse_args(argv))
-    if explicit.get("demo"):
-        from dpo_core.demo import CHAT_PRESETS
-
-        explicit = {**CHAT_PRESETS, **explicit}
-    config = ChatConfig(**explicit)
+    config = parse_config(ChatConfig, build_parser(ChatConfig, CHAT_DESCRIPTION), argv,
+                          presets=lambda settings: demo_presets(settings, chat=True))
     config.validate()
     from dpo_core.model import avoid_bitsandbytes, resolve_quantization
 
