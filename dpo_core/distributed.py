@@ -219,7 +219,7 @@ def check_backend(config: TrainConfig, state, quantize: bool) -> None:
     (`state`: the AcceleratorState):
 
     - 4-bit weights are not set up for sharding (no bnb_4bit_quant_storage);
-    - full fine-tuning under FSDP or DeepSpeed is untested (under FSDP2 on CPU it crashed);
+    - full fine-tuning under DeepSpeed or FSDP1 is untested (FSDP2 runs it, tested on CPU);
     - FSDP1 (untested, GPU-only): resumable checkpoints and generation (samples, the demo's
       evaluation) are only built for FSDP2, and frozen and LoRA weights share its units;
     - DeepSpeed: checkpoints hold no DeepSpeed engine state; ZeRO-3 shards the weights that
@@ -235,10 +235,9 @@ def check_backend(config: TrainConfig, state, quantize: bool) -> None:
     needs = []
     if quantize:
         needs.append("--quantization none (use the DDP config for 4-bit QLoRA)")
-    if config.finetuning_type == "full":
-        # Tried on CPU (2 processes, gloo): a worker crashed (SIGSEGV) at the first step.
-        needs.append("--finetuning_type lora (full fine-tuning is tested with one process "
-                     "and DDP only; use the DDP config)")
+    if config.finetuning_type == "full" and (fsdp1 or not fsdp):
+        needs.append("--finetuning_type lora (full fine-tuning is tested with one process, "
+                     "DDP and FSDP2: use examples/accelerate/fsdp.yaml for it)")
     if (fsdp1 or not fsdp) and (config.save_steps or config.resume_from_checkpoint):
         needs.append("--save_steps 0 and no --resume_from_checkpoint (resumable checkpoints "
                      "are for one process, DDP and FSDP2, and the final adapter is still saved)")

@@ -14,7 +14,8 @@ position (`logits_to_keep` as an empty index, which every transformers 5 takes);
 hidden states at label-predicting positions are gathered and `head_label_logps` projects them a
 chunk at a time, each label's log-prob its logit minus a logsumexp in fp32, with a custom
 backward (frozen linear head) or per-chunk recomputation (any other head). Models whose logits
-are post-processed (soft-capping, scaling) are asked for their full logits instead, and
+are post-processed (soft-capping, scaling) are asked for their full logits instead, a trainable
+head sharded by FSDP2 projects the needed positions inside the model's forward, and
 `sequence_logps` works on given logits with the same chunking.
 
 `model` may be a Hugging Face causal LM, a PEFT model, or an Accelerate/DDP wrapper of either:
@@ -35,6 +36,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from dpo_core.console import logger
+from dpo_core.distributed import is_fsdp2_model
 from dpo_core.model import base_model_of
 from dpo_core.packing import (
     PACKED_ATTENTION,
@@ -292,6 +294,15 @@ def _predicted_logps(
         rows = source_rows * shape[1] + source_positions
         return _LabelLogProbs.apply(logits.reshape(-1, logits.shape[-1]), rows, targets.long())
     decoder, head = parts
+    if is_fsdp2_model(model) and any(p.requires_grad for p in head.parameters()):
+        # FSDP2 gathers and frees the root unit's weights (the head's among them) around the
+        # root's own forward and backward; a trainable head called outside it crashed (SIGSEGV,
+        # CPU, full fine-tuning). So the model projects the positions any target needs itself:
+        # `logits_to_keep` as their column index -> logits [R, C, V].
+        columns, column_of = torch.unique(source_positions, return_inverse=True)
+        logits = model(**inputs, logits_to_keep=columns).logits
+        rows = source_rows * columns.numel() + column_of
+        return _LabelLogProbs.apply(logits.reshape(-1, logits.shape[-1]), rows, targets.long())
     if kept is None:
         keep = torch.zeros(shape, dtype=torch.bool, device=source_rows.device)
         keep[source_rows, source_positions] = True

@@ -40,7 +40,7 @@ runpy.run_path("train.py", run_name="__main__")
 
 
 def assert_same_run(out, reference, *, evals: bool = True) -> None:
-    """Per-step loss and gradient norm, final eval and saved adapter all match."""
+    """Per-step loss and gradient norm, final eval and saved weights all match."""
     mine, theirs = train_records(out), train_records(reference)
     assert [r["step"] for r in mine] == [r["step"] for r in theirs]  # each step exactly once
     for a, b in zip(mine, theirs, strict=True):
@@ -51,8 +51,11 @@ def assert_same_run(out, reference, *, evals: bool = True) -> None:
         losses = [[r["loss"] for r in read_log(d) if r["split"] == "eval"]
                   for d in (out, reference)]
         assert losses[0] == pytest.approx(losses[1], abs=1e-5)
-    weights, expected = (load_file(os.path.join(d, "adapter_model.safetensors"))
-                         for d in (out, reference))
+    # The LoRA adapter, or the whole model of --finetuning_type full.
+    name = ("adapter_model.safetensors"
+            if os.path.exists(os.path.join(reference, "adapter_model.safetensors"))
+            else "model.safetensors")
+    weights, expected = (load_file(os.path.join(d, name)) for d in (out, reference))
     assert weights.keys() == expected.keys()
     for name in expected:
         # Adam turns fp32 round-off in a near-zero gradient into an update of up to ~lr *

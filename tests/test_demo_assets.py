@@ -240,7 +240,10 @@ def test_demo_evaluation_before_training(demo_model, demo_tokenizer):
 
     table = format_before_after({"before": before, "after": {**before, "reward_accuracy": 0.97}})
     assert f"{before['generation_accuracy']:.1%}" in table
-    assert "97.0%" in table and "n/a" in table
+    assert "97.0%" in table and "before training the policy is the reference" in table
+    full = format_before_after({"before": plain, "after": plain})  # full fine-tuning
+    assert "full fine-tuning keeps no reference model" in full
+    assert "before training the policy is the reference" not in full
 
 
 def test_presets_name_real_settings_and_files():

@@ -164,6 +164,11 @@ EVERYTHING = {"save_steps": 2, "resume_from_checkpoint": "latest", "num_sample_p
     (backend_state("MULTI_GPU"), EVERYTHING, True, []),
     # FSDP2 too, except 4-bit weights.
     (backend_state("FSDP"), EVERYTHING, False, []),
+    (backend_state("FSDP"), {**EVERYTHING, "finetuning_type": "full"}, False, []),
+    (backend_state("DEEPSPEED", zero_stage=3), {**SHARDED_READY, "finetuning_type": "full"},
+     False, ["--finetuning_type lora"]),
+    (backend_state("FSDP", fsdp_version=1), {**SHARDED_READY, "finetuning_type": "full"},
+     False, ["--finetuning_type lora"]),
     (backend_state("FSDP"), {}, True, ["--quantization none"]),
     # FSDP1 (GPU only, untested): the defaults (4-bit on CUDA, checkpoints, samples).
     (backend_state("FSDP", fsdp_version=1), {}, True, ["--quantization none", "--save_steps 0",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -78,15 +79,38 @@ def test_shipped_fsdp_config_shards_and_matches_one_process(tmp_path):
 
 
 
-def test_full_fine_tuning_under_fsdp2_is_refused_with_the_fix(tmp_path):
-    """Full fine-tuning under FSDP2 is not supported yet (it crashed on CPU): the run stops
-    at once, naming the flag and the config that works, and writes nothing."""
+# Full fine-tuning of the demo model: every weight trains, so the embeddings, the final norm
+# and the LM head (FSDP2's root unit) have gradients to reduce-scatter too.
+FULL_RUN = ("--demo", "--finetuning_type", "full", "--max_steps", "4", "--num_samples", "48",
+            "--warmup_steps", "0", "--learning_rate", "1e-4", "--logging_steps", "1",
+            "--save_steps", "2", "--max_grad_norm", "0", "--num_sample_prompts", "0")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reference, accumulation", [("precomputed", 2), ("frozen copy", 1)])
+def test_full_fine_tuning_under_fsdp2_matches_one_process_and_resumes(reference, accumulation,
+                                                                      tmp_path):
+    """2 processes x 2 pairs (as 2 micro-batches of 1, or one of 2) against 1 x 4: the same
+    losses, gradient norms, evaluation and whole saved model, with the reference precomputed
+    (then reloaded from disk for the demo's evaluation) or held as a second, frozen model;
+    and a resume from the sharded checkpoint-2 gives steps 3-4 again."""
+    args = [*FULL_RUN, *(["--no-precompute_ref_log_probs"] if reference == "frozen copy" else [])]
+    one = tmp_path / "one"
+    assert train.main([*args, "--batch_size", "4", "--output_dir", str(one)]) == 0
+    sharded = [*args, "--batch_size", str(2 // accumulation),
+               "--gradient_accumulation_steps", str(accumulation)]
     out = tmp_path / "fsdp"
-    run = launch(accelerate_launch("fsdp.yaml"),
-                 ["--demo", "--finetuning_type", "full", "--max_steps", "1", "--output_dir",
-                  str(out)], tmp_path, check=False)
-    assert run.returncode != 0
-    assert "under FSDP2 this trainer needs --finetuning_type lora" in run.stderr
-    # Our processes print the message alone; the only traceback is the launcher's own.
-    assert "use the DDP config" in run.stderr and "dpo_core" not in run.stderr
-    assert not out.exists()
+    run = launch(accelerate_launch("fsdp.yaml"), [*sharded, "--output_dir", str(out)], tmp_path)
+    assert "this process holds 50% of the weights" in run.stdout
+    assert_same_run(out, one)
+    metrics, expected = (json.loads((d / "metrics.json").read_text()) for d in (out, one))
+    assert metrics["before"] == expected["before"]
+
+    saved = dcp.FileSystemReader(str(out / "checkpoint-2" / "sharded")).read_metadata()
+    trained = [key for key in saved.state_dict_metadata if key.startswith("model.")]
+    assert len(trained) == len(load_file(one / "model.safetensors"))  # every weight, sharded
+    resumed = shutil.copytree(out, tmp_path / "resumed")
+    launch(accelerate_launch("fsdp.yaml"),
+           [*sharded, "--output_dir", str(resumed), "--resume_from_checkpoint",
+            str(resumed / "checkpoint-2")], tmp_path)
+    assert_same_run(resumed, one)

@@ -115,7 +115,9 @@ def format_before_after(metrics: dict) -> str:
     for key, label in METRIC_LABELS.items():
         lines.append(f"  {label:{label_width}}  {_percent(before[key]):>7}  "
                      f"{_percent(after[key]):>7}")
-    if before["reward_accuracy"] is None:
+    if after["reward_accuracy"] is None:  # a plain model: no adapter to switch off
+        lines.append("  n/a: full fine-tuning keeps no reference model for this evaluation.")
+    elif before["reward_accuracy"] is None:
         lines.append("  n/a: before training the policy is the reference, so every implicit "
                      "reward is 0.")
     return "\n".join(lines)
