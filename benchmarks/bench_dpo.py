@@ -72,6 +72,9 @@ VARIANTS = {
     "defaults": ("ours", {}),
     # The speed flags at their defaults (decided at run time), gradient checkpointing off.
     "auto": ("ours", {"gradient_checkpointing": False}),
+    # The standard path of another revision of this project (`--baseline REV`): the same
+    # padded, per-step-reference settings, with flags that revision lacks left out.
+    "baseline": _ours(False, False, False),
     "trl": ("trl", {"gradient_checkpointing": False}),
     "trl+checkpointing": ("trl", {"gradient_checkpointing": True}),
 }
@@ -81,7 +84,7 @@ DEFAULT_VARIANTS = ("standard,prefix+precompute,padding-free,padding-free+prefix
 EXACT_VARIANTS = ("prefix", "precompute", "prefix+precompute", "checkpointing",
                   "prefix+precompute+checkpointing", "padding-free", "padding-free+prefix",
                   "padding-free+precompute", "padding-free+prefix+precompute", "padded-auto",
-                  "defaults", "auto")
+                  "defaults", "auto", "baseline")
 
 
 
@@ -220,10 +223,26 @@ def wait_until_quiet(max_busy: float, timeout_s: float) -> float:
         time.sleep(4.0)
 
 
+def export_revision(revision: str, workdir: Path) -> str:
+    """This repository's tree at `revision` (any git revision), unpacked under `workdir`:
+    the code the "baseline" variant imports `dpo_core` from."""
+    commit = subprocess.run(["git", "rev-parse", "--short", f"{revision}^{{commit}}"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.strip()
+    target = workdir / f"baseline-{commit}"
+    if not (target / "dpo_core").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return str(target)
+
+
 def run_variant(name: str, base_spec: dict, workdir: Path) -> dict:
     trainer, settings = VARIANTS[name]
     spec = {**base_spec, "variant": name, "trainer": trainer, "settings": settings,
             "result_path": str(workdir / f"result-{name}.json")}
+    if name != "baseline":
+        spec.pop("checkout", None)
     spec_path = workdir / f"spec-{name}.json"
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -292,6 +311,7 @@ def summarise(name: str, results: list[dict], visited: dict, steps: int, batch_s
         "peak_memory_mb": max(peak_cuda) if peak_cuda else max(r["peak_rss_mb"] for r in results),
         "peak_memory_kind": "cuda max_memory_allocated" if peak_cuda else "RSS (VmHWM)",
         "baseline_rss_mb": statistics.median(r["baseline_rss_mb"] for r in results),
+        "code": runs[0].get("code"),
         "first_step": runs[0]["first_step"],
         "losses": runs[0]["losses"],
         "load_runs": [run.get("loadavg") for run in runs],
@@ -399,6 +419,9 @@ def markdown_report(report: dict) -> str:
         format_table(report["rows"]),
         "",
     ]
+    if setup.get("baseline"):
+        lines += [f"- baseline: the standard path of this project at revision "
+                  f"`{setup['baseline']}`"]
     if "token_ids_vs_trl" in report:
         agreement = report["token_ids_vs_trl"]
         lines += [f"- token ids vs trl (prompt, chosen, rejected per row, before truncation): "
@@ -435,6 +458,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--compare", choices=["trl"], help="add trl's DPOTrainer (GC off and on)")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="add the 'baseline' variant: the standard path of this project at "
+                             "git revision REV (e.g. the commit an issue's targets refer to), "
+                             "run side by side with the others")
     parser.add_argument("--trl_python", default=sys.executable,
                         help="Python to run the trl variants with (one that has trl 1.16)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
@@ -450,9 +477,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.compare == "trl":
         args.variants += [v for v in ("trl", "trl+checkpointing") if v not in args.variants]
+    if args.baseline and "baseline" not in args.variants:
+        args.variants.append("baseline")
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    if "baseline" in args.variants and not args.baseline:
+        parser.error("the baseline variant needs --baseline REV")
     return args
 
 
@@ -476,7 +507,8 @@ def base_spec(args: argparse.Namespace, workdir: Path) -> dict:
             "batch_size": batch_size, "steps": args.steps or max(1, pairs // batch_size),
             "warmup": not args.no_warmup, "dtype": dtype, "threads": args.threads,
             "clock": args.clock,
-            "workdir": str(workdir), "python": sys.executable}
+            "workdir": str(workdir), "python": sys.executable,
+            **({"checkout": export_revision(args.baseline, workdir)} if args.baseline else {})}
 
 
 def run_rounds(args: argparse.Namespace, spec: dict, workdir: Path) -> dict[str, list[dict]]:
@@ -515,6 +547,7 @@ def build_report(args, argv, spec: dict, visited: dict, rows: dict, peak: float)
                   "max_prompt_length": spec["max_prompt_length"],
                   "batch_size": spec["batch_size"], "steps": spec["steps"],
                   "repeats": args.repeats, "dtype": spec["dtype"], "shape": asdict(shape),
+                  "baseline": args.baseline,
                   "clock": spec["clock"], "threads": spec["threads"],
                   "matmul_params": shape.body_params + shape.head_params,
                   "total_params": shape.total_params,

@@ -31,10 +31,14 @@ def _reset_accelerate() -> None:
 
 
 def _run_ours(spec: dict, output_dir: str, steps: int) -> dict:
+    import dataclasses
+
     from dpo_core.config import TrainConfig
     from dpo_core.model import resolve_gradient_checkpointing
     from dpo_core.trainer import train
 
+    # A baseline revision may predate some flags: those are left out (it ran without them).
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
     config = TrainConfig(
         model_name=spec["model_dir"], dataset_name=spec["data_path"], output_dir=output_dir,
         overwrite_output_dir=True, num_samples=0, eval_fraction=0.0, seed=SEED,
@@ -44,7 +48,7 @@ def _run_ours(spec: dict, output_dir: str, steps: int) -> dict:
         batch_size=spec["batch_size"], gradient_accumulation_steps=1, max_steps=steps,
         learning_rate=LEARNING_RATE, warmup_steps=0, beta=BETA, logging_steps=1,
         eval_steps=0, save_steps=0, num_sample_prompts=0, report_to="none",
-        **spec["settings"])
+        **{key: value for key, value in spec["settings"].items() if key in known})
     metrics = train(config)
     with open(os.path.join(output_dir, "train_log.jsonl")) as f:
         log = [json.loads(line) for line in f]
@@ -55,13 +59,25 @@ def _run_ours(spec: dict, output_dir: str, steps: int) -> dict:
         "losses": [record["loss"] for record in steps_log],
         "first_step": {key: steps_log[0][key] for key in ("loss", "logps/chosen",
                                                           "logps/rejected")},
+        "code": _code_origin(spec),
         "config": {"prefix_sharing": config.prefix_sharing,
-                   "padding_free": config.padding_free,
+                   "padding_free": getattr(config, "padding_free", False),
                    "precompute_ref_log_probs": config.precompute_ref_log_probs,
                    "gradient_checkpointing": resolve_gradient_checkpointing(
                        config.gradient_checkpointing),
                    "group_by_length": config.group_by_length},
     }
+
+
+def _code_origin(spec: dict) -> str:
+    """Which dpo_core ran, without machine paths: the exported baseline tree's directory name,
+    or "this checkout"."""
+    import dpo_core
+
+    tree = Path(dpo_core.__file__).resolve().parents[1]
+    if spec.get("checkout") and tree == Path(spec["checkout"]).resolve():
+        return tree.name
+    return "this checkout" if tree == Path(__file__).resolve().parents[1] else str(tree)
 
 
 def _run_trl(spec: dict, output_dir: str, steps: int) -> dict:
@@ -176,6 +192,8 @@ def worker(spec_path: str) -> None:
 
     with open(spec_path) as f:
         spec = json.load(f)
+    if spec.get("checkout"):  # the baseline variant: dpo_core from another revision
+        sys.path.insert(0, spec["checkout"])
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     run = _run_trl if spec["trainer"] == "trl" else _run_ours

@@ -155,12 +155,13 @@ class _FrozenHeadLabelLogProbs(torch.autograd.Function):
         jacobian = (torch.empty(targets.shape[0], hidden.shape[-1], dtype=hidden.dtype,
                                 device=hidden.device) if needs_grad else None)
         for chunk in _chunks(targets.shape[0], weight.shape[0]):
-            chunk_logits = F.linear(hidden.index_select(0, rows[chunk]), weight, bias).float()
-            logsumexp = torch.logsumexp(chunk_logits, dim=-1)
-            picked = chunk_logits.gather(1, targets[chunk, None]).squeeze(1)
-            token_logps[chunk] = picked - logsumexp
+            # One fused log_softmax (fp32), read for the label and exponentiated in place for
+            # the softmax: fewer passes over the [chunk, V] block than logsumexp, sub and exp.
+            chunk_logps = torch.log_softmax(
+                F.linear(hidden.index_select(0, rows[chunk]), weight, bias).float(), dim=-1)
+            token_logps[chunk] = chunk_logps.gather(1, targets[chunk, None]).squeeze(1)
             if needs_grad:
-                probs = chunk_logits.sub_(logsumexp[:, None]).exp_()
+                probs = chunk_logps.exp_()
                 expected = probs.to(weight.dtype) @ weight  # [chunk, H]: E_softmax[weight row]
                 jacobian[chunk] = (weight[targets[chunk]] - expected).to(hidden.dtype)
         ctx.save_for_backward(rows, jacobian)
@@ -196,9 +197,8 @@ def head_label_logps(head: torch.nn.Module, hidden: Tensor, rows: Tensor,
         return _FrozenHeadLabelLogProbs.apply(hidden, rows, targets, head.weight, head.bias)
 
     def chunk_logps(chunk_hidden: Tensor, chunk_targets: Tensor) -> Tensor:
-        chunk_logits = head(chunk_hidden).float()
-        picked = chunk_logits.gather(1, chunk_targets[:, None]).squeeze(1)
-        return picked - torch.logsumexp(chunk_logits, dim=-1)
+        chunk_logps = torch.log_softmax(head(chunk_hidden).float(), dim=-1)
+        return chunk_logps.gather(1, chunk_targets[:, None]).squeeze(1)
 
     vocab_size = getattr(head, "out_features", None) or head.weight.shape[0]
     needs_grad = torch.is_grad_enabled() and (

@@ -208,22 +208,31 @@ def packed_sdpa_attention(
     if groups > 1:  # grouped-query attention: key/value head i serves query heads i*g .. i*g+g-1
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
+    # One split per tensor into block-sized pieces, not a slice per block: the backward of a
+    # split is one concatenation, where each slice's backward would fill a zero tensor of the
+    # whole row.
+    sizes = [size for _, shared, first, second in packed_blocks
+             for size in (shared + first, second) if size]
+    pieces = [tensor.split(sizes, dim=2) for tensor in (query, key, value)]
     outputs = []
-    for start, shared, first, second in packed_blocks:
-        end = start + shared + first
-        outputs.append(F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            dropout_p=dropout, is_causal=True, scale=scaling))
+    index = 0
+    for _, shared, first, second in packed_blocks:
+        if shared + first:
+            outputs.append(F.scaled_dot_product_attention(
+                pieces[0][index], pieces[1][index], pieces[2][index], dropout_p=dropout,
+                is_causal=True, scale=scaling))
+            index += 1
         if second:
-            keys = torch.cat([key[:, :, start:start + shared], key[:, :, end:end + second]], 2)
-            values = torch.cat([value[:, :, start:start + shared],
-                                value[:, :, end:end + second]], 2)
+            prompt_keys, prompt_values = (p[index - 1][:, :, :shared] for p in pieces[1:])
+            keys = torch.cat([prompt_keys, pieces[1][index]], 2)
+            values = torch.cat([prompt_values, pieces[2][index]], 2)
             mask = torch.ones(second, shared + second, dtype=torch.bool, device=query.device)
             mask[:, shared:] = torch.ones(second, second, dtype=torch.bool,
                                           device=query.device).tril_()
             outputs.append(F.scaled_dot_product_attention(
-                query[:, :, end:end + second], keys, values, attn_mask=mask,
-                dropout_p=dropout, scale=scaling))
+                pieces[0][index], keys, values, attn_mask=mask, dropout_p=dropout,
+                scale=scaling))
+            index += 1
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

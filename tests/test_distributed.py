@@ -68,6 +68,23 @@ def test_accelerate_launch_two_processes_match_one(one_process, tiny_model_dir, 
         "adapter", "optimizer.pt", "rng_state_0.pt", "rng_state_1.pt", "trainer_state.json"]
 
 
+@pytest.mark.slow
+def test_ddp_with_4bit_qlora_matches_one_process(tiny_model_dir, pairs_file, tmp_path):
+    """QLoRA under the shipped ddp.yaml: bitsandbytes 4-bit weights (it runs them on the
+    CPU too) under DDP, 2 processes x 2 pairs against 1 x 4 with the same 4-bit weights."""
+    qlora = (*STEPS, "--quantization", "4bit")
+    one = tmp_path / "one"
+    assert train.main(train_args(tiny_model_dir, pairs_file, one, *qlora)) == 0
+    out = tmp_path / "ddp"
+    run = launch(accelerate_launch("ddp.yaml"),
+                 train_args(tiny_model_dir, pairs_file, out, *qlora, "--batch_size", "2"),
+                 tmp_path)
+    assert "Backend: MULTI_CPU (MULTI_CPU), 2 process(es) on cpu." in run.stdout
+    plan = json.loads((out / "training_config.json").read_text())["run_plan"]
+    assert plan["quantization"] == "4bit"
+    assert_same_run(out, one)
+
+
 # 36 training pairs in micro-batches of 4 pairs (one process, or 2 processes x 2): 9 an epoch,
 # 2 a step, so epochs end inside a step's accumulation window (step 5 takes the last
 # micro-batch of epoch 0 and the first of epoch 1). Reference log-probs precomputed.

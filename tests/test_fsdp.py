@@ -83,7 +83,7 @@ def test_shipped_fsdp_config_shards_and_matches_one_process(tmp_path):
 # and the LM head (FSDP2's root unit) have gradients to reduce-scatter too.
 FULL_RUN = ("--demo", "--finetuning_type", "full", "--max_steps", "4", "--num_samples", "48",
             "--warmup_steps", "0", "--learning_rate", "1e-4", "--logging_steps", "1",
-            "--save_steps", "2", "--max_grad_norm", "0", "--num_sample_prompts", "0")
+            "--save_steps", "2", "--max_grad_norm", "0", "--num_sample_prompts", "2")
 
 
 @pytest.mark.slow
@@ -91,9 +91,9 @@ FULL_RUN = ("--demo", "--finetuning_type", "full", "--max_steps", "4", "--num_sa
 def test_full_fine_tuning_under_fsdp2_matches_one_process_and_resumes(reference, accumulation,
                                                                       tmp_path):
     """2 processes x 2 pairs (as 2 micro-batches of 1, or one of 2) against 1 x 4: the same
-    losses, gradient norms, evaluation and whole saved model, with the reference precomputed
-    (then reloaded from disk for the demo's evaluation) or held as a second, frozen model;
-    and a resume from the sharded checkpoint-2 gives steps 3-4 again."""
+    losses, gradient norms, evaluation, samples and whole saved model, with the reference
+    precomputed (then reloaded from disk for the demo's evaluation) or held as a second,
+    frozen model; and a resume from the sharded checkpoint-2 gives steps 3-4 again."""
     args = [*FULL_RUN, *(["--no-precompute_ref_log_probs"] if reference == "frozen copy" else [])]
     one = tmp_path / "one"
     assert train.main([*args, "--batch_size", "4", "--output_dir", str(one)]) == 0
@@ -105,6 +105,8 @@ def test_full_fine_tuning_under_fsdp2_matches_one_process_and_resumes(reference,
     assert_same_run(out, one)
     metrics, expected = (json.loads((d / "metrics.json").read_text()) for d in (out, one))
     assert metrics["before"] == expected["before"]
+    # Samples from the sharded policy (and, precomputed, the reloaded starting model).
+    assert (out / "samples.md").read_text() == (one / "samples.md").read_text()
 
     saved = dcp.FileSystemReader(str(out / "checkpoint-2" / "sharded")).read_metadata()
     trained = [key for key in saved.state_dict_metadata if key.startswith("model.")]

@@ -365,18 +365,27 @@ def test_gradient_checkpointing_unset_means_on_only_where_cuda_is(monkeypatch):
 
 
 def test_benchmark_smoke_run_writes_its_report(tmp_path):
+    """Two variants: one of this checkout, and the standard path of the committed HEAD
+    (`--baseline`), which must run from its own exported tree and give the same losses."""
     report_path = tmp_path / "bench.json"
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_dpo", "--preset", "tiny", "--steps", "2",
          "--repeats", "1", "--no_warmup", "--retries", "0", "--quiet_wait", "0",
-         "--variants", "prefix+precompute",
+         "--variants", "prefix+precompute", "--baseline", "HEAD",
          "--workdir", str(tmp_path / "work"), "--json", str(report_path),
          "--markdown", str(tmp_path / "bench.md")],
         cwd=ROOT, capture_output=True, text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(report_path.read_text())
-    assert list(report["rows"]) == ["prefix+precompute"]
+    assert list(report["rows"]) == ["prefix+precompute", "baseline"]
+    baseline = report["rows"]["baseline"]
+    assert baseline["code"].startswith("baseline-")  # imported from the exported tree
+    assert (tmp_path / "work" / baseline["code"] / "dpo_core" / "trainer.py").is_file()
+    assert report["rows"]["prefix+precompute"]["code"] == "this checkout"
+    assert not baseline["config"]["prefix_sharing"]
+    assert baseline["losses"] == pytest.approx(report["rows"]["prefix+precompute"]["losses"],
+                                               abs=1e-5)
     row = report["rows"]["prefix+precompute"]
     assert row["config"]["prefix_sharing"] and row["config"]["precompute_ref_log_probs"]
     assert row["pairs"] == 2 * report["setup"]["batch_size"] and row["tokens"] > 0
