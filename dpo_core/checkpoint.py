@@ -61,6 +61,14 @@ class TrainState:
     # The settings that fix which pairs make up each step (`data_order` below): a
     # resume under other values would silently replay other pairs.
     data_order: dict = field(default_factory=dict)
+    # What the run trains from (`started_from` below): its reference belongs to that start.
+    started_from: dict = field(default_factory=dict)
+
+
+def started_from(config) -> dict:
+    """The model and starting adapter a run trains from, which fix its reference (`config`:
+    the TrainConfig); a checkpoint records them, and resuming from another start is refused."""
+    return {"--model_name": config.model_name, "--adapter_path": config.adapter_path}
 
 
 def data_order(config, num_processes: int, train_pairs: int) -> dict:
@@ -228,23 +236,27 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     data_order: dict,
+    start: dict,
 ) -> TrainState:
     """Restore trained weights (adapter or whole model), optimizer, RNG streams; return where
     the run stood.
 
     Every file is read and checked before anything is changed: a checkpoint saved under
-    another `data_order`, another adapter shape or the other --finetuning_type, or a damaged
-    file, raises CheckpointError naming the checkpoint and what to do.
+    another `data_order`, from another `start` (`started_from`), with another adapter shape or
+    the other --finetuning_type, or a damaged file, raises CheckpointError naming the
+    checkpoint and what to do.
     """
     state = _read_state(path)
-    changed = [f"{key} {state.data_order[key]!r} (now {value!r})"
-               for key, value in data_order.items()
-               if key in state.data_order and state.data_order[key] != value]
-    if changed:
+    if changed := _changed(state.data_order, data_order):
         raise CheckpointError(
-            f"checkpoint {path!r} was saved with {', '.join(changed)}; resuming with other "
-            "values would not replay the same pairs. Resume with the checkpoint's settings.")
-    state.data_order = data_order
+            f"checkpoint {path!r} was saved with {changed}; resuming with other values would "
+            "not replay the same pairs. Resume with the checkpoint's settings.")
+    if changed := _changed(state.started_from, start):
+        raise CheckpointError(
+            f"checkpoint {path!r} was trained from {changed}; its weights and its reference "
+            "belong to that start. Resume with the checkpoint's --model_name and "
+            "--adapter_path, or start a new run in another --output_dir.")
+    state.data_order, state.started_from = data_order, start
     unwrapped = accelerator.unwrap_model(model)
     weights_dir = _weights_dir(unwrapped)
     if not os.path.isdir(os.path.join(path, weights_dir)):
@@ -431,6 +443,13 @@ def _damaged(checkpoint: str, file: str, error: Exception) -> CheckpointError:
             else "start over with --overwrite_output_dir")
     return CheckpointError(f"checkpoint {checkpoint!r} is damaged: {os.path.basename(file)} "
                            f"cannot be read ({detail}); {hint}")
+
+
+def _changed(saved: dict, now: dict) -> str:
+    """'key saved (now value), ...' for the keys whose value changed; a key the checkpoint
+    does not record (saved by an older version) is not compared."""
+    return ", ".join(f"{key} {saved[key]!r} (now {value!r})" for key, value in now.items()
+                     if key in saved and saved[key] != value)
 
 
 def _read_state(path: str) -> TrainState:

@@ -111,3 +111,20 @@ def tiny_llama(
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+def templated_tokenizer(base: PreTrainedTokenizerFast, spec: dict,
+                        eos_token: str | None = None) -> PreTrainedTokenizerFast:
+    """A copy of `base` with a model family's special tokens, BOS/EOS and published chat
+    template; `spec` is one family of tests/data/chat_templates.json."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(base.backend_tokenizer.to_str()), unk_token="<unk>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": spec["special_tokens"]})
+    tokenizer.add_tokens(spec["added_tokens"])
+    if spec["bos_token"]:
+        tokenizer.bos_token = spec["bos_token"]
+    tokenizer.eos_token = eos_token or spec["eos_token"]
+    tokenizer.chat_template = spec["chat_template"]
+    return tokenizer
+

@@ -52,8 +52,9 @@ max_length):
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,9 @@ IGNORE_INDEX = -100
 Messages = list[dict[str, str]]
 Prompt = Messages | str
 
+# Pairs per tokenizer call in `tokenize_pairs`: a fast tokenizer encodes a call's texts in
+# parallel, and the per-call overhead is paid once per batch.
+ENCODE_BATCH = 64
 # An assistant reply no template rewrites (no whitespace to trim, no think tags).
 _PROBE_REPLY = "dpo-probe-reply"
 
@@ -181,20 +185,20 @@ def tokenize_pair(
     `DataError` (naming `pair.origin`) when the template rejects the messages or its prompt is
     not a token prefix of the conversation.
     """
+    _check_lengths(max_length, max_prompt_length)
+    if use_chat_template and end_of_turn is None:
+        end_of_turn = end_of_turn_ids(tokenizer)
+    (result,) = _tokenize_batch(tokenizer, [pair], use_chat_template, end_of_turn or [])
+    if isinstance(result, DataError):
+        raise result
+    return truncate(*result, max_length, max_prompt_length)
+
+
+def _check_lengths(max_length: int, max_prompt_length: int) -> None:
     if not 0 < max_prompt_length < max_length:
         raise ValueError(
             f"need 0 < max_prompt_length < max_length, got {max_prompt_length} and {max_length}"
         )
-    prompt, chosen, rejected = pair_view(pair, use_chat_template)
-    if use_chat_template:
-        if end_of_turn is None:
-            end_of_turn = end_of_turn_ids(tokenizer)
-        prompt_ids, chosen_ids, rejected_ids = _tokenize_with_template(
-            tokenizer, pair.origin or "pair", as_messages(prompt), chosen, rejected, end_of_turn
-        )
-    else:
-        prompt_ids, chosen_ids, rejected_ids = _tokenize_text(tokenizer, prompt, chosen, rejected)
-    return truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
 
 
 def truncate(
@@ -231,19 +235,19 @@ def tokenize_pairs(
     is dropped and counted when `skip_bad_rows`. `disable` hides the progress bar (None: hidden
     when stderr is not a terminal).
     """
+    _check_lengths(max_length, max_prompt_length)
     end_of_turn = end_of_turn_ids(tokenizer) if use_chat_template else []
     kept: list[TokenizedPair] = []
     drops: DropCounts = Counter()
-    for pair in tqdm(pairs, desc=desc, unit="pair", disable=disable):
-        try:
-            kept.append(tokenize_pair(
-                tokenizer, pair, max_length=max_length, max_prompt_length=max_prompt_length,
-                use_chat_template=use_chat_template, end_of_turn=end_of_turn,
-            ))
-        except DataError as error:
-            if not skip_bad_rows:
-                raise
-            drops[error.reason] += 1
+    progress = tqdm(pairs, desc=desc, unit="pair", disable=disable)
+    for batch in _batches(progress, ENCODE_BATCH):
+        for result in _tokenize_batch(tokenizer, batch, use_chat_template, end_of_turn):
+            if isinstance(result, DataError):
+                if not skip_bad_rows:
+                    raise result
+                drops[result.reason] += 1
+            else:
+                kept.append(truncate(*result, max_length, max_prompt_length))
     return kept, drops
 
 
@@ -301,13 +305,80 @@ class PreferenceCollator:
         }
 
 
-def _tokenize_text(
-    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chosen: str, rejected: str
-) -> tuple[list[int], list[int], list[int]]:
-    prompt_text = render_prompt(tokenizer, prompt, use_chat_template=False)
-    prompt_ids, chosen_full, rejected_full = tokenizer(
-        [prompt_text, prompt_text + chosen, prompt_text + rejected]
-    )["input_ids"]
+Ids = tuple[list[int], list[int], list[int]]  # prompt, chosen response, rejected response
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of `size` items (the last may be shorter); itertools.batched is 3.12+."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def _tokenize_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[PreferencePair],
+    use_chat_template: bool,
+    end_of_turn: Sequence[int],
+) -> list[Ids | DataError]:
+    """Each pair's untruncated ids, or the DataError that rejects it, in order. The texts of
+    all pairs are encoded in one tokenizer call, which a fast tokenizer runs in parallel."""
+    rendered: list[tuple[str, str, str] | DataError] = []
+    for pair in pairs:
+        try:
+            rendered.append(_render_texts(tokenizer, pair, use_chat_template))
+        except DataError as error:
+            rendered.append(error)
+    texts = [text for r in rendered if not isinstance(r, DataError) for text in r]
+    # A template writes its own special tokens; plain text gets the tokenizer's usual ones.
+    encoded = iter(tokenizer(texts, add_special_tokens=not use_chat_template)["input_ids"]
+                   if texts else [])
+    results: list[Ids | DataError] = []
+    for pair, texts_of_pair in zip(pairs, rendered, strict=True):
+        if isinstance(texts_of_pair, DataError):
+            results.append(texts_of_pair)
+            continue
+        ids = (next(encoded), next(encoded), next(encoded))
+        try:
+            results.append(_template_ids(tokenizer, pair.origin or "pair", texts_of_pair, ids,
+                                         end_of_turn) if use_chat_template
+                           else _text_ids(tokenizer, ids))
+        except DataError as error:
+            results.append(error)
+    return results
+
+
+def _render_texts(
+    tokenizer: PreTrainedTokenizerBase, pair: PreferencePair, use_chat_template: bool
+) -> tuple[str, str, str]:
+    """(prompt, prompt + chosen, prompt + rejected) as text: with the template, the prompt
+    messages with the generation prompt and each whole conversation; else plain text."""
+    prompt, chosen, rejected = pair_view(pair, use_chat_template)
+    if not use_chat_template:
+        prompt_text = render_prompt(tokenizer, prompt, use_chat_template=False)
+        return prompt_text, prompt_text + chosen, prompt_text + rejected
+    messages = as_messages(prompt)
+
+    def render(conversation: Messages, generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except TemplateError as error:
+            raise DataError(
+                f"{pair.origin or 'pair'}: the chat template rejects these messages: {error} "
+                "(--skip_bad_rows drops such rows)",
+                reason=f"chat template error: {error}",
+            ) from None
+
+    return (render(messages, True),
+            *(render(messages + [{"role": "assistant", "content": reply}], False)
+              for reply in (chosen, rejected)))
+
+
+def _text_ids(tokenizer: PreTrainedTokenizerBase, ids: Ids) -> Ids:
+    """Plain text: the prompt is the longest common prefix of the three encodings."""
+    prompt_ids, chosen_full, rejected_full = ids
     boundary = min(
         _common_prefix_length(prompt_ids, chosen_full),
         _common_prefix_length(prompt_ids, rejected_full),
@@ -320,35 +391,19 @@ def _tokenize_text(
     )
 
 
-def _tokenize_with_template(
+def _template_ids(
     tokenizer: PreTrainedTokenizerBase,
     origin: str,
-    messages: Messages,
-    chosen: str,
-    rejected: str,
+    texts: tuple[str, str, str],
+    ids: Ids,
     end_of_turn: Sequence[int],
-) -> tuple[list[int], list[int], list[int]]:
-    def render(conversation: Messages, generation_prompt: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=generation_prompt
-            )
-        except TemplateError as error:
-            raise DataError(
-                f"{origin}: the chat template rejects these messages: {error} "
-                "(--skip_bad_rows drops such rows)",
-                reason=f"chat template error: {error}",
-            ) from None
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    prompt_text = render(messages, True)
-    prompt_ids = encode(prompt_text)
+) -> Ids:
+    """Chat template: each response is its conversation's ids after the prompt's, which must
+    be a prefix of them, cut after the end-of-turn token (module docstring)."""
+    prompt_text, prompt_ids = texts[0], ids[0]
     responses = []
-    for field, reply in (("chosen", chosen), ("rejected", rejected)):
-        full_text = render(messages + [{"role": "assistant", "content": reply}], False)
-        full_ids = encode(full_text)
+    for field, full_text, full_ids in zip(("chosen", "rejected"), texts[1:], ids[1:],
+                                          strict=True):
         if full_ids[: len(prompt_ids)] != prompt_ids:
             raise DataError(
                 f"{origin}, field '{field}': the prompt rendered by the chat template is not a "

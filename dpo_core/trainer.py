@@ -206,14 +206,15 @@ class Trainer:
 
     def _setup_state(self, resume_path: str | None) -> None:
         """A fresh TrainState, or the checkpoint's (weights, optimizer, RNG and data position
-        restored, after checking that the data order it was saved under is unchanged)."""
+        restored, after checking that its data order and starting point are this run's)."""
         config = self.config
         order = checkpoint.data_order(config, self.accelerator.num_processes,
                                       len(self.train_pairs))
-        self.state = checkpoint.TrainState(data_order=order)
+        start = checkpoint.started_from(config)
+        self.state = checkpoint.TrainState(data_order=order, started_from=start)
         if resume_path:
             self.state = checkpoint.load_checkpoint(resume_path, self.accelerator, self.model,
-                                                    self.optimizer, order)
+                                                    self.optimizer, order, start)
             if self.is_main:
                 run_files.truncate_log(config.output_dir, self.state.step)
             logger.info(f"Resumed from {resume_path} at step {self.state.step}.")

@@ -8,10 +8,8 @@ import random
 
 import pytest
 import torch
-from tokenizers import Tokenizer
-from transformers import PreTrainedTokenizerFast
 
-from dpo_core.testing import tiny_llama, train_tokenizer
+from dpo_core.testing import templated_tokenizer, tiny_llama, train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,14 +122,4 @@ with open(os.path.join(ROOT, "tests", "data", "chat_templates.json")) as f:
 
 def family_tokenizer(base, family: str, eos_token: str | None = None):
     """`base` with the family's special tokens, bos/eos and published template."""
-    spec = FAMILIES[family]
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(base.backend_tokenizer.to_str()), unk_token="<unk>"
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": spec["special_tokens"]})
-    tokenizer.add_tokens(spec["added_tokens"])
-    if spec["bos_token"]:
-        tokenizer.bos_token = spec["bos_token"]
-    tokenizer.eos_token = eos_token or spec["eos_token"]
-    tokenizer.chat_template = spec["chat_template"]
-    return tokenizer
+    return templated_tokenizer(base, FAMILIES[family], eos_token)

@@ -88,7 +88,7 @@ def test_run_killed_mid_save_resumes_exactly(uninterrupted, tiny_model_dir, pair
     assert json.loads((out / "metrics.json").read_text())["steps"] == 10
 
 
-def test_checkpoint_holds_adapter_optimizer_position_and_rng(uninterrupted):
+def test_checkpoint_holds_adapter_optimizer_position_and_rng(uninterrupted, tiny_model_dir):
     # save_total_limit 2: of checkpoints 2, 4, ..., 10 the newest two are kept.
     assert checkpoint_dirs(uninterrupted) == [os.path.join(uninterrupted, f"checkpoint-{s}")
                                               for s in (8, 10)]
@@ -97,7 +97,8 @@ def test_checkpoint_holds_adapter_optimizer_position_and_rng(uninterrupted):
     assert state == {"step": 10, "micro_batches_seen": 20, "nonfinite_steps_skipped": 0,
                      "data_order": {"--batch_size": 2, "--gradient_accumulation_steps": 2,
                                     "--seed": 42, "--group_by_length": False, "processes": 1,
-                                    "training pairs": 36}}
+                                    "training pairs": 36},
+                     "started_from": {"--model_name": tiny_model_dir, "--adapter_path": None}}
     # Step 10 is also the final step: the checkpoint's adapter is the saved final adapter.
     weights = adapter(os.path.join(last, "adapter"))
     final = adapter(uninterrupted)

@@ -8,6 +8,7 @@ exactly ln 2, and the reference does not move while the policy does.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -367,6 +368,26 @@ def test_checkpoint_of_the_other_kind_is_refused(full_run, tiny_model_dir, pairs
                       str(copy / "checkpoint-2"))
     assert train.main(args) == 2
     assert "holds no LoRA adapter" in capsys.readouterr().err
+
+
+def test_resume_from_another_start_is_refused(adapter_run, tiny_model_dir, pairs_file,
+                                              tmp_path, capsys):
+    """A checkpoint of DPO from an SFT adapter, resumed without it: the reference would be
+    the bare base, not the SFT model the checkpoint trained against. Refused, nothing
+    touched."""
+    out, _ = adapter_run
+    copy = shutil.copytree(out, tmp_path / "no_adapter")
+    before = sorted(p.name for p in copy.iterdir())
+    args = train_args(tiny_model_dir, pairs_file, copy, *RUN, "--resume_from_checkpoint",
+                      str(copy / "checkpoint-2"))
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    saved = json.loads((copy / "checkpoint-2" / "trainer_state.json").read_text())
+    assert saved["started_from"]["--adapter_path"] is not None
+    assert (f"was trained from --adapter_path {saved['started_from']['--adapter_path']!r} "
+            "(now None); its weights and its reference belong to that start") in err
+    assert sorted(p.name for p in copy.iterdir()) == before
+    assert len(train_records(copy)) == 4  # the log was not truncated
 
 
 @pytest.mark.slow

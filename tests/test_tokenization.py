@@ -15,6 +15,7 @@ from dpo_core.console import configure_console
 from dpo_core.data import DataError, PreferencePair, load_pairs, to_pair
 from dpo_core.testing import LLAMA3_SPLIT_PATTERN, train_tokenizer
 from dpo_core.tokenization import (
+    ENCODE_BATCH,
     PreferenceCollator,
     TokenizedPair,
     end_of_turn_ids,
@@ -518,6 +519,48 @@ def test_template_that_rejects_the_messages_names_the_row(family_base_tokenizer)
     assert drops == {"chat template error: System role not supported": 1}
     with pytest.raises(DataError, match="row 7"):
         tokenize_pairs(gemma, [good, bad], use_chat_template=True, disable=True, **ROOMY)
+
+
+@pytest.mark.parametrize("use_template", [True, False])
+def test_batched_tokenization_equals_one_pair_at_a_time(family_base_tokenizer, use_template):
+    """`tokenize_pairs` encodes ENCODE_BATCH pairs per tokenizer call: across three batches,
+    with rejected rows (a template error, a prompt that is not a prefix) inside them, it keeps
+    exactly the pairs `tokenize_pair` accepts, in order, with the same ids, and a stop names
+    the first bad row."""
+    chatml = family_tokenizer(family_base_tokenizer, "chatml")
+    rng = random.Random(3)
+    words = ["sky", "blue", "the", "is", "why", "green", "a", "tree"]
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    pairs = [PreferencePair([user(text(rng.randint(1, 12)))], text(rng.randint(1, 20)),
+                            text(rng.randint(1, 20)), origin=f"row {i}")
+             for i in range(2 * ENCODE_BATCH + 7)]
+    # In the second batch: a reply that merges into ChatML's generation prompt (not a token
+    # prefix), then a message role the template raises on.
+    merging, raising = ENCODE_BATCH + 6, ENCODE_BATCH + 7
+    pairs[merging] = PreferencePair([user("hi")], "\n\nthe sky", "no", origin=f"row {merging}")
+    chatml.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}"
+                            "{{ raise_exception('no tools') }}{% endif %}{% endfor %}"
+                            + chatml.chat_template)
+    pairs[raising] = PreferencePair([{"role": "tool", "content": "x"}], "a", "b",
+                                    origin=f"row {raising}")
+    one_by_one, bad = [], []
+    for pair in pairs:
+        try:
+            one_by_one.append(tokenize_pair(chatml, pair, use_chat_template=use_template,
+                                            **ROOMY))
+        except DataError:
+            bad.append(pair.origin)
+    kept, drops = tokenize_pairs(chatml, pairs, use_chat_template=use_template,
+                                 skip_bad_rows=True, disable=True, **ROOMY)
+    assert kept == one_by_one
+    assert bad == ([f"row {merging}", f"row {raising}"] if use_template else [])
+    assert sum(drops.values()) == len(bad)
+    if use_template:
+        with pytest.raises(DataError, match=f"row {merging}, field 'chosen'"):
+            tokenize_pairs(chatml, pairs, use_chat_template=True, disable=True, **ROOMY)
 
 
 def test_template_that_rewrites_the_prompt_is_refused(family_base_tokenizer):
