@@ -282,7 +282,8 @@ def _predicted_logps(
 
     The LM head only ever sees the hidden states of those positions, projected chunk by chunk
     by `head_label_logps`: no [tokens, vocab] logits tensor exists. Models that post-process
-    their logits are asked for full logits instead. `kept` = (kept_positions [M], kept_index
+    their logits are asked for full logits instead, and a trainable head under FSDP2 for the
+    logits of the needed positions only. `kept` = (kept_positions [M], kept_index
     [N]): the distinct predicting positions (flat, row-major over [R, L]) and which of them
     predicts target i, when computed beforehand (on the CPU, by the collator): then nothing
     here waits for the device.
