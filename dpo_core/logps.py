@@ -293,17 +293,27 @@ def _predicted_logps(
     if parts is None:
         logits = model(**inputs).logits  # [R, L, V]
         rows = source_rows * shape[1] + source_positions
-        return _LabelLogProbs.apply(logits.reshape(-1, logits.shape[-1]), rows, targets.long())
-    decoder, head = parts
-    if is_fsdp2_model(model) and any(p.requires_grad for p in head.parameters()):
+    elif is_fsdp2_model(model) and any(p.requires_grad for p in parts[1].parameters()):
         # FSDP2 gathers and frees the root unit's weights (the head's among them) around the
         # root's own forward and backward; a trainable head called outside it crashed (SIGSEGV,
         # CPU, full fine-tuning). So the model projects the positions any target needs itself:
-        # `logits_to_keep` as their column index -> logits [R, C, V].
+        # `logits_to_keep` as their column index.
         columns, column_of = torch.unique(source_positions, return_inverse=True)
-        logits = model(**inputs, logits_to_keep=columns).logits
+        logits = model(**inputs, logits_to_keep=columns).logits  # [R, C, V]
         rows = source_rows * columns.numel() + column_of
-        return _LabelLogProbs.apply(logits.reshape(-1, logits.shape[-1]), rows, targets.long())
+    else:
+        return _hand_projected_logps(model, *parts, inputs, source_rows, source_positions,
+                                     targets, kept)
+    return _LabelLogProbs.apply(logits.reshape(-1, logits.shape[-1]), rows, targets.long())
+
+
+def _hand_projected_logps(model: torch.nn.Module, decoder: torch.nn.Module,
+                          head: torch.nn.Module, inputs: dict, source_rows: Tensor,
+                          source_positions: Tensor, targets: Tensor,
+                          kept: tuple[Tensor, Tensor] | None) -> Tensor:
+    """`_predicted_logps` through the decoder's hidden states at the kept positions and the
+    head applied to them by `head_label_logps`."""
+    shape = inputs["input_ids"].shape
     if kept is None:
         keep = torch.zeros(shape, dtype=torch.bool, device=source_rows.device)
         keep[source_rows, source_positions] = True
