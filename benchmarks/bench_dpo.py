@@ -226,8 +226,12 @@ def wait_until_quiet(max_busy: float, timeout_s: float) -> float:
 def export_revision(revision: str, workdir: Path) -> str:
     """This repository's tree at `revision` (any git revision), unpacked under `workdir`:
     the code the "baseline" variant imports `dpo_core` from."""
-    commit = subprocess.run(["git", "rev-parse", "--short", f"{revision}^{{commit}}"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.strip()
+    found = subprocess.run(["git", "rev-parse", "--short", f"{revision}^{{commit}}"], cwd=ROOT,
+                           capture_output=True, text=True)
+    if found.returncode != 0:
+        raise SystemExit(f"--baseline {revision}: not a commit of this repository "
+                         f"({found.stderr.strip() or 'git failed'})")
+    commit = found.stdout.strip()
     target = workdir / f"baseline-{commit}"
     if not (target / "dpo_core").is_dir():
         target.mkdir(parents=True, exist_ok=True)
@@ -312,6 +316,7 @@ def summarise(name: str, results: list[dict], visited: dict, steps: int, batch_s
         "peak_memory_kind": "cuda max_memory_allocated" if peak_cuda else "RSS (VmHWM)",
         "baseline_rss_mb": statistics.median(r["baseline_rss_mb"] for r in results),
         "code": runs[0].get("code"),
+        "settings_left_out": runs[0].get("settings_left_out", []),
         "first_step": runs[0]["first_step"],
         "losses": runs[0]["losses"],
         "load_runs": [run.get("loadavg") for run in runs],
@@ -499,6 +504,8 @@ def base_spec(args: argparse.Namespace, workdir: Path) -> dict:
     batch_size = args.batch_size or default_batch
     dtype = args.dtype if args.dtype != "auto" else (
         "bfloat16" if torch.cuda.is_available() else "float32")
+    # The baseline's tree first: a revision that is not there stops before anything is built.
+    baseline = {"checkout": export_revision(args.baseline, workdir)} if args.baseline else {}
     print(f"Building {args.preset} model and {args.data} data in {workdir} ...", flush=True)
     return {**build_assets(args.preset, args.data, pairs, max_length, workdir),
             "pairs": pairs, "max_length": max_length,
@@ -507,8 +514,7 @@ def base_spec(args: argparse.Namespace, workdir: Path) -> dict:
             "batch_size": batch_size, "steps": args.steps or max(1, pairs // batch_size),
             "warmup": not args.no_warmup, "dtype": dtype, "threads": args.threads,
             "clock": args.clock,
-            "workdir": str(workdir), "python": sys.executable,
-            **({"checkout": export_revision(args.baseline, workdir)} if args.baseline else {})}
+            "workdir": str(workdir), "python": sys.executable, **baseline}
 
 
 def run_rounds(args: argparse.Namespace, spec: dict, workdir: Path) -> dict[str, list[dict]]:

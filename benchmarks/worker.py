@@ -37,9 +37,7 @@ def _run_ours(spec: dict, output_dir: str, steps: int) -> dict:
     from dpo_core.model import resolve_gradient_checkpointing
     from dpo_core.trainer import train
 
-    # A baseline revision may predate some flags: those are left out (it ran without them).
-    known = {field.name for field in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(
+    settings = dict(
         model_name=spec["model_dir"], dataset_name=spec["data_path"], output_dir=output_dir,
         overwrite_output_dir=True, num_samples=0, eval_fraction=0.0, seed=SEED,
         max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"],
@@ -47,8 +45,11 @@ def _run_ours(spec: dict, output_dir: str, steps: int) -> dict:
         lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_target_modules="all-linear",
         batch_size=spec["batch_size"], gradient_accumulation_steps=1, max_steps=steps,
         learning_rate=LEARNING_RATE, warmup_steps=0, beta=BETA, logging_steps=1,
-        eval_steps=0, save_steps=0, num_sample_prompts=0, report_to="none",
-        **{key: value for key, value in spec["settings"].items() if key in known})
+        eval_steps=0, save_steps=0, num_sample_prompts=0, report_to="none", **spec["settings"])
+    # A baseline revision may predate some flags: it runs without them, and the result says
+    # which were left out.
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{key: value for key, value in settings.items() if key in known})
     metrics = train(config)
     with open(os.path.join(output_dir, "train_log.jsonl")) as f:
         log = [json.loads(line) for line in f]
@@ -60,6 +61,7 @@ def _run_ours(spec: dict, output_dir: str, steps: int) -> dict:
         "first_step": {key: steps_log[0][key] for key in ("loss", "logps/chosen",
                                                           "logps/rejected")},
         "code": _code_origin(spec),
+        "settings_left_out": sorted(set(settings) - known),
         "config": {"prefix_sharing": config.prefix_sharing,
                    "padding_free": getattr(config, "padding_free", False),
                    "precompute_ref_log_probs": config.precompute_ref_log_probs,

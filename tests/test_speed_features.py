@@ -384,6 +384,7 @@ def test_benchmark_smoke_run_writes_its_report(tmp_path):
     assert (tmp_path / "work" / baseline["code"] / "dpo_core" / "trainer.py").is_file()
     assert report["rows"]["prefix+precompute"]["code"] == "this checkout"
     assert not baseline["config"]["prefix_sharing"]
+    assert baseline["settings_left_out"] == []  # HEAD knows every flag
     assert baseline["losses"] == pytest.approx(report["rows"]["prefix+precompute"]["losses"],
                                                abs=1e-5)
     row = report["rows"]["prefix+precompute"]
