@@ -24,6 +24,8 @@ class MetricWindow:
 
     stats: list[dict[str, torch.Tensor]] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
+    # (step, [loss, grad norm] on the device) of the steps not read by the host yet.
+    pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     # Real tokens over every process, summed on the device (no host sync per micro-batch).
     tokens: torch.Tensor | int = 0
     started: float = field(default_factory=time.perf_counter)

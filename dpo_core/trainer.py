@@ -236,33 +236,39 @@ class Trainer:
             lr = get_lr(state.step, peak_lr=config.learning_rate, warmup_steps=plan.warmup_steps,
                         total_steps=plan.total_steps, kind=config.lr_scheduler)
             try:
-                step_loss = self._optimizer_step(batches, lr, window)
+                self._optimizer_step(batches, lr, window)
             except torch.OutOfMemoryError as error:
                 raise failures.DeviceMemoryError(failures.out_of_memory_message(
                     config, state.step + 1, self.gradient_checkpointing)) from error
             progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
 
             last_step = state.step == plan.total_steps
-            if (state.step % config.logging_steps == 0 or last_step) and window.stats:
+            logging = state.step % config.logging_steps == 0 or last_step
+            evaluating = self.eval_loader is not None and (
+                (config.eval_steps and state.step % config.eval_steps == 0) or last_step)
+            saving = bool(config.save_steps and state.step % config.save_steps == 0)
+            interrupted = self.interrupt.requested(self.accelerator)
+            if logging or evaluating or saving or interrupted:
+                # Read the steps since the last read (one host sync); a non-finite one stops
+                # the run here, before anything is written.
+                if (step_loss := self._settle(window)) is not None:
+                    progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            if logging and window.stats:
                 last_train = {"step": state.step,
                               "epoch": state.micro_batches_seen / self.stream.batches_per_epoch,
                               "split": "train", **window.metrics(), "learning_rate": lr}
                 self._log(last_train)
                 window = MetricWindow()
-            if self.eval_loader is not None and (
-                (config.eval_steps and state.step % config.eval_steps == 0) or last_step
-            ):
+            if evaluating:
                 last_eval = {"step": state.step, "split": "eval", **self.evaluate()}
                 self._log(last_eval)
-            saved = config.save_steps and state.step % config.save_steps == 0
-            if saved:
+            if saving:
                 checkpoint.save_checkpoint(config.output_dir, self.accelerator, self.model,
                                            self.optimizer, state, config.save_total_limit)
-            if self.interrupt.requested(self.accelerator):
+            if interrupted:
                 progress.close()
                 checkpoint_and_stop(config, self.accelerator, self.model, self.optimizer, state,
-                                    plan.total_steps, saved_now=saved)
+                                    plan.total_steps, saved_now=saving)
         progress.close()
         self.interrupt.release()
         if warning := self.gradients.warning():
@@ -281,11 +287,15 @@ class Trainer:
         return self._finish(metrics)
 
     def _optimizer_step(self, batches: Iterator[dict[str, torch.Tensor]], lr: float,
-                        window: MetricWindow) -> float:
+                        window: MetricWindow) -> None:
         """One optimizer step at `lr` over the next `gradient_accumulation_steps`
-        micro-batches; their per-pair stats go into `window`. A non-finite loss or gradient
-        skips the update while --skip_nonfinite_steps allows, else raises NonFiniteError.
-        Returns the step's mean loss over every process's pairs."""
+        micro-batches; their per-pair stats go into `window`, the step's mean loss (over every
+        process's pairs) and gradient norm into `window.pending`, on the device.
+
+        By default the update is applied without the host reading anything, and `_settle`
+        judges the step later. With --skip_nonfinite_steps (skipping needs the decision now)
+        or fp16 loss scaling the step is read at once: a non-finite loss or gradient skips the
+        update while --skip_nonfinite_steps allows, else raises NonFiniteError."""
         config, state, accelerator = self.config, self.state, self.accelerator
         accumulation = config.gradient_accumulation_steps
         micro_batches = [next(batches) for _ in range(accumulation)]
@@ -309,27 +319,50 @@ class Trainer:
         grad_norm = distributed.whole_tensor(accelerator.clip_grad_norm_(
             self.model.parameters(), config.max_grad_norm or float("inf")))
         mean_loss = torch.cat(step_losses).mean().float()
-        # The step's one host sync: whether to apply the update needs the loss and the norm.
-        step_loss, grad_norm = torch.stack([mean_loss, torch.as_tensor(
-            grad_norm, dtype=torch.float32, device=mean_loss.device)]).tolist()
-        # Under fp16 loss scaling an inf gradient is the scaler's business: it skips the step.
-        finite = math.isfinite(step_loss) and (math.isfinite(grad_norm)
-                                               or accelerator.scaler is not None)
-        if finite:
-            self.optimizer.step()
-            window.grad_norms.append(grad_norm)
-            self.gradients.observe(grad_norm)
-        else:
-            if state.nonfinite_steps_skipped >= config.skip_nonfinite_steps:
-                raise failures.nonfinite_error(state.step + 1, step_loss, grad_norm,
-                                               config.output_dir)
-            state.nonfinite_steps_skipped += 1
-            del window.stats[-accumulation:]
-            logger.warning(f"step {state.step + 1}: non-finite loss or gradient, update skipped "
-                           f"({state.nonfinite_steps_skipped}/{config.skip_nonfinite_steps}).")
+        record = torch.stack([mean_loss, torch.as_tensor(grad_norm, dtype=torch.float32,
+                                                         device=mean_loss.device)])
+        window.pending.append((state.step + 1, record))
+        if config.skip_nonfinite_steps or accelerator.scaler is not None:
+            # Whether to apply the update needs the loss and the norm: read them now.
+            step_loss, norm = record.tolist()
+            if not self._finite(step_loss, norm):
+                if state.nonfinite_steps_skipped >= config.skip_nonfinite_steps:
+                    raise failures.nonfinite_error(state.step + 1, step_loss, norm,
+                                                   config.output_dir)
+                state.nonfinite_steps_skipped += 1
+                del window.stats[-accumulation:]
+                window.pending.pop()
+                logger.warning(f"step {state.step + 1}: non-finite loss or gradient, update "
+                               f"skipped ({state.nonfinite_steps_skipped}/"
+                               f"{config.skip_nonfinite_steps}).")
+                self.optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                return
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        return step_loss
+
+    def _finite(self, loss: float, grad_norm: float) -> bool:
+        """Under fp16 loss scaling an inf gradient is the scaler's business: it skips the
+        step itself."""
+        return math.isfinite(loss) and (math.isfinite(grad_norm)
+                                        or self.accelerator.scaler is not None)
+
+    def _settle(self, window: MetricWindow) -> float | None:
+        """Read the pending steps' loss and gradient norm in one host sync: a non-finite one
+        raises NonFiniteError naming that step (nothing has been written since it), the
+        others' norms join the window. Returns the newest step's loss, or None if none was
+        pending."""
+        if not window.pending:
+            return None
+        values = torch.stack([record for _, record in window.pending]).tolist()
+        for (step, _), (loss, grad_norm) in zip(window.pending, values, strict=True):
+            if not self._finite(loss, grad_norm):
+                raise failures.nonfinite_error(step, loss, grad_norm, self.config.output_dir)
+            window.grad_norms.append(grad_norm)
+            self.gradients.observe(grad_norm)
+        window.pending.clear()
+        return values[-1][0]
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -17,6 +18,7 @@ import train
 from dpo_core import model as model_module
 from dpo_core.config import TrainConfig
 from dpo_core.objective import PreferenceObjective
+from dpo_core.trainer import Trainer
 
 RUN = ("--max_steps", "4", "--save_steps", "2", "--save_total_limit", "0", "--eval_fraction",
        "0.1")
@@ -242,6 +244,41 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(monkeypatch, ti
     monkeypatch.undo()
     assert train.main([*args, "--resume_from_checkpoint", "latest"]) == 0
     assert train_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_nonfinite_step_is_judged_before_anything_is_written(monkeypatch, tiny_model_dir,
+                                                             pairs_file, tmp_path, capsys):
+    """Without --skip_nonfinite_steps the host reads a step's loss and gradient norm only at
+    the next logging, evaluation or checkpoint step. A NaN loss at step 5, with records every
+    3 steps and checkpoints every 4: step 6 still runs, then the read at step 6 stops the run
+    naming step 5, before step 6's record is written; checkpoint-4 is the last good one."""
+    out = tmp_path / "deferred"
+    args = train_args(tiny_model_dir, pairs_file, out, *RUN, "--max_steps", "8",
+                      "--logging_steps", "3", "--save_steps", "4")
+    poison(monkeypatch, {5}, in_gradient=False)
+    assert train.main(args) == 1
+    err = capsys.readouterr().err
+    assert "step 5: loss nan" in err and "is not finite; stopping" in err
+    assert f"Last good checkpoint: {out / 'checkpoint-4'}." in err
+    assert train_steps(out) == [3]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-4"]
+    # A clean run reads the device once per logging or checkpoint step, all steps since the
+    # last read at once (3, then 4, then 5-6, then 7-8), and its records cover them all.
+    monkeypatch.undo()
+    reads = []
+    settle = Trainer._settle
+
+    def counted(self, window):
+        reads.append([step for step, _ in window.pending])
+        return settle(self, window)
+
+    monkeypatch.setattr(Trainer, "_settle", counted)
+    assert train.main([*args, "--overwrite_output_dir"]) == 0
+    assert reads == [[1, 2, 3], [4], [5, 6], [7, 8]]
+    records = train_records(out)
+    assert [r["step"] for r in records] == [3, 6, 8]
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in records)
 
 
 def test_out_of_device_memory_names_the_fixes_and_keeps_the_checkpoint(
