@@ -479,11 +479,14 @@ class HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_padding_free_step_syncs_with_the_host_once(tiny_model_dir, pairs_file, tmp_path,
-                                                      monkeypatch):
+@pytest.mark.parametrize("skip, reads", [("0", {}), ("1", {"tolist": 1})])
+def test_a_padding_free_step_does_not_wait_for_the_device(tiny_model_dir, pairs_file, tmp_path,
+                                                          monkeypatch, skip, reads):
     """Three micro-batches per step, defaults (padding-free, prompts shared, reference
-    precomputed): the packed layout comes from the collator, token counts stay on the device,
-    and the step reads its loss and gradient norm together: one host sync per step."""
+    precomputed): the packed layout comes from the collator, token counts, loss and gradient
+    norm stay on the device (read later, at a logging step), so the step never syncs with
+    the host. With --skip_nonfinite_steps the step must decide before its update: it reads
+    its loss and gradient norm together, one host sync."""
     from dpo_core import trainer as trainer_module
 
     original = trainer_module.Trainer._optimizer_step
@@ -509,5 +512,5 @@ def test_a_padding_free_step_syncs_with_the_host_once(tiny_model_dir, pairs_file
     monkeypatch.setattr(trainer_module.Trainer, "_optimizer_step", counted)
     assert train.main(train_args(tiny_model_dir, pairs_file, tmp_path / "run", "--max_steps", "2",
                                  "--gradient_accumulation_steps", "3", "--batch_size", "3",
-                                 "--logging_steps", "100")) == 0
-    assert per_step == [{"tolist": 1}, {"tolist": 1}]
+                                 "--logging_steps", "100", "--skip_nonfinite_steps", skip)) == 0
+    assert per_step == [reads, reads]
