@@ -6,7 +6,6 @@ entry point from a checkout.
 
 import sys
 
-from dpo_core.cli import demo_presets  # noqa: F401  (tests call both)
 from dpo_core.cli import train_main as main
 
 if __name__ == "__main__":

@@ -119,16 +119,6 @@ def machine_description() -> dict:
 # ------------------------------------------------------------------ what the trainers see
 
 
-def _file_pair(row: dict):
-    """A data-file row as the PreferencePair the trainer's loader makes of it."""
-    from dpo_core.data import PreferencePair
-
-    def reply(value):
-        return value[-1]["content"] if isinstance(value, list) else value
-
-    return PreferencePair(row["prompt"], reply(row["chosen"]), reply(row["rejected"]))
-
-
 def visiting_order(spec: dict) -> dict:
     """Our trainer's tokenized pairs in the order its first epoch visits them: their (P, C, R)
     lengths, the row of the data file each came from (so trl is fed the same batches), and how
@@ -137,8 +127,9 @@ def visiting_order(spec: dict) -> dict:
 
     from dpo_core.batching import epoch_order
     from dpo_core.config import TrainConfig
+    from dpo_core.data import to_pair
     from dpo_core.model import load_tokenizer
-    from dpo_core.tokenization import resolve_chat_template, tokenize_pairs
+    from dpo_core.tokenization import resolve_chat_template, tokenize_pairs, truncate
     from dpo_core.training_data import build_training_data
 
     config = TrainConfig(model_name=spec["model_dir"], dataset_name=spec["data_path"],
@@ -150,13 +141,13 @@ def visiting_order(spec: dict) -> dict:
     use_chat_template = resolve_chat_template(tokenizer, spec["chat_template"])
     pairs = build_training_data(config, tokenizer, use_chat_template, show_progress=False).train
     order = epoch_order(len(pairs), spec["batch_size"], torch.Generator().manual_seed(SEED))
-    with open(spec["data_path"]) as f:
-        file_pairs = [_file_pair(json.loads(line)) for line in f]
-    lengths = {"use_chat_template": use_chat_template, "disable": True}
-    truncated, _ = tokenize_pairs(tokenizer, file_pairs, max_length=spec["max_length"],
-                                  max_prompt_length=spec["max_prompt_length"], **lengths)
+    with open(spec["data_path"]) as f:  # each row as the trainer's loader reads it
+        file_pairs = [to_pair(json.loads(line), f"line {n}") for n, line in enumerate(f, 1)]
     whole, _ = tokenize_pairs(tokenizer, file_pairs, max_length=10**9,
-                              max_prompt_length=10**9 - 1, **lengths)
+                              max_prompt_length=10**9 - 1, use_chat_template=use_chat_template,
+                              disable=True)
+    truncated = [truncate(p.prompt_ids, p.chosen_ids, p.rejected_ids, spec["max_length"],
+                          spec["max_prompt_length"]) for p in whole]
 
     def key(pair) -> tuple:
         return (tuple(pair.prompt_ids), tuple(pair.chosen_ids), tuple(pair.rejected_ids))

@@ -15,12 +15,11 @@ from transformers import PreTrainedTokenizerBase, TextStreamer
 
 from dpo_core.chat_config import ChatConfig
 from dpo_core.config import CHAT_TEMPLATE_MODES, RUN_PLAN_KEY
-from dpo_core.generation import until_stop
+from dpo_core.generation import model_stop_ids, until_stop
 from dpo_core.run_files import CONFIG_FILE, read_json
 from dpo_core.tokenization import (
     encode_prompt,
     resolve_chat_template,
-    stop_token_ids,
 )
 
 __all__ = ["ChatConfig", "ChatSession", "chat_template_mode", "interactive",
@@ -64,9 +63,7 @@ class ChatSession:
                  config: ChatConfig):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.use_chat_template = resolve_chat_template(tokenizer, chat_template_mode(config))
-        generation_config = getattr(model, "generation_config", None)
-        self.stop_ids = stop_token_ids(tokenizer, self.use_chat_template,
-                                       getattr(generation_config, "eos_token_id", None))
+        self.stop_ids = model_stop_ids(model, tokenizer, self.use_chat_template)
         self.reset()
 
     def reset(self) -> None:

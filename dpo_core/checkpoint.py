@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dpo_core.distributed import is_fsdp2_model
-from dpo_core.errors import RunFailure, UserError
+from dpo_core.errors import RunFailure, UserError, first_line
 from dpo_core.model import POLICY_ADAPTER
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -144,7 +144,7 @@ def save_checkpoint(
             os.makedirs(tmp)
         accelerator.wait_for_everyone()
         # Each process has its own RNG streams; the optimizer state is replicated under DDP.
-        torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pt"))
+        torch.save(_rng_state(), _rng_file(tmp, accelerator.process_index))
         save_trained_weights(accelerator, model,
                              os.path.join(tmp, _weights_dir(accelerator.unwrap_model(model))))
         sharded = is_fsdp2_model(model)
@@ -184,7 +184,7 @@ def _save_problem(error: Exception) -> str:
     if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or \
             "os error 28" in text:
         return "no space left on the device"
-    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return first_line(error)
 
 
 def save_trained_weights(accelerator: Accelerator, model: torch.nn.Module,
@@ -266,33 +266,39 @@ def load_checkpoint(
                               "--finetuning_type it was saved with")
     if weights_dir == ADAPTER_DIR:
         _check_adapter_shape(path, unwrapped)
-    if is_fsdp2_model(model):
-        load_sharded_state(path, accelerator, model, optimizer)
-        return state
-    _check_not_sharded(path)
-    if weights_dir == ADAPTER_DIR:
-        weights = _read_weights(path, [os.path.join(ADAPTER_DIR, "adapter_model.safetensors")])
-    else:
-        weights = _read_weights(path, _model_files(path))
-    # Read onto the CPU (a process's device name, e.g. 'cpu:1' under gloo, may not be one
-    # torch.load can map to); load_state_dict moves each state to its parameter's device.
-    optimizer_state = _load_plain(os.path.join(path, OPTIMIZER_FILE), path)
-    rng_file = os.path.join(path, f"rng_state_{accelerator.process_index}.pt")
+    rng_file = _rng_file(path, accelerator.process_index)
     rng_state = _load_plain(rng_file, path) if os.path.isfile(rng_file) else None
-    if weights_dir == ADAPTER_DIR:
-        _load_adapter_weights(unwrapped, weights, path)
+    if is_fsdp2_model(model):
+        load_sharded_state(path, model, optimizer)
     else:
-        _load_whole_model(unwrapped, weights, path)
-    try:
-        optimizer.load_state_dict(optimizer_state)
-    except (ValueError, KeyError, RuntimeError) as error:
-        raise _damaged(path, os.path.join(path, OPTIMIZER_FILE), error) from None
+        _check_not_sharded(path)
+        if weights_dir == ADAPTER_DIR:
+            weights = _read_weights(path, [os.path.join(ADAPTER_DIR,
+                                                        "adapter_model.safetensors")])
+        else:
+            weights = _read_weights(path, _model_files(path))
+        # Read onto the CPU (a process's device name, e.g. 'cpu:1' under gloo, may not be one
+        # torch.load can map to); load_state_dict moves each state to its parameter's device.
+        optimizer_state = _load_plain(os.path.join(path, OPTIMIZER_FILE), path)
+        if weights_dir == ADAPTER_DIR:
+            _load_adapter_weights(unwrapped, weights, path)
+        else:
+            _load_whole_model(unwrapped, weights, path)
+        try:
+            optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise _damaged(path, os.path.join(path, OPTIMIZER_FILE), error) from None
     if rng_state is not None:
         try:
             _set_rng_state(rng_state)
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise _damaged(path, rng_file, error) from None
     return state
+
+
+def _rng_file(checkpoint: str, process_index: int) -> str:
+    """This process's RNG streams in a checkpoint (each process has its own)."""
+    return os.path.join(checkpoint, f"rng_state_{process_index}.pt")
 
 
 def _read_weights(checkpoint: str, files: list[str]) -> dict[str, torch.Tensor]:
@@ -387,10 +393,10 @@ def save_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=directory)
 
 
-def load_sharded_state(path: str, accelerator: Accelerator, model: torch.nn.Module,
+def load_sharded_state(path: str, model: torch.nn.Module,
                        optimizer: torch.optim.Optimizer) -> None:
     """Read the shards `save_sharded_state` wrote into checkpoint `path` back into `model`
-    and `optimizer`, each process its own, and the process's RNG streams. Collective."""
+    and `optimizer`, each process its own. Collective."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -404,8 +410,6 @@ def load_sharded_state(path: str, accelerator: Accelerator, model: torch.nn.Modu
             f"checkpoint {path!r} has no sharded state ({SHARDED_DIR}/): it was saved by a run "
             "without FSDP2. Resume it with the backend and number of processes it was saved "
             "under.")
-    rng_file = os.path.join(path, f"rng_state_{accelerator.process_index}.pt")
-    rng_state = _load_plain(rng_file, path) if os.path.isfile(rng_file) else None
     inner = _inner_optimizer(optimizer)
     # Templates with this process's shards; dcp.load fills them in place.
     weights, optimizer_state = get_state_dict(model, inner,
@@ -420,8 +424,6 @@ def load_sharded_state(path: str, accelerator: Accelerator, model: torch.nn.Modu
     set_state_dict(model, inner, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"],
                    options=StateDictOptions(strict=False, **_TRAINABLE_ONLY))
-    if rng_state is not None:
-        _set_rng_state(rng_state)
 
 
 def _check_not_sharded(path: str) -> None:
@@ -435,7 +437,7 @@ def _check_not_sharded(path: str) -> None:
 
 def _damaged(checkpoint: str, file: str, error: Exception) -> CheckpointError:
     """A checkpoint file that cannot be read back: name it and the way forward."""
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    detail = first_line(error)
     parent = os.path.dirname(os.path.abspath(checkpoint))
     earlier = [c for c in checkpoint_dirs(parent)
                if os.path.abspath(c) != os.path.abspath(checkpoint)]
@@ -469,7 +471,7 @@ def _check_adapter_shape(path: str, model: torch.nn.Module) -> None:
             saved = json.load(f)
     except (OSError, ValueError) as error:
         raise _damaged(path, config_file, error) from None
-    current = model.peft_config["default"]
+    current = model.peft_config[POLICY_ADAPTER]
     flags = {"r": "--lora_r", "lora_alpha": "--lora_alpha",
              "target_modules": "--lora_target_modules"}
     changed = []
@@ -502,6 +504,6 @@ def _load_plain(path: str, checkpoint: str):
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path!r} holds more than tensors and plain data; refusing to load it "
-            f"({str(error).splitlines()[0]})") from None
+            f"({first_line(error)})") from None
     except (OSError, RuntimeError, EOFError) as error:  # truncated or not a torch file
         raise _damaged(checkpoint, path, error) from None

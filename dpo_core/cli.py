@@ -65,14 +65,22 @@ def chat_main(argv: list[str] | None = None) -> int:
     return run_command(_chat, argv)
 
 
+def _quantization(setting: str, argv: list[str] | None, full_finetuning: bool = False) -> bool:
+    """Whether the base weights load in 4-bit. When they do not, a command-line run (argv
+    None) keeps bitsandbytes from being imported at all (`avoid_bitsandbytes`)."""
+    from dpo_core.model import avoid_bitsandbytes, resolve_quantization
+
+    quantize = resolve_quantization(setting, full_finetuning)
+    if argv is None and not quantize:
+        avoid_bitsandbytes()
+    return quantize
+
+
 def _train(argv: list[str] | None) -> int:
     parser = build_parser(TrainConfig, TRAIN_DESCRIPTION, EXAMPLES, config_file=True)
     config = parse_config(TrainConfig, parser, argv, presets=demo_presets)
     config.validate()  # bad flags are refused before the heavy imports below
-    from dpo_core.model import avoid_bitsandbytes, resolve_quantization
-
-    if argv is None and not resolve_quantization(config.quantization):
-        avoid_bitsandbytes()
+    _quantization(config.quantization, argv, config.finetuning_type == "full")
     from accelerate import PartialState
 
     from dpo_core.trainer import train
@@ -99,11 +107,7 @@ def _chat(argv: list[str] | None) -> int:
     config = parse_config(ChatConfig, build_parser(ChatConfig, CHAT_DESCRIPTION), argv,
                           presets=lambda settings: demo_presets(settings, chat=True))
     config.validate()
-    from dpo_core.model import avoid_bitsandbytes, resolve_quantization
-
-    quantize = resolve_quantization(config.quantization)
-    if argv is None and not quantize:
-        avoid_bitsandbytes()
+    quantize = _quantization(config.quantization, argv)
     from dpo_core.chat import ChatSession, interactive
     from dpo_core.model import load_inference_model, load_tokenizer, resolve_dtype
 

@@ -44,12 +44,14 @@ from typing import Any, TypeVar
 import datasets
 import numpy as np
 
-from dpo_core.errors import UserError
+from dpo_core.errors import UserError, first_line
 
 ROLES = ("system", "user", "assistant")
 HH_ASSISTANT = "\n\nAssistant:"
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+# The columns a preference row is read from; any others are never converted.
+DPO_COLUMNS = ("prompt", "chosen", "rejected")
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 IDENTICAL_REPLIES = "chosen and rejected are identical"
 
@@ -117,9 +119,11 @@ class RowSource:
         return self.locations[index] if self.locations is not None else f"row {index + 1}"
 
     def take(self, indices: Sequence[int]) -> list[Mapping[str, Any]]:
-        """The rows at `indices` as Python objects (only these are converted)."""
+        """The rows at `indices` as Python objects (only these rows, and only the columns DPO
+        reads, are converted)."""
         if isinstance(self.rows, datasets.Dataset):
-            return self.rows.select(indices).to_list()
+            columns = [c for c in DPO_COLUMNS if c in self.columns]
+            return self.rows.select_columns(columns).select(indices).to_list()
         return [self.rows[i] for i in indices]
 
 
@@ -153,11 +157,11 @@ def load_rows(name_or_path: str, split: str = "train", *, skip_bad_rows: bool = 
     except OSError as error:  # ConnectionError, offline mode, dataset not found
         raise DataError(
             f"Could not load dataset '{name_or_path}' from the Hugging Face Hub "
-            f"({type(error).__name__}: {_first_line(error)}). "
+            f"({type(error).__name__}: {first_line(error)}). "
             "Pass a local file or directory instead, or use --demo."
         ) from None
     except ValueError as error:  # e.g. an unknown split
-        raise DataError(f"dataset '{name_or_path}': {_first_line(error)}") from None
+        raise DataError(f"dataset '{name_or_path}': {first_line(error)}") from None
     return _dataset_source(name_or_path, rows)
 
 
@@ -170,7 +174,7 @@ def _load_parquet(path: Path) -> datasets.Dataset:
         return datasets.load_dataset("parquet", data_files=str(path), split="train")
     except (datasets.exceptions.DatasetGenerationError, OSError, ValueError) as error:
         cause = error.__cause__ or error
-        raise DataError(f"{path}: cannot read it as Parquet: {_first_line(cause)}") from None
+        raise DataError(f"{path}: cannot read it as Parquet: {first_line(cause)}") from None
 
 
 def _read_utf8(path: Path) -> str:
@@ -220,7 +224,7 @@ def _read_json(name: str, text: str, skip_bad_rows: bool) -> RowSource:
                     "object, with 'prompt', 'chosen' and 'rejected' keys)")
             continue
         columns.update(dict.fromkeys(value))
-        rows.append({k: value[k] for k in ("prompt", "chosen", "rejected") if k in value})
+        rows.append({k: value[k] for k in DPO_COLUMNS if k in value})
         locations.append(where)
     if not rows and not bad.dropped:
         raise DataError(f"{name}: the file holds no rows (an empty JSON array)")
@@ -452,11 +456,6 @@ def _looks_like_local_path(name: str) -> bool:
         or name.count("/") > 1
         or "\\" in name
     )
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 def _text(value: Any, field: str, fail: Fail) -> str:

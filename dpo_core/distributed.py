@@ -153,12 +153,6 @@ def fsdp_version(accelerator: Accelerator) -> int | None:
     return accelerator.state.fsdp_plugin.fsdp_version
 
 
-def backend_record(accelerator: Accelerator) -> dict:
-    """What metrics.json records about the backend."""
-    return {"distributed_type": accelerator.distributed_type.value,
-            "fsdp_version": fsdp_version(accelerator)}
-
-
 def is_fsdp2_model(model: torch.nn.Module) -> bool:
     """Whether `model` was sharded with FSDP2's `fully_shard` (its parameters are DTensors)."""
     from torch.distributed.fsdp import FSDPModule

@@ -25,3 +25,10 @@ class TrainingInterrupted(Exception):
     to continue. Exit status 130, as a shell reports Ctrl-C."""
 
     exit_status = 130
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, for a one-line report (its type's name when
+    the message is empty)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -17,6 +17,14 @@ def until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
     return ids
 
 
+def model_stop_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                   use_chat_template: bool) -> list[int]:
+    """`stop_token_ids` with the EOS ids of the model's generation config."""
+    generation_config = getattr(model, "generation_config", None)
+    return stop_token_ids(tokenizer, use_chat_template,
+                          getattr(generation_config, "eos_token_id", None))
+
+
 @torch.no_grad()
 def generate_replies(
     model: torch.nn.Module,
@@ -41,9 +49,7 @@ def generate_replies(
     if pad_id is None:
         pad_id = tokenizer.eos_token_id
     device = next(model.parameters()).device
-    generation_config = getattr(model, "generation_config", None)
-    stop_ids = stop_token_ids(tokenizer, use_chat_template,
-                              getattr(generation_config, "eos_token_id", None))
+    stop_ids = model_stop_ids(model, tokenizer, use_chat_template)
     with eval_mode(model):
         for start in range(0, len(prompts), batch_size):
             encoded = [encode_prompt(tokenizer, p, use_chat_template)

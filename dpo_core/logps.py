@@ -314,11 +314,8 @@ def _hand_projected_logps(model: torch.nn.Module, decoder: torch.nn.Module,
     """`_predicted_logps` through the decoder's hidden states at the kept positions and the
     head applied to them by `head_label_logps`."""
     shape = inputs["input_ids"].shape
-    if kept is None:
-        keep = torch.zeros(shape, dtype=torch.bool, device=source_rows.device)
-        keep[source_rows, source_positions] = True
-        kept_row_of = keep.flatten().cumsum(0).sub_(1).view(shape)  # position -> kept state
-        kept = (keep.flatten().nonzero().squeeze(1), kept_row_of[source_rows, source_positions])
+    if kept is None:  # the distinct predicting positions, flat and sorted, and which is whose
+        kept = torch.unique(source_rows * shape[1] + source_positions, return_inverse=True)
     hidden = _hidden_states(model, decoder, inputs)
     kept_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept[0])  # [M, H]
     return head_label_logps(head, kept_hidden, kept[1], targets)
@@ -360,8 +357,12 @@ def concatenated_forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> tu
     seq_index, positions = scored.nonzero(as_tuple=True)
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids, use_cache=False)
+    # Each position predicts one label, and nonzero lists them in row-major order: they are
+    # already the distinct, sorted kept positions.
+    kept = (seq_index * input_ids.shape[1] + positions,
+            torch.arange(len(seq_index), device=seq_index.device))
     token_logps = _predicted_logps(model, inputs, seq_index, positions,
-                                   labels[seq_index, positions + 1])
+                                   labels[seq_index, positions + 1], kept)
     logps = _per_sequence(token_logps, seq_index, labels.shape[0])
     num_pairs = batch["chosen_input_ids"].shape[0]
     return logps[:num_pairs], logps[num_pairs:]

@@ -26,7 +26,8 @@ class MetricWindow:
     grad_norms: list[float] = field(default_factory=list)
     # (step, [loss, grad norm] on the device) of the steps not read by the host yet.
     pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    # Real tokens over every process, summed on the device (no host sync per micro-batch).
+    # Real tokens, on the device (no host sync per micro-batch): this process's until the
+    # trainer sums them over every process for the log record.
     tokens: torch.Tensor | int = 0
     started: float = field(default_factory=time.perf_counter)
 

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from dpo_core.config import ConfigError, TrainConfig
-from dpo_core.errors import UserError
+from dpo_core.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -349,6 +349,15 @@ def prepare_full_finetuning(model: torch.nn.Module, *,
     return model
 
 
+def load_run_base_model(config: TrainConfig, dtype: torch.dtype,
+                        quantize_4bit: bool = False) -> torch.nn.Module:
+    """`load_base_model` of the run's --model_name, with its attention and remote-code
+    settings (`config`: the TrainConfig)."""
+    return load_base_model(config.model_name, dtype=dtype, quantize_4bit=quantize_4bit,
+                           attn_implementation=config.attn_implementation,
+                           trust_remote_code=config.trust_remote_code)
+
+
 def load_inference_model(
     base_model: str,
     adapter_path: str | None,
@@ -391,7 +400,7 @@ def load_adapter(model: torch.nn.Module, adapter_path: str, base_model: str) -> 
             f"{_adapter_base(adapter_path)!r}); pass that model as --base_model") from None
     except (OSError, ValueError, SafetensorError) as error:
         raise ModelLoadError(
-            f"could not load the adapter from {adapter_path!r}: {_first_line(error)}"
+            f"could not load the adapter from {adapter_path!r}: {first_line(error)}"
         ) from None
 
 
@@ -404,20 +413,13 @@ def _adapter_base(adapter_path: str) -> str:
         return "unknown"
 
 
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
 def build_policy(config: TrainConfig, dtype: torch.dtype, quantize: bool,
                  gradient_checkpointing: bool) -> torch.nn.Module:
     """Base model + fresh LoRA adapter, the --adapter_path adapter, or every weight trainable
     (--finetuning_type full); dropout off (unless asked) so both passes see one network."""
     full = config.finetuning_type == "full"
     # Full fine-tuning keeps fp32 master weights: --dtype is then the autocast precision.
-    base = load_base_model(config.model_name, dtype=torch.float32 if full else dtype,
-                           quantize_4bit=quantize, attn_implementation=config.attn_implementation,
-                           trust_remote_code=config.trust_remote_code)
+    base = load_run_base_model(config, torch.float32 if full else dtype, quantize_4bit=quantize)
     if full:
         model = prepare_full_finetuning(base, gradient_checkpointing=gradient_checkpointing)
     elif config.adapter_path:
@@ -433,17 +435,17 @@ def build_policy(config: TrainConfig, dtype: torch.dtype, quantize: bool,
     return model
 
 
-def save_merged_model(config: TrainConfig, adapter_dir: str, dtype: torch.dtype) -> str:
+def save_merged_model(config: TrainConfig, adapter_dir: str, dtype: torch.dtype,
+                      tokenizer: PreTrainedTokenizerBase) -> str:
     """Base weights (reloaded unquantized: a 4-bit base cannot absorb the adapter exactly)
-    plus the adapter saved in `adapter_dir`, merged, written to adapter_dir/merged."""
+    plus the adapter saved in `adapter_dir`, merged, written to adapter_dir/merged with the
+    run's `tokenizer`."""
     from peft import PeftModel
 
-    base = load_base_model(config.model_name, dtype=dtype, quantize_4bit=False,
-                           attn_implementation=config.attn_implementation,
-                           trust_remote_code=config.trust_remote_code)
+    base = load_run_base_model(config, dtype)
     with _quiet_peft():
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged_dir = os.path.join(adapter_dir, "merged")
     merged.save_pretrained(merged_dir)
-    load_tokenizer(config.model_name, config.trust_remote_code).save_pretrained(merged_dir)
+    tokenizer.save_pretrained(merged_dir)
     return merged_dir

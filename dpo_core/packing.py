@@ -24,11 +24,14 @@ Attention, per device:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from dpo_core.tokenization import IGNORE_INDEX
 
 # Name under which `packed_sdpa_attention` is registered with transformers.
 PACKED_ATTENTION = "dpo_packed_sdpa"
@@ -129,15 +132,13 @@ def pack_sequences(
     real = attention_mask.bool()
     ids = input_ids[real]  # row-major: the sequences one after another
     row_labels = labels[real]
-    starts = [0]
-    for length in lengths[:-1]:
-        starts.append(starts[-1] + length)
+    starts = list(itertools.accumulate(lengths[:-1], initial=0))
     start_of = torch.tensor(starts, device=device)
     sequence_of = torch.arange(len(lengths), device=device).repeat_interleave(
         torch.tensor(lengths, device=device))
     position_ids = torch.arange(len(ids), device=device) - start_of[sequence_of]
     # Position t predicts t + 1 within one sequence: t + 1 must not start the next sequence.
-    scored = (row_labels[1:] != -100) & (position_ids[1:] != 0)
+    scored = (row_labels[1:] != IGNORE_INDEX) & (position_ids[1:] != 0)
     sources = scored.nonzero().squeeze(1)
     return PackedRow(
         input_ids=ids[None],
@@ -163,9 +164,7 @@ def pack_prefix_shared(
     """
     counts = segment_counts.tolist()
     lengths = [sum(row) for row in counts]
-    starts = [0]
-    for length in lengths[:-1]:
-        starts.append(starts[-1] + length)
+    starts = list(itertools.accumulate(lengths[:-1], initial=0))
     width = input_ids.shape[1]
     real = torch.arange(width, device=input_ids.device)[None, :] < torch.tensor(
         lengths, device=input_ids.device)[:, None]
@@ -226,9 +225,9 @@ def packed_sdpa_attention(
             prompt_keys, prompt_values = (p[index - 1][:, :, :shared] for p in pieces[1:])
             keys = torch.cat([prompt_keys, pieces[1][index]], 2)
             values = torch.cat([prompt_values, pieces[2][index]], 2)
-            mask = torch.ones(second, shared + second, dtype=torch.bool, device=query.device)
-            mask[:, shared:] = torch.ones(second, second, dtype=torch.bool,
-                                          device=query.device).tril_()
+            # Every prompt key, then causal over the second part: key j <= query i + shared.
+            mask = torch.ones(second, shared + second, dtype=torch.bool,
+                              device=query.device).tril_(shared)
             outputs.append(F.scaled_dot_product_attention(
                 pieces[0][index], keys, values, attn_mask=mask, dropout_p=dropout,
                 scale=scaling))

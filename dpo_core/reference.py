@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
 
 from dpo_core.config import TrainConfig
-from dpo_core.model import POLICY_ADAPTER, REFERENCE_ADAPTER, load_base_model
+from dpo_core.model import POLICY_ADAPTER, REFERENCE_ADAPTER, load_run_base_model
 
 # (policy model, possibly wrapped by DDP/Accelerate) -> context yielding the reference module.
 ReferenceContext = Callable[[torch.nn.Module], AbstractContextManager[torch.nn.Module]]
@@ -109,10 +109,8 @@ def reference_for(config: TrainConfig, model: torch.nn.Module, accelerator: Acce
     weights_dtype = next(model.parameters()).dtype  # the policy's (fp32 master weights)
 
     def load() -> torch.nn.Module:
-        return load_base_model(config.model_name, dtype=weights_dtype, quantize_4bit=False,
-                               attn_implementation=config.attn_implementation,
-                               trust_remote_code=config.trust_remote_code
-                               ).to(accelerator.device).eval().requires_grad_(False)
+        return load_run_base_model(config, weights_dtype).to(
+            accelerator.device).eval().requires_grad_(False)
 
     if precomputed:
         return ReloadedModel(load=load, autocast=accelerator.autocast)

@@ -121,16 +121,18 @@ def data_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
 
 
 def reference_cache_key(
-    model: torch.nn.Module, pairs: Sequence[TokenizedPair], settings: Mapping[str, object]
+    model: torch.nn.Module, pairs: Sequence[TokenizedPair], settings: Mapping[str, object],
+    weights: str | None = None,
 ) -> str:
-    """Hex key of the cache entry for `pairs` under `model` and the log-prob `settings`."""
+    """Hex key of the cache entry for `pairs` under `model` and the log-prob `settings`.
+    `weights`: `weights_fingerprint(model)` when already computed."""
     config = base_model_of(model).config.to_dict()
     for key in _VOLATILE_CONFIG_KEYS:
         config.pop(key, None)
     parts = {
         "format": CACHE_FORMAT,
         "config": config,
-        "weights": weights_fingerprint(model),
+        "weights": weights or weights_fingerprint(model),
         "data": data_fingerprint(pairs),
         "settings": dict(settings),
     }
@@ -215,11 +217,13 @@ def with_reference_logps(
     cache_dir: str,
     settings: Mapping[str, object],
     show_progress: bool = True,
+    weights: str | None = None,
 ) -> ReferencePass:
     """`pairs` with their reference log-probs, from `cache_dir` when cached, else computed
     (every process takes part) and cached by the main process.
 
-    `settings`: whatever else changes the values (log-prob function, dtype, ...), part of the key.
+    `settings`: whatever else changes the values (log-prob function, dtype, ...), part of the key;
+    `weights`: `weights_fingerprint(model)` when already computed (it reads every weight).
     """
     if not objective.uses_reference:
         raise ValueError(f"loss {objective.loss_type!r} without a reference has no reference "
@@ -227,7 +231,7 @@ def with_reference_logps(
     started = time.perf_counter()
     if not pairs:
         return ReferencePass([], None, False, 0.0)
-    key = reference_cache_key(model, pairs, settings)
+    key = reference_cache_key(model, pairs, settings, weights)
     path = os.path.join(cache_dir, f"reference_logps-{key[:16]}.safetensors")
     # The main process decides for everyone, so no process skips a pass the others run.
     cached = [_load_cached(path, key, len(pairs)) if accelerator.is_main_process else None]
@@ -270,8 +274,10 @@ def precompute_reference(config, splits: Sequence[Sequence[TokenizedPair]], *,
                 "attn_implementation": config.attn_implementation,
                 "dtype": str(dtype), "quantize": quantize}
     cache_dir = config.ref_cache_dir or os.path.join(config.output_dir, "reference_logps")
+    # One fingerprint for every split: it reads (under FSDP2 gathers) every weight.
+    weights = weights_fingerprint(model) if any(splits) else None
     return [with_reference_logps(pairs, model=model, objective=objective, collator=collator,
                                  accelerator=accelerator, batch_size=batch_size,
                                  cache_dir=cache_dir, settings=settings,
-                                 show_progress=accelerator.is_main_process)
+                                 show_progress=accelerator.is_main_process, weights=weights)
             for pairs in splits]

@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 from dpo_core.config import TRACKERS, ConfigError, TrainConfig
 from dpo_core.generation import generate_replies
 from dpo_core.reference import ReferenceContext, adapter_disabled
-from dpo_core.run_files import CURVES_FILE, LOG_FILE, METRICS_FILE, read_run_plan
+from dpo_core.run_files import CURVES_FILE, LOG_FILE, METRICS_FILE, read_json, read_run_plan
 
 TRACKER_PROJECT = "dpo"  # the wandb project; TensorBoard writes to output_dir/tensorboard/dpo
 TENSORBOARD_DIR = "tensorboard"
@@ -233,12 +233,8 @@ def write_training_curves(output_dir: str) -> list[Series]:
 
 def read_before_after(output_dir: str) -> dict[str, dict] | None:
     """The before/after evaluation a run saved in metrics.json (the demo's), else None."""
-    metrics_path = os.path.join(output_dir, METRICS_FILE)
-    if not os.path.isfile(metrics_path):
-        return None
-    with open(metrics_path) as f:
-        metrics = json.load(f)
-    if "before" in metrics and "after" in metrics:
+    metrics = read_json(output_dir, METRICS_FILE)
+    if metrics and "before" in metrics and "after" in metrics:
         return {"before": metrics["before"], "after": metrics["after"]}
     return None
 

@@ -254,6 +254,7 @@ class Trainer:
                 if (step_loss := self._settle(window)) is not None:
                     progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             if logging and window.stats:
+                window.tokens = self.accelerator.reduce(window.tokens, "sum")
                 last_train = {"step": state.step,
                               "epoch": state.micro_batches_seen / self.stream.batches_per_epoch,
                               "split": "train", **window.metrics(), "learning_rate": lr}
@@ -277,8 +278,9 @@ class Trainer:
             "train": {k: v for k, v in last_train.items() if k != "split"},
             "eval": {k: v for k, v in last_eval.items() if k != "split"},
             "steps": state.step,
-            "num_processes": self.accelerator.num_processes,
-            **distributed.backend_record(self.accelerator),
+            "num_processes": plan.num_processes,
+            "distributed_type": plan.distributed_type,
+            "fsdp_version": plan.fsdp_version,
             "train_pairs": len(self.train_pairs),
             "eval_pairs": len(self.eval_pairs),
             "train_runtime_s": time.perf_counter() - started,
@@ -315,30 +317,26 @@ class Trainer:
             window.stats.append(gathered)
             step_losses.append(gathered["losses"])
             tokens = batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
-            window.tokens = window.tokens + accelerator.reduce(tokens, "sum")  # stays on device
+            window.tokens = window.tokens + tokens  # this process's; summed when logged
         grad_norm = distributed.whole_tensor(accelerator.clip_grad_norm_(
             self.model.parameters(), config.max_grad_norm or float("inf")))
         mean_loss = torch.cat(step_losses).mean().float()
         record = torch.stack([mean_loss, torch.as_tensor(grad_norm, dtype=torch.float32,
                                                          device=mean_loss.device)])
         window.pending.append((state.step + 1, record))
-        if config.skip_nonfinite_steps or accelerator.scaler is not None:
-            # Whether to apply the update needs the loss and the norm: read them now.
-            step_loss, norm = record.tolist()
-            if not self._finite(step_loss, norm):
-                if state.nonfinite_steps_skipped >= config.skip_nonfinite_steps:
-                    raise failures.nonfinite_error(state.step + 1, step_loss, norm,
-                                                   config.output_dir)
-                state.nonfinite_steps_skipped += 1
-                del window.stats[-accumulation:]
-                window.pending.pop()
-                logger.warning(f"step {state.step + 1}: non-finite loss or gradient, update "
-                               f"skipped ({state.nonfinite_steps_skipped}/"
-                               f"{config.skip_nonfinite_steps}).")
-                self.optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                return
-        self.optimizer.step()
+        # Whether to apply the update needs the loss and the norm now only when skipping.
+        read_now = config.skip_nonfinite_steps or accelerator.scaler is not None
+        values = record.tolist() if read_now else None
+        if values is not None and not self._finite(*values):
+            if state.nonfinite_steps_skipped >= config.skip_nonfinite_steps:
+                raise failures.nonfinite_error(state.step + 1, *values, config.output_dir)
+            state.nonfinite_steps_skipped += 1
+            del window.stats[-accumulation:]
+            window.pending.pop()
+            logger.warning(f"step {state.step + 1}: non-finite loss or gradient, update skipped "
+                           f"({state.nonfinite_steps_skipped}/{config.skip_nonfinite_steps}).")
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
 
@@ -409,7 +407,7 @@ class Trainer:
             self.tokenizer.save_pretrained(config.output_dir)
             if config.merge_adapter:
                 metrics["merged_model"] = save_merged_model(config, config.output_dir,
-                                                            self.dtype)
+                                                            self.dtype, self.tokenizer)
             run_files.write_json(config.output_dir, run_files.METRICS_FILE, metrics)
             report.write_training_curves(config.output_dir)
         accelerator.wait_for_everyone()
