@@ -275,6 +275,13 @@ class TrainConfig:
         "shuffled) to cut padding; deterministic for --seed, so resuming stays exact.",
         SPEED,
     )
+    reuse_host_memory: bool = _arg(
+        True,
+        "Training on the CPU with glibc: keep freed memory in the heap for the next step "
+        "instead of returning it to the kernel and faulting it back in (same numbers, less "
+        "kernel time; see dpo_core/host_memory.py). Process-wide.",
+        SPEED,
+    )
     # -- logging, evaluation, checkpoints ---------------------------------------------------
     output_dir: str = _arg(
         "dpo_tinyllama_model", "Where the adapter, logs and checkpoints go.", LOG

@@ -25,6 +25,7 @@ class RunPlan:
     distributed_type: str | None = None  # as Accelerate names it: NO, MULTI_CPU, MULTI_GPU, ...
     fsdp_version: int | None = None  # 1 or 2 under FSDP
     num_processes: int | None = None
+    reuse_host_memory: bool | None = None  # glibc's thresholds raised (CPU training only)
     chat_template: bool | None = None  # whether prompts are rendered with the tokenizer's
     padding_free: bool | None = None  # one packed row per micro-batch
     prefix_sharing: str | None = None  # "always", "per batch" or "off"

@@ -21,7 +21,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from dpo_core import checkpoint, distributed, failures, report, run_files
+from dpo_core import checkpoint, distributed, failures, host_memory, report, run_files
 from dpo_core.batching import MicroBatchStream, eval_loader, pair_length
 from dpo_core.config import TrainConfig
 from dpo_core.console import configure_console, logger
@@ -124,6 +124,9 @@ class Trainer:
         plan.distributed_type = self.accelerator.distributed_type.value
         plan.fsdp_version = distributed.fsdp_version(self.accelerator)
         plan.num_processes = self.accelerator.num_processes
+        plan.reuse_host_memory = (config.reuse_host_memory
+                                  and self.accelerator.device.type == "cpu"
+                                  and host_memory.reuse_freed_host_memory())
 
     def _setup_model(self) -> None:
         self.model = build_policy(self.config, self.dtype, self.quantize,

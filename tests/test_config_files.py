@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, train_args, train_records
 
 import train
+from dpo_core import host_memory
 from dpo_core.cli import demo_presets
 from dpo_core.config import ConfigError, TrainConfig, build_parser, load_config_file, parse_config
 from dpo_core.run_files import read_run_plan
@@ -91,6 +92,9 @@ def test_training_config_json_fed_back_reproduces_the_run(tiny_model_dir, pairs_
     assert asked["prefix_sharing"] is None and plan["prefix_sharing"] == "always"
     assert plan["total_steps"] == 3 and plan["warmup_steps"] == 0
     assert plan["chat_template"] is True and plan["num_processes"] == 1
+    # On by default where it can take effect: the CPU, with glibc's malloc.
+    assert asked["reuse_host_memory"] is True
+    assert plan["reuse_host_memory"] is (host_memory._glibc() is not None)
 
     again = tmp_path / "again"
     argv = ["--config", str(first / "training_config.json"), "--output_dir", str(again)]
