@@ -72,6 +72,9 @@ VARIANTS = {
     "defaults": ("ours", {}),
     # The speed flags at their defaults (decided at run time), gradient checkpointing off.
     "auto": ("ours", {"gradient_checkpointing": False}),
+    # auto with glibc's malloc left at its defaults (freed memory returned to the kernel).
+    "auto+system-malloc": ("ours", {"gradient_checkpointing": False,
+                                    "reuse_host_memory": False}),
     # The standard path of another revision of this project (`--baseline REV`): the same
     # padded, per-step-reference settings, with flags that revision lacks left out.
     "baseline": _ours(False, False, False),
@@ -84,7 +87,7 @@ DEFAULT_VARIANTS = ("standard,prefix+precompute,padding-free,padding-free+prefix
 EXACT_VARIANTS = ("prefix", "precompute", "prefix+precompute", "checkpointing",
                   "prefix+precompute+checkpointing", "padding-free", "padding-free+prefix",
                   "padding-free+precompute", "padding-free+prefix+precompute", "padded-auto",
-                  "defaults", "auto", "baseline")
+                  "defaults", "auto", "auto+system-malloc", "baseline")
 
 
 
@@ -311,6 +314,8 @@ def summarise(name: str, results: list[dict], visited: dict, steps: int, batch_s
         "first_step": runs[0]["first_step"],
         "losses": runs[0]["losses"],
         "load_runs": [run.get("loadavg") for run in runs],
+        "system_cpu_s_runs": [run["system_cpu_s"] for run in runs],
+        "page_faults_runs": [run["page_faults"] for run in runs],
         "token_ids": runs[0].get("token_ids"),
     }
 

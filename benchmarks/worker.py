@@ -148,19 +148,26 @@ class ContentionMeter:
     """Share of the machine's CPU time that OTHER processes used while it ran: on a shared
     machine a busy neighbour can slow a multi-threaded run several times over, and this says
     when it happened. (busy time of all CPUs - this process's CPU time) / (wall x CPUs);
-    steal time (other virtual machines) counts as busy."""
+    steal time (other virtual machines) counts as busy. Also this process's own kernel time
+    and minor page faults meanwhile (memory the allocator handed back and faulted in again)."""
 
     def __enter__(self) -> ContentionMeter:
         import psutil
 
         self.process = psutil.Process()
-        self.start = (_wall_clock(), self._busy(), self._own())
+        self.start = self._readings()
         return self
 
     def __exit__(self, *exc) -> None:
-        wall, busy, own = (now - then for now, then in zip(
-            (_wall_clock(), self._busy(), self._own()), self.start, strict=True))
+        wall, busy, own, self.system_s, self.page_faults = (
+            now - then for now, then in zip(self._readings(), self.start, strict=True))
         self.others = max(0.0, busy - own) / (wall * (os.cpu_count() or 1))
+
+    def _readings(self) -> tuple[float, float, float, float, int]:
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return _wall_clock(), self._busy(), self._own(), usage.ru_stime, usage.ru_minflt
 
     @staticmethod
     def _busy() -> float:
@@ -218,6 +225,7 @@ def worker(spec_path: str) -> None:
         _reset_accelerate()
         shutil.rmtree(output_dir, ignore_errors=True)
     result["contention"] = contention.others
+    result["system_cpu_s"], result["page_faults"] = contention.system_s, contention.page_faults
     result["loadavg"] = os.getloadavg()[0]  # 1-minute load average when the run ended
     with open(spec["result_path"], "w") as f:
         json.dump({"run": result, "peak_rss_mb": peak_rss_mb(),

@@ -73,20 +73,19 @@ LogpsFn = Callable[[torch.nn.Module, dict], tuple[Tensor, Tensor]]
 class _LabelLogProbs(torch.autograd.Function):
     """log p(target) for rows of a logits matrix, chunked over rows.
 
-    forward(logits [M, V] any float dtype, rows [N] long or None, targets [N] long) -> [N] fp32,
+    forward(logits [M, V] any float dtype, rows [N] long, targets [N] long) -> [N] fp32,
     out[i] = log_softmax(logits[rows[i]])[targets[i]]. Rows may repeat (prefix sharing predicts
-    the first chosen and the first rejected token from the same position); rows=None means
-    every row once, in order (N = M), which needs no gather and no zero-filled gradient.
+    the first chosen and the first rejected token from the same position).
     Peak extra memory: one fp32 chunk [rows_per_chunk, V], forward and backward (the gradient
     itself is [M, V] in the logits dtype, as autograd requires).
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, rows: Tensor | None, targets: Tensor) -> Tensor:
+    def forward(ctx, logits: Tensor, rows: Tensor, targets: Tensor) -> Tensor:
         token_logps = torch.empty(targets.shape[0], dtype=torch.float32, device=logits.device)
         logsumexps = torch.empty_like(token_logps)
         for chunk in _chunks(targets.shape[0], logits.shape[-1]):
-            chunk_logits = _chunk_rows(logits, rows, chunk).float()
+            chunk_logits = logits.index_select(0, rows[chunk]).float()
             logsumexps[chunk] = torch.logsumexp(chunk_logits, dim=-1)
             picked = chunk_logits.gather(1, targets[chunk, None]).squeeze(1)
             token_logps[chunk] = picked - logsumexps[chunk]
@@ -97,42 +96,20 @@ class _LabelLogProbs(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_token_logps: Tensor) -> tuple[Tensor, None, None]:
         logits, rows, targets, logsumexps = ctx.saved_tensors
-        grad_logits = torch.empty_like(logits) if rows is None else torch.zeros_like(logits)
+        grad_logits = torch.zeros_like(logits)
         for chunk in _chunks(targets.shape[0], logits.shape[-1]):
             grad = grad_token_logps[chunk, None].float()
             # d/dlogits of (logit[target] - logsumexp) = onehot(target) - softmax.
-            chunk_grad = _chunk_rows(logits, rows, chunk).float() - logsumexps[chunk, None]
+            chunk_grad = logits.index_select(0, rows[chunk]).float() - logsumexps[chunk, None]
             chunk_grad.exp_().mul_(-grad)
             chunk_grad.scatter_add_(1, targets[chunk, None], grad)
-            if rows is None:
-                grad_logits[chunk] = chunk_grad
-            else:
-                grad_logits.index_add_(0, rows[chunk], chunk_grad.to(logits.dtype))
+            grad_logits.index_add_(0, rows[chunk], chunk_grad.to(logits.dtype))
         return grad_logits, None, None
 
 
 def _chunks(num_rows: int, vocab_size: int) -> list[slice]:
     rows_per_chunk = max(1, CHUNK_ELEMENTS // vocab_size)
     return [slice(start, start + rows_per_chunk) for start in range(0, num_rows, rows_per_chunk)]
-
-
-def _chunk_rows(logits: Tensor, rows: Tensor | None, chunk: slice) -> Tensor:
-    return logits[chunk] if rows is None else logits.index_select(0, rows[chunk])
-
-
-def _sum_label_logps(
-    logits: Tensor,
-    rows: Tensor | None,
-    targets: Tensor,
-    sequence_index: Tensor,
-    num_sequences: int,
-) -> Tensor:
-    """Sum of log p(targets[i] | logits[rows[i]]) per sequence_index[i] -> [num_sequences] fp32.
-
-    rows=None: row i of logits for target i.
-    """
-    token_logps = _LabelLogProbs.apply(logits, rows, targets.long())
-    return _per_sequence(token_logps, sequence_index, num_sequences)
 
 
 class _FrozenHeadLabelLogProbs(torch.autograd.Function):
@@ -225,13 +202,10 @@ def sequence_logps(logits: Tensor, labels: Tensor) -> Tensor:
         )
     batch_size, seq_len, vocab_size = logits.shape
     seq_index, positions = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
-    return _sum_label_logps(
-        logits.reshape(batch_size * seq_len, vocab_size),
-        rows=seq_index * seq_len + positions,
-        targets=labels[seq_index, positions + 1],
-        sequence_index=seq_index,
-        num_sequences=batch_size,
-    )
+    token_logps = _LabelLogProbs.apply(logits.reshape(batch_size * seq_len, vocab_size),
+                                       seq_index * seq_len + positions,
+                                       labels[seq_index, positions + 1].long())
+    return _per_sequence(token_logps, seq_index, batch_size)
 
 
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:

@@ -23,17 +23,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from transformers import PreTrainedTokenizerBase
 
 from dpo_core.config import TRACKERS, ConfigError, TrainConfig
-from dpo_core.generation import generate_replies
-from dpo_core.reference import ReferenceContext, adapter_disabled
 from dpo_core.run_files import CURVES_FILE, LOG_FILE, METRICS_FILE, read_json, read_run_plan
 
 TRACKER_PROJECT = "dpo"  # the wandb project; TensorBoard writes to output_dir/tensorboard/dpo
@@ -273,30 +269,14 @@ def _number(value: float | None) -> str:
 
 
 # -- samples ----------------------------------------------------------------------------------
-def write_samples(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[list[dict[str, str]] | str],
-    path: str | None,
-    *,
-    use_chat_template: bool,
-    max_new_tokens: int,
-    reference: ReferenceContext = adapter_disabled,
-) -> tuple[list[str], list[str]]:
-    """Greedy replies of the model training started from (`reference`, by default a PEFT
-    model's adapter disabled) and of the trained model to `prompts`, written to `path` as a
-    markdown table; returns (base, trained). `path` None: generate only (the other processes
-    of a run with sharded weights)."""
-    options = {"use_chat_template": use_chat_template, "max_new_tokens": max_new_tokens}
-    with torch.no_grad(), reference(model) as before:
-        base = generate_replies(before, tokenizer, list(prompts), **options)
-    trained = generate_replies(model, tokenizer, list(prompts), **options)
-    if path is None:
-        return base, trained
+def write_samples(path: str, prompts: Sequence[list[dict[str, str]] | str],
+                  base: Sequence[str], trained: Sequence[str], *, use_chat_template: bool,
+                  max_new_tokens: int) -> None:
+    """samples.md at `path`: the replies of the model training started from (`base`) and of
+    the trained model to `prompts`, as `format_samples` lays them out."""
     with open(path, "w") as f:
         f.write(format_samples(prompts, base, trained, use_chat_template=use_chat_template,
                                max_new_tokens=max_new_tokens))
-    return base, trained
 
 
 def format_samples(prompts: Sequence[list[dict[str, str]] | str], base: Sequence[str],

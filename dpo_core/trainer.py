@@ -25,6 +25,7 @@ from dpo_core import checkpoint, distributed, failures, host_memory, report, run
 from dpo_core.batching import MicroBatchStream, eval_loader, pair_length
 from dpo_core.config import TrainConfig
 from dpo_core.console import configure_console, logger
+from dpo_core.generation import generate_replies
 from dpo_core.interrupt import StopOnInterrupt, checkpoint_and_stop
 from dpo_core.logps import PaddingFreeCollator, resolve_forward
 from dpo_core.metrics import MetricWindow, format_record, merged_metrics
@@ -384,6 +385,26 @@ class Trainer:
             self.accelerator.log(report.tracker_values(record), step=record["step"])
         logger.info(format_record(record))
 
+    def _before_and_after(self, model: torch.nn.Module, metrics: dict) -> None:
+        """The evaluation hook's "before" and "after" and samples.md: the starting model does
+        all its part inside one reference context (full fine-tuning reads it from disk once),
+        then the trained `model` does its part."""
+        hook, prompts = self.evaluation_hook, self.data.sample_prompts
+        if hook is None and not prompts:
+            return
+        options = {"use_chat_template": self.plan.chat_template,
+                   "max_new_tokens": self.config.sample_max_new_tokens}
+        with torch.no_grad(), self.objective.reference(model) as before:
+            if hook is not None:
+                metrics["before"] = hook(before, self.tokenizer)
+            base = generate_replies(before, self.tokenizer, prompts, **options)
+        if hook is not None:
+            metrics["after"] = hook(model, self.tokenizer)
+        trained = generate_replies(model, self.tokenizer, prompts, **options)
+        if prompts and self.is_main:
+            report.write_samples(os.path.join(self.config.output_dir, run_files.SAMPLES_FILE),
+                                 prompts, base, trained, **options)
+
     def _finish(self, metrics: dict) -> dict:
         """Before/after evaluation, then the adapter, tokenizer, metrics.json, curves and
         samples (and the merged model if asked) into output_dir; returns `metrics`."""
@@ -392,18 +413,9 @@ class Trainer:
         # With sharded weights every process takes part in each forward pass, so every
         # process evaluates and generates (the same text); only the main process writes.
         generates = self.is_main or distributed.weights_are_sharded(accelerator)
-        with distributed.root_weights_gathered(unwrapped):
-            if self.evaluation_hook is not None and generates:
-                with torch.no_grad(), self.objective.reference(unwrapped) as before:
-                    metrics["before"] = self.evaluation_hook(before, self.tokenizer)
-                metrics["after"] = self.evaluation_hook(unwrapped, self.tokenizer)
-            if self.data.sample_prompts and generates:
-                samples = os.path.join(config.output_dir, run_files.SAMPLES_FILE)
-                report.write_samples(unwrapped, self.tokenizer, self.data.sample_prompts,
-                                     samples if self.is_main else None,
-                                     use_chat_template=self.plan.chat_template,
-                                     max_new_tokens=config.sample_max_new_tokens,
-                                     reference=self.objective.reference)
+        if generates:
+            with distributed.root_weights_gathered(unwrapped):
+                self._before_and_after(unwrapped, metrics)
         accelerator.wait_for_everyone()
         checkpoint.save_trained_weights(accelerator, self.model, config.output_dir)
         if self.is_main:

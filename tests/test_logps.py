@@ -200,49 +200,15 @@ def test_sequence_logps_rejects_misaligned_labels():
         sequence_logps(torch.randn(2, 5, 7), torch.zeros(2, 4, dtype=torch.long))
 
 
-def kept_rows_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """What concatenated_forward does when the model returned logits only at label positions.
-
-    logits [N, V]: row i predicts the i-th label of `labels` [B, T] in row-major order.
-    """
-    seq_index, positions = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
-    targets = labels[seq_index, positions + 1]
-    return logps_module._sum_label_logps(logits, None, targets, seq_index, labels.shape[0])
-
-
-def test_kept_rows_path_equals_sequence_logps(monkeypatch):
-    batch, seq_len, vocab = 3, 10, 29
-    monkeypatch.setattr(logps_module, "CHUNK_ELEMENTS", 4 * vocab)
-    logits = torch.randn(batch, seq_len, vocab, requires_grad=True)
-    labels = random_labels(batch, seq_len, vocab, seed=8)
-    kept = logits[:, :-1][labels[:, 1:] != IGNORE]  # [N, V], row-major like logits_to_keep
-    kept.retain_grad()
-    weights = torch.randn(batch)
-
-    (kept_rows_logps(kept, labels) @ weights).backward()
-    grad = kept.grad.clone()
-    logits.grad = None
-    expected = sequence_logps(logits, labels)
-    (expected @ weights).backward()
-    torch.testing.assert_close(kept_rows_logps(kept, labels), expected, atol=0, rtol=0)
-    torch.testing.assert_close(grad, logits.grad[:, :-1][labels[:, 1:] != IGNORE])
-
-
-@pytest.mark.parametrize("path", ["sequence_logps", "kept_rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_logps_never_hold_a_full_fp32_vocab_tensor(monkeypatch, dtype, path):
+def test_logps_never_hold_a_full_fp32_vocab_tensor(monkeypatch, dtype):
     """Peak memory of forward + backward: the [N, V] gradient autograd needs, plus one chunk."""
     batch, seq_len, vocab = 4, 64, 1024
     rows_per_chunk = 16
     monkeypatch.setattr(logps_module, "CHUNK_ELEMENTS", rows_per_chunk * vocab)
     labels = random_labels(batch, seq_len, vocab, seed=5)
-    if path == "sequence_logps":
-        logits = torch.randn(batch, seq_len, vocab).to(dtype).requires_grad_()
-        fn = sequence_logps
-    else:  # every position but the last predicts a label: N = B * (T - 1) kept rows
-        labels[:, 1:] = labels[:, 1:].clamp(min=0)
-        logits = torch.randn(batch * (seq_len - 1), vocab).to(dtype).requires_grad_()
-        fn = kept_rows_logps
+    logits = torch.randn(batch, seq_len, vocab).to(dtype).requires_grad_()
+    fn = sequence_logps
 
     gradient_bytes = logits.numel() * logits.element_size()
     full_fp32_bytes = logits.numel() * 4

@@ -19,10 +19,13 @@ from conftest import learnable_pairs, read_log, train_args, train_records
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from test_distributed import BIN, free_port, launch
+from test_report import table_rows
 from transformers import AutoModelForCausalLM
 
 import chat
 import train
+from dpo_core import reference as reference_module
+from dpo_core import trainer
 from dpo_core.config import ConfigError, TrainConfig, build_parser, parse_config
 from dpo_core.data import PreferencePair
 from dpo_core.logps import concatenated_forward
@@ -31,6 +34,7 @@ from dpo_core.model import (
     REFERENCE_ADAPTER,
     ModelLoadError,
     load_inference_model,
+    load_run_base_model,
     load_tokenizer,
     load_trainable_adapter,
     resolve_quantization,
@@ -334,6 +338,35 @@ def test_full_finetuning_two_steps_saves_a_loadable_trained_model(tiny_model_dir
     assert eval_chosen_logps(tiny_model_dir, args) != pytest.approx(
         final_eval["logps/chosen"], abs=1e-2)
     assert (out / "samples.md").is_file()
+
+
+def test_full_finetuning_reads_the_starting_model_once_after_training(
+        tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    """With precomputed reference log-probs full fine-tuning keeps no second model: the
+    evaluation hook's "before" and the samples' base column share one read from disk."""
+    loads = []
+
+    def counted_load(*args, **kwargs):
+        loads.append(args)
+        return load_run_base_model(*args, **kwargs)
+
+    monkeypatch.setattr(reference_module, "load_run_base_model", counted_load)
+
+    def weight_sum(model, tokenizer) -> dict:
+        return {"weight_sum": sum(p.double().sum().item() for p in model.parameters())}
+
+    args = train_args(tiny_model_dir, pairs_file, tmp_path / "full", "--finetuning_type",
+                      "full", "--max_steps", "2", "--precompute_ref_log_probs",
+                      "--learning_rate", "1e-3", "--num_sample_prompts", "2")
+    metrics = trainer.train(parse_config(TrainConfig, build_parser(TrainConfig, ""), args),
+                            evaluation_hook=weight_sum)
+    assert len(loads) == 1
+    starting = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert metrics["before"] == pytest.approx(weight_sum(starting, None), rel=1e-12)
+    trained = AutoModelForCausalLM.from_pretrained(str(tmp_path / "full"))
+    assert metrics["after"] == pytest.approx(weight_sum(trained, None), rel=1e-9)
+    assert metrics["after"] != pytest.approx(metrics["before"], rel=1e-6)
+    assert len(table_rows((tmp_path / "full" / "samples.md").read_text())) == 2
 
 
 @pytest.fixture(scope="module")
