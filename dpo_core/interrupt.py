@@ -5,7 +5,8 @@ weights, optimizer and data position agree), saves a checkpoint and raises
 `TrainingInterrupted` (exit status 130) with the command that resumes. A second Ctrl-C
 interrupts at once, as usual. Under several processes every process gets the
 signal from the terminal, but not necessarily at the same step: `requested` agrees across
-processes so that they all stop after the same step.
+processes so that they all stop after the same step, one step after the Ctrl-C (the agreement
+is read a step late, so that it never makes the host wait for the device).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from types import FrameType
 from typing import NoReturn
 
 import torch
+import torch.distributed as dist
 
 from dpo_core.checkpoint import checkpoint_dirs, save_checkpoint
 from dpo_core.errors import TrainingInterrupted
@@ -32,6 +34,8 @@ class StopOnInterrupt:
     def __init__(self) -> None:
         self.pressed = False
         self._previous = None
+        # Several processes: the started "any process interrupted?" collective, not read yet.
+        self._agreement: tuple[torch.Tensor, dist.Work] | None = None
 
     def __enter__(self) -> StopOnInterrupt:
         # Signal handlers can only be set from the main thread (e.g. not in a notebook worker).
@@ -44,6 +48,9 @@ class StopOnInterrupt:
 
     def release(self) -> None:
         """Give Ctrl-C back its usual meaning (e.g. once the loop is over); idempotent."""
+        if self._agreement is not None:  # every process started it: complete it everywhere
+            self._agreement[1].wait()
+            self._agreement = None
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
@@ -56,11 +63,28 @@ class StopOnInterrupt:
               file=sys.stderr, flush=True)
 
     def requested(self, accelerator) -> bool:
-        """Whether any process was interrupted; a collective call under several processes."""
+        """Whether to stop after this step: whether Ctrl-C was pressed. Under several
+        processes, whether any process had been interrupted by the end of the previous step:
+        the collective that agrees on it starts after a step and is read after the next, so
+        no process waits each step for the work it has just queued on the device, and every
+        process stops after the same step, the one after the Ctrl-C's. A collective call:
+        every process makes it once per step."""
         if accelerator.num_processes == 1:
             return self.pressed
-        flag = torch.tensor([float(self.pressed)], device=accelerator.device)
-        return bool(accelerator.reduce(flag, "max").item())
+        agreed, self._agreement = self._agreement, _start_any(self.pressed, accelerator.device)
+        return agreed is not None and _finish_any(agreed)
+
+
+def _start_any(flag: bool, device: torch.device) -> tuple[torch.Tensor, dist.Work]:
+    """Start the max of `flag` over every process (asynchronously)."""
+    value = torch.tensor([float(flag)], device=device)
+    return value, dist.all_reduce(value, op=dist.ReduceOp.MAX, async_op=True)
+
+
+def _finish_any(started: tuple[torch.Tensor, dist.Work]) -> bool:
+    value, work = started
+    work.wait()
+    return bool(value.item())
 
 
 def checkpoint_and_stop(config, accelerator, model: torch.nn.Module,

@@ -39,6 +39,30 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
+# train.py where only process INTERRUPT_RANK gets a Ctrl-C (a real SIGINT), during its
+# INTERRUPT_AT_CALL-th training micro-batch.
+INTERRUPTED_ON_ONE_RANK = """
+import os, runpy, signal, sys
+sys.path.insert(0, os.getcwd())
+import torch
+from dpo_core.objective import PreferenceObjective
+
+real_call = PreferenceObjective.__call__
+calls = []
+
+def call(self, model, batch):
+    if torch.is_grad_enabled() and os.environ["RANK"] == os.environ["INTERRUPT_RANK"]:
+        calls.append(1)
+        if len(calls) == int(os.environ["INTERRUPT_AT_CALL"]):
+            os.kill(os.getpid(), signal.SIGINT)
+    return real_call(self, model, batch)
+
+PreferenceObjective.__call__ = call
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
 def assert_same_run(out, reference, *, evals: bool = True) -> None:
     """Per-step loss and gradient norm, final eval and saved weights all match."""
     mine, theirs = train_records(out), train_records(reference)

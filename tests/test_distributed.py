@@ -10,9 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 from accelerate.utils import DistributedType
-from conftest import learnable_pairs, train_args, write_jsonl
+from conftest import learnable_pairs, train_args, train_records, write_jsonl
 from launching import (
     BIN,
+    INTERRUPTED_ON_ONE_RANK,
     KILLED_DURING_SAVE,
     accelerate_launch,
     assert_same_run,
@@ -83,6 +84,29 @@ def test_ddp_with_4bit_qlora_matches_one_process(tiny_model_dir, pairs_file, tmp
     plan = json.loads((out / "training_config.json").read_text())["run_plan"]
     assert plan["quantization"] == "4bit"
     assert_same_run(out, one)
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_one_process_stops_every_process_after_the_same_step(
+        one_process, tiny_model_dir, pairs_file, tmp_path):
+    """Only rank 1 gets a Ctrl-C, during step 2. The agreement on it is read one step late
+    (so no process waits each step for the device): both processes stop after step 3, save
+    checkpoint-3, and the resumed run ends as the uninterrupted one-process run did."""
+    out = tmp_path / "ddp"
+    args = train_args(tiny_model_dir, pairs_file, out, *STEPS, "--batch_size", "2")
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED_ON_ONE_RANK)
+    stopped = launch(accelerate_launch("ddp.yaml"), args, tmp_path, script=str(script),
+                     check=False, env={"INTERRUPT_RANK": "1", "INTERRUPT_AT_CALL": "2"})
+    assert stopped.returncode != 0
+    assert f"Stopped by Ctrl-C after step 3 of 4; saved {out / 'checkpoint-3'}." in (
+        stopped.stdout + stopped.stderr)
+    assert [r["step"] for r in train_records(out)] == [1, 2, 3]
+    assert sorted(os.listdir(out / "checkpoint-3")) == [
+        "adapter", "optimizer.pt", "rng_state_0.pt", "rng_state_1.pt", "trainer_state.json"]
+    launch(accelerate_launch("ddp.yaml"), [*args, "--resume_from_checkpoint", "latest"],
+           tmp_path)
+    assert_same_run(out, one_process)
 
 
 # 36 training pairs in micro-batches of 4 pairs (one process, or 2 processes x 2): 9 an epoch,
