@@ -127,4 +127,3 @@ def templated_tokenizer(base: PreTrainedTokenizerFast, spec: dict,
     tokenizer.eos_token = eos_token or spec["eos_token"]
     tokenizer.chat_template = spec["chat_template"]
     return tokenizer
-

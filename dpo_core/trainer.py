@@ -397,13 +397,16 @@ class Trainer:
         with torch.no_grad(), self.objective.reference(model) as before:
             if hook is not None:
                 metrics["before"] = hook(before, self.tokenizer)
-            base = generate_replies(before, self.tokenizer, prompts, **options)
+            if prompts:
+                base = generate_replies(before, self.tokenizer, prompts, **options)
         if hook is not None:
             metrics["after"] = hook(model, self.tokenizer)
-        trained = generate_replies(model, self.tokenizer, prompts, **options)
-        if prompts and self.is_main:
-            report.write_samples(os.path.join(self.config.output_dir, run_files.SAMPLES_FILE),
-                                 prompts, base, trained, **options)
+        if prompts:
+            trained = generate_replies(model, self.tokenizer, prompts, **options)
+            if self.is_main:
+                report.write_samples(
+                    os.path.join(self.config.output_dir, run_files.SAMPLES_FILE), prompts,
+                    base, trained, **options)
 
     def _finish(self, metrics: dict) -> dict:
         """Before/after evaluation, then the adapter, tokenizer, metrics.json, curves and
