@@ -28,15 +28,13 @@ import time
 import torch
 
 from benchmarks.synthetic import LORA_ALPHA, LORA_R, MODEL_PRESETS, RUN_DEFAULTS, _target_lengths
-from dpo_core.logps import (
-    concatenated_forward,
-    padding_free_forward,
-    padding_free_prefix_shared_forward,
-)
-from dpo_core.model import add_lora
-from dpo_core.packing import use_packed_attention
+from dpo_core.data.batches import PreferenceCollator
+from dpo_core.data.tokenization import TokenizedPair
+from dpo_core.forward.attention import use_packed_attention
+from dpo_core.forward.logps import concatenated_forward
+from dpo_core.forward.packing import padding_free_forward, padding_free_prefix_shared_forward
+from dpo_core.modeling.adapters import add_lora
 from dpo_core.testing import tiny_llama
-from dpo_core.tokenization import PreferenceCollator, TokenizedPair
 
 
 def realistic_batches(vocab: int, max_length: int, batch_size: int, count: int,

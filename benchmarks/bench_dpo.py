@@ -128,12 +128,13 @@ def visiting_order(spec: dict) -> dict:
     many of them the trainer's truncation shortened."""
     import torch
 
-    from dpo_core.batching import epoch_order
-    from dpo_core.config import TrainConfig
-    from dpo_core.data import to_pair
-    from dpo_core.model import load_tokenizer
-    from dpo_core.tokenization import resolve_chat_template, tokenize_pairs, truncate
-    from dpo_core.training_data import build_training_data
+    from dpo_core.config.train import TrainConfig
+    from dpo_core.data.batches import epoch_order
+    from dpo_core.data.pairs import to_pair
+    from dpo_core.data.templates import resolve_chat_template
+    from dpo_core.data.tokenization import tokenize_pairs, truncate
+    from dpo_core.data.training_data import build_training_data
+    from dpo_core.modeling.loading import load_tokenizer
 
     config = TrainConfig(model_name=spec["model_dir"], dataset_name=spec["data_path"],
                          num_samples=0, eval_fraction=0.0, seed=SEED,
@@ -257,7 +258,7 @@ def uses_prefix_sharing(setting: bool | None, batch: list[list[int]]) -> bool:
     always, never, or (unset) by the trainer's own rule, `prefix_sharing_pays`."""
     import torch
 
-    from dpo_core.logps import prefix_sharing_pays
+    from dpo_core.forward.prefix_sharing import prefix_sharing_pays
 
     if setting is not None:
         return setting

@@ -50,8 +50,8 @@ def check_attention() -> dict:
     import torch
 
     from benchmarks.attention_options import realistic_batches
-    from dpo_core.logps import padding_free_forward, padding_free_prefix_shared_forward
-    from dpo_core.packing import use_packed_attention
+    from dpo_core.forward.attention import use_packed_attention
+    from dpo_core.forward.packing import padding_free_forward, padding_free_prefix_shared_forward
 
     results = {}
     batches = [{k: v.cuda() for k, v in b.items()}
@@ -118,8 +118,8 @@ def run_qlora(workdir: str) -> dict:
     import bitsandbytes  # noqa: F401
 
     from benchmarks.synthetic import build_assets
-    from dpo_core.config import TrainConfig
-    from dpo_core.trainer import train
+    from dpo_core.config.train import TrainConfig
+    from dpo_core.training.trainer import train
 
     assets = build_assets("cpu-medium", "ultrafeedback", 32, 512, Path(workdir))
     config = TrainConfig(model_name=assets["model_dir"], dataset_name=assets["data_path"],

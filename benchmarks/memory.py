@@ -80,11 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--response", type=int, default=768)
     args = parser.parse_args(argv)
 
-    from dpo_core import logps
-    from dpo_core.model import add_lora
-    from dpo_core.packing import use_packed_attention
+    from dpo_core.data.batches import PreferenceCollator
+    from dpo_core.data.tokenization import TokenizedPair
+    from dpo_core.forward import logps
+    from dpo_core.forward.attention import use_packed_attention
+    from dpo_core.forward.packing import padding_free_forward
+    from dpo_core.modeling.adapters import add_lora
     from dpo_core.testing import tiny_llama
-    from dpo_core.tokenization import PreferenceCollator, TokenizedPair
 
     torch.manual_seed(0)
     model = add_lora(tiny_llama(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=2,
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     model.zero_grad(set_to_none=True)
     print(f"activations (decoder forward + backward): {base / mib:.0f} MiB")
     for name, forward in (("padded", logps.concatenated_forward),
-                          ("padding-free", logps.padding_free_forward)):
+                          ("padding-free", padding_free_forward)):
         peak = peak_bytes_of(path(forward))
         model.zero_grad(set_to_none=True)
         print(f"{name:13s} log-prob path: {peak / mib:.0f} MiB, {(peak - base) / mib:+.0f} MiB "

@@ -40,11 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from dpo_core.config import TrainConfig
-    from dpo_core.data import load_pairs
-    from dpo_core.model import build_policy, load_tokenizer
-    from dpo_core.objective import PreferenceObjective
-    from dpo_core.tokenization import PreferenceCollator, tokenize_pairs
+    from dpo_core.config.train import TrainConfig
+    from dpo_core.data.batches import PreferenceCollator
+    from dpo_core.data.pairs import load_pairs
+    from dpo_core.data.tokenization import tokenize_pairs
+    from dpo_core.modeling.adapters import build_policy
+    from dpo_core.modeling.loading import load_tokenizer
+    from dpo_core.training.objective import PreferenceObjective
 
     num_pairs, max_length, batch_size = synthetic.RUN_DEFAULTS[args.preset]
     batch_size = args.batch_size or batch_size

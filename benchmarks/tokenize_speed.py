@@ -2,7 +2,7 @@
 
 UltraFeedback-shaped pairs (word counts drawn as `synthetic.py` draws UltraFeedback's token
 lengths at max_length 1024; a pseudo-word is one to a few tokens) through
-`tokenize_pairs` with each family's template (tests/data/chat_templates.json) on a locally
+`tokenize_pairs` with each family's template (tests/fixtures/chat_templates.json) on a locally
 trained tokenizer: `ENCODE_BATCH` pairs per tokenizer call (what the trainer does) against one
 pair per call, in interleaved rounds, with identical ids checked. Reported as ms per pair and
 the projected time for UltraFeedback's 61,135 training pairs.
@@ -20,11 +20,12 @@ import time
 from pathlib import Path
 
 import dpo_core.tokenization as tokenization
+
 from benchmarks.synthetic import WordSource, _target_lengths
-from dpo_core.data import PreferencePair
+from dpo_core.data.pairs import PreferencePair
 from dpo_core.testing import templated_tokenizer, train_tokenizer
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "tests" / "data" / "chat_templates.json"
+TEMPLATES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "chat_templates.json"
 ULTRAFEEDBACK_PAIRS = 61_135
 
 

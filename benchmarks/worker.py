@@ -1,6 +1,6 @@
 """One benchmark variant in its own process: `python -m benchmarks.worker SPEC.json`.
 
-Trains with this project's trainer (`dpo_core.trainer.train` with a `TrainConfig`) or trl's
+Trains with this project's trainer (`dpo_core.training.trainer.train` with a `TrainConfig`) or trl's
 `DPOTrainer`, a one-step warm-up run first (not measured) unless the spec says otherwise, and
 writes the measured run's time, losses, peak memory and the share of the CPUs other processes
 used meanwhile to the spec's `result_path`.
@@ -30,12 +30,25 @@ def _reset_accelerate() -> None:
     PartialState._reset_state()
 
 
+def _trainer_api():
+    """(TrainConfig, resolve_gradient_checkpointing, train) of whichever dpo_core is imported:
+    this layout, or a baseline revision from before dpo_core was split into packages."""
+    try:
+        from dpo_core.config.train import TrainConfig
+        from dpo_core.modeling.loading import resolve_gradient_checkpointing
+        from dpo_core.training.trainer import train
+    except ModuleNotFoundError:  # a flat dpo_core (revisions before the package layout)
+        from dpo_core.model import resolve_gradient_checkpointing
+        from dpo_core.trainer import train
+
+        from dpo_core.config import TrainConfig
+    return TrainConfig, resolve_gradient_checkpointing, train
+
+
 def _run_ours(spec: dict, output_dir: str, steps: int) -> dict:
     import dataclasses
 
-    from dpo_core.config import TrainConfig
-    from dpo_core.model import resolve_gradient_checkpointing
-    from dpo_core.trainer import train
+    TrainConfig, resolve_gradient_checkpointing, train = _trainer_api()
 
     settings = dict(
         model_name=spec["model_dir"], dataset_name=spec["data_path"], output_dir=output_dir,
@@ -210,7 +223,6 @@ def worker(spec_path: str) -> None:
         use_cpu_clock()
     if spec["trainer"] == "trl":
         import trl  # noqa: F401  (imported before the baseline, like our modules)
-    from dpo_core import trainer  # noqa: F401
 
     baseline_rss = psutil.Process().memory_info().rss
     cuda = torch.cuda.is_available()

@@ -13,17 +13,11 @@ import sys
 import torch
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
-from dpo_core.chat_config import ChatConfig
-from dpo_core.config import CHAT_TEMPLATE_MODES, RUN_PLAN_KEY
-from dpo_core.generation import model_stop_ids, until_stop
-from dpo_core.run_files import CONFIG_FILE, read_json
-from dpo_core.tokenization import (
-    encode_prompt,
-    resolve_chat_template,
-)
-
-__all__ = ["ChatConfig", "ChatSession", "chat_template_mode", "interactive",
-           "trained_chat_template"]
+from dpo_core.config.chat import ChatConfig
+from dpo_core.config.fields import CHAT_TEMPLATE_MODES
+from dpo_core.data.templates import encode_prompt, resolve_chat_template
+from dpo_core.modeling.generation import model_stop_ids, until_stop
+from dpo_core.run_files import CONFIG_FILE, RUN_PLAN_KEY, read_json
 
 
 def trained_chat_template(adapter_dir: str) -> str | None:

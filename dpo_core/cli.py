@@ -1,5 +1,5 @@
-"""The command lines: `python train.py` (`dpo-train`) and `python chat.py` (`dpo-chat`);
-`python -m dpo_core.report` (`dpo-report`) lives with the report. Parsing and wiring only.
+"""The command lines: `python train.py` (`dpo-train`), `python chat.py` (`dpo-chat`) and
+`dpo-report` (`python -m dpo_core.reporting`). Parsing and wiring only.
 
 One error path: every failure the user can cause ends with a message on stderr and exit status
 2 (something to fix in the command) or 1 (a run that could not go on), 130 for Ctrl-C;
@@ -10,13 +10,16 @@ none of them, and a run without 4-bit weights never imports bitsandbytes.
 
 from __future__ import annotations
 
+import argparse
 import errno
+import functools
 import os
 import sys
 from collections.abc import Callable
 
-from dpo_core.chat_config import ChatConfig
-from dpo_core.config import TrainConfig, build_parser, parse_config
+from dpo_core.config.chat import ChatConfig
+from dpo_core.config.fields import build_parser, parse_config
+from dpo_core.config.train import TrainConfig
 from dpo_core.errors import RunFailure, TrainingInterrupted, UserError
 
 DEBUG_ENV = "DPO_DEBUG"
@@ -33,6 +36,10 @@ CHAT_DESCRIPTION = """Chat with a base model plus a DPO-trained LoRA adapter (mu
 
 Interactive by default; `--prompt "..."` answers once and exits."""
 
+REPORT_DESCRIPTION = """Redraw a run's training curves from its train_log.jsonl, or compare two
+runs on the same axes, and print their final train/eval metrics and run plans side by side.
+(samples.md needs the model, so only training writes it.)"""
+
 EXAMPLES = """examples:
   python train.py --demo                                  # offline, bundled model and data
   python train.py --num_samples 2000 --epochs 1           # TinyLlama-Chat on UltraFeedback
@@ -41,6 +48,12 @@ EXAMPLES = """examples:
   python train.py --adapter_path ./sft-adapter            # DPO from an SFT LoRA adapter
   python train.py --model_name ./small-model --finetuning_type full --no_quantization
   accelerate launch --multi_gpu --num_processes 2 train.py --batch_size 4
+"""
+
+REPORT_EXAMPLES = """examples:
+  dpo-report dpo_tinyllama_model            # redraw its training_curves.png
+  dpo-report run_sigmoid run_ipo            # compare two runs
+  dpo-report run_a run_b --out a_vs_b.png
 """
 
 
@@ -54,10 +67,13 @@ def demo_presets(settings: dict, chat: bool = False) -> dict:
     return demo.CHAT_PRESETS if chat else demo.DEMO_PRESETS
 
 
-def train_main(argv: list[str] | None = None) -> int:
+def train_main(argv: list[str] | None = None, *,
+               make_objective: Callable | None = None) -> int:
     """`python train.py` / `dpo-train`: returns the exit status. argv None means this
-    process's own command line (the process is the command: its imports may be steered)."""
-    return run_command(_train, argv)
+    process's own command line (the process is the command: its imports may be steered).
+    `make_objective`: what the run trains on (`dpo_core.training.trainer.train`), for code
+    that drives the command line and brings its own objective."""
+    return run_command(functools.partial(_train, make_objective=make_objective), argv)
 
 
 def chat_main(argv: list[str] | None = None) -> int:
@@ -65,10 +81,15 @@ def chat_main(argv: list[str] | None = None) -> int:
     return run_command(_chat, argv)
 
 
+def report_main(argv: list[str] | None = None) -> int:
+    """`dpo-report` / `python -m dpo_core.reporting`: returns the exit status."""
+    return run_command(_report, argv)
+
+
 def _quantization(setting: str, argv: list[str] | None, full_finetuning: bool = False) -> bool:
     """Whether the base weights load in 4-bit. When they do not, a command-line run (argv
     None) keeps bitsandbytes from being imported at all (`avoid_bitsandbytes`)."""
-    from dpo_core.model import avoid_bitsandbytes, resolve_quantization
+    from dpo_core.modeling.loading import avoid_bitsandbytes, resolve_quantization
 
     quantize = resolve_quantization(setting, full_finetuning)
     if argv is None and not quantize:
@@ -76,21 +97,22 @@ def _quantization(setting: str, argv: list[str] | None, full_finetuning: bool = 
     return quantize
 
 
-def _train(argv: list[str] | None) -> int:
+def _train(argv: list[str] | None, make_objective: Callable | None = None) -> int:
     parser = build_parser(TrainConfig, TRAIN_DESCRIPTION, EXAMPLES, config_file=True)
     config = parse_config(TrainConfig, parser, argv, presets=demo_presets)
     config.validate()  # bad flags are refused before the heavy imports below
     _quantization(config.quantization, argv, config.finetuning_type == "full")
     from accelerate import PartialState
 
-    from dpo_core.trainer import train
+    from dpo_core.training.trainer import train
 
     hook = None
     if config.demo:
         from dpo_core.demo import demo_evaluation
 
         hook = demo_evaluation
-    metrics = train(config, evaluation_hook=hook)
+    metrics = train(config, evaluation_hook=hook,
+                    **({"make_objective": make_objective} if make_objective else {}))
     if not PartialState().is_main_process:  # under torchrun / accelerate launch
         return 0
     if config.demo:
@@ -109,7 +131,8 @@ def _chat(argv: list[str] | None) -> int:
     config.validate()
     quantize = _quantization(config.quantization, argv)
     from dpo_core.chat import ChatSession, interactive
-    from dpo_core.model import load_inference_model, load_tokenizer, resolve_dtype
+    from dpo_core.modeling.adapters import load_inference_model
+    from dpo_core.modeling.loading import load_tokenizer, resolve_dtype
 
     tokenizer = load_tokenizer(config.base_model, config.trust_remote_code)
     model = load_inference_model(
@@ -125,6 +148,49 @@ def _chat(argv: list[str] | None) -> int:
         print()
         return 0
     interactive(session)
+    return 0
+
+
+def report_parser() -> argparse.ArgumentParser:
+    from dpo_core.run_files import CURVES_FILE
+
+    parser = argparse.ArgumentParser(
+        prog="dpo-report", description=REPORT_DESCRIPTION, epilog=REPORT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir", help="a training --output_dir holding train_log.jsonl")
+    parser.add_argument("other_dir", nargs="?",
+                        help="a second run to compare with the first (same axes, labelled by "
+                             "directory name)")
+    parser.add_argument("--out", help="where to write the PNG (default: OUTPUT_DIR/"
+                                      f"{CURVES_FILE} for one run, ./compare_A_vs_B.png for two)")
+    return parser
+
+
+def _report(argv: list[str] | None) -> int:
+    from dpo_core.reporting.curves import (
+        format_final_metrics,
+        load_run,
+        plot_runs,
+        read_before_after,
+        run_labels,
+    )
+    from dpo_core.run_files import CURVES_FILE, read_run_plan
+
+    args = report_parser().parse_args(argv)
+    dirs = [d for d in (args.output_dir, args.other_dir) if d]
+    runs = {label: load_run(d) for label, d in zip(run_labels(dirs), dirs, strict=True)}
+    if args.out:
+        path = args.out
+    elif len(dirs) == 1:
+        path = os.path.join(args.output_dir, CURVES_FILE)
+    else:
+        path = "compare_" + "_vs_".join(
+            os.path.basename(os.path.normpath(d)) for d in dirs) + ".png"
+    # One run is redrawn as training drew it, with its before/after panel if it has one.
+    plot_runs(runs, path, read_before_after(args.output_dir) if len(dirs) == 1 else None)
+    plans = {label: read_run_plan(d) for label, d in zip(runs, dirs, strict=True)}
+    print(format_final_metrics(runs, plans))
+    print(f"Wrote {path}")
     return 0
 
 

@@ -6,8 +6,9 @@ and the tests all read and write the same files:
     train_log.jsonl        one JSON record per logged step (train) or evaluation (eval)
     metrics.json           the final metrics; its presence marks a finished run
     training_config.json   every setting as asked, plus "run_plan": what actually ran
-    training_curves.png    drawn from the log by `dpo_core.report`
+    training_curves.png    drawn from the log by `dpo_core.reporting.curves`
     samples.md             greedy replies of the base and the trained model
+    checkpoint-<step>/     resumable checkpoints (`dpo_core.training.checkpoint`)
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 
-from dpo_core.checkpoint import checkpoint_dirs
-from dpo_core.config import RUN_PLAN_KEY, ConfigError
+from dpo_core.errors import ConfigError
 
 LOG_FILE = "train_log.jsonl"
 METRICS_FILE = "metrics.json"
@@ -27,6 +28,13 @@ CONFIG_FILE = "training_config.json"
 CURVES_FILE = "training_curves.png"
 SAMPLES_FILE = "samples.md"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+# training_config.json keeps, beside the settings, what each "auto" one resolved to under this
+# key; a --config file may hold it (a finished run's file fed back), and it is not a setting.
+RUN_PLAN_KEY = "run_plan"
+# Resumable checkpoints are `checkpoint-<step>` directories; hidden (leading dot) names are
+# work in progress or being deleted, never a checkpoint.
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+PARTIAL_RE = re.compile(r"^\.checkpoint-\d+\.(tmp|old)$")
 # What the final save of a run writes besides the files above: the adapter (PEFT), the
 # tokenizer (the names transformers uses across tokenizer kinds), the merged model, the
 # TensorBoard events. A new run clears them with the old log, so that no directory ever
@@ -37,8 +45,18 @@ PREVIOUS_RUN_FILES = (
     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
     "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
 )
+
 PREVIOUS_RUN_DIRS = ("merged", "tensorboard")
 PEFT_MODEL_CARD = "README.md"
+
+
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir)
+             if (m := CHECKPOINT_RE.match(name)) and os.path.isdir(os.path.join(output_dir, name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
 
 
 def check_output_dir(output_dir: str, *, overwrite: bool, resuming: bool) -> None:

@@ -116,7 +116,7 @@ def tiny_llama(
 def templated_tokenizer(base: PreTrainedTokenizerFast, spec: dict,
                         eos_token: str | None = None) -> PreTrainedTokenizerFast:
     """A copy of `base` with a model family's special tokens, BOS/EOS and published chat
-    template; `spec` is one family of tests/data/chat_templates.json."""
+    template; `spec` is one family of tests/fixtures/chat_templates.json."""
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(base.backend_tokenizer.to_str()), unk_token="<unk>"
     )

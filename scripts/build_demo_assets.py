@@ -39,7 +39,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dpo_core.demo.paths import ASSETS_DIR
 from dpo_core.demo.task import cut_short, make_pairs, make_reply, parse_prompt, split_operands
-from dpo_core.generation import generate_replies
+from dpo_core.modeling.generation import generate_replies
 from dpo_core.testing import tiny_llama, train_tokenizer
 
 SEED = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -28,6 +29,15 @@ def random_text(rng: random.Random, num_words: int) -> str:
 def _few_threads():
     # The CI machine has two cores; tiny models run fastest without oversubscription.
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _console():
+    """The package's messages on stdout, as every command sets them up (whichever test runs
+    first)."""
+    from dpo_core.console import configure_console
+
+    configure_console()
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +116,12 @@ def train_args(model_dir: str, data: str, out, *extra: str) -> list[str]:
     ]
 
 
+def table_rows(markdown: str) -> list[list[str]]:
+    """Cells of the body rows of samples.md's table (escaped pipes stay inside a cell)."""
+    rows = [line for line in markdown.splitlines() if line.startswith("| ")][2:]
+    return [[cell.strip() for cell in re.split(r"(?<!\\)\|", row)[1:-1]] for row in rows]
+
+
 def read_log(out) -> list[dict]:
     with open(os.path.join(out, "train_log.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -115,8 +131,8 @@ def train_records(out) -> list[dict]:
     return [r for r in read_log(out) if r["split"] == "train"]
 
 
-# Published chat templates of model families with their special tokens (tests/data).
-with open(os.path.join(ROOT, "tests", "data", "chat_templates.json")) as f:
+# Published chat templates of model families with their special tokens (tests/fixtures).
+with open(os.path.join(ROOT, "tests", "fixtures", "chat_templates.json")) as f:
     FAMILIES = json.load(f)["families"]
 
 

@@ -23,7 +23,7 @@ CONFIGS = os.path.join(ROOT, "examples", "accelerate")
 KILLED_DURING_SAVE = """
 import os, runpy, signal, sys
 sys.path.insert(0, os.getcwd())
-import dpo_core.checkpoint as checkpoint
+import dpo_core.training.checkpoint as checkpoint
 
 real_save_trained_weights = checkpoint.save_trained_weights
 target = f".checkpoint-{os.environ['KILL_AT_CHECKPOINT']}.tmp"
@@ -42,24 +42,24 @@ runpy.run_path("train.py", run_name="__main__")
 # train.py where only process INTERRUPT_RANK gets a Ctrl-C (a real SIGINT), during its
 # INTERRUPT_AT_CALL-th training micro-batch.
 INTERRUPTED_ON_ONE_RANK = """
-import os, runpy, signal, sys
+import os, signal, sys
 sys.path.insert(0, os.getcwd())
 import torch
-from dpo_core.objective import PreferenceObjective
+from dpo_core.cli import train_main
+from dpo_core.training.objective import PreferenceObjective
 
-real_call = PreferenceObjective.__call__
 calls = []
 
-def call(self, model, batch):
-    if torch.is_grad_enabled() and os.environ["RANK"] == os.environ["INTERRUPT_RANK"]:
-        calls.append(1)
-        if len(calls) == int(os.environ["INTERRUPT_AT_CALL"]):
-            os.kill(os.getpid(), signal.SIGINT)
-    return real_call(self, model, batch)
+class InterruptedOnOneRank(PreferenceObjective):
+    def __call__(self, model, batch, reference=None):
+        if torch.is_grad_enabled() and os.environ["RANK"] == os.environ["INTERRUPT_RANK"]:
+            calls.append(1)
+            if len(calls) == int(os.environ["INTERRUPT_AT_CALL"]):
+                os.kill(os.getpid(), signal.SIGINT)
+        return super().__call__(model, batch, reference)
 
-PreferenceObjective.__call__ = call
 sys.argv = ["train.py", *sys.argv[1:]]
-runpy.run_path("train.py", run_name="__main__")
+sys.exit(train_main(make_objective=InterruptedOnOneRank.from_config))
 """
 
 

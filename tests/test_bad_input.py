@@ -18,7 +18,8 @@ from conftest import ROOT, learnable_pairs, train_args
 import chat
 import train
 from dpo_core import cli
-from dpo_core.data import IDENTICAL_REPLIES, DataError, load_pairs
+from dpo_core.data.pairs import IDENTICAL_REPLIES, load_pairs
+from dpo_core.errors import DataError
 
 GOOD = {"prompt": "p", "chosen": "yes", "rejected": "no"}
 
@@ -373,9 +374,11 @@ def test_help_imports_no_torch_and_a_run_no_bitsandbytes(tiny_model_dir, pairs_f
 
 
 def test_report_redraw_keeps_the_demos_before_after_panel(tmp_path, capsys):
-    """`python -m dpo_core.report demo_output` redraws the figure training drew: with the
+    """`dpo-report demo_output` redraws the figure training drew: with the
     before/after panel (a 21-inch-wide figure) when metrics.json has one."""
-    from dpo_core import report
+    from dpo_core import run_files
+    from dpo_core.cli import report_main
+    from dpo_core.reporting import curves
 
     run = tmp_path / "demo_output"
     run.mkdir()
@@ -386,10 +389,10 @@ def test_report_redraw_keeps_the_demos_before_after_panel(tmp_path, capsys):
     widths = {}
     for name, argv in (("training", None), ("report", [str(run)])):
         if argv is None:
-            report.write_training_curves(str(run))
+            curves.write_training_curves(str(run))
         else:
-            assert report.main(argv) == 0
-        header = (run / report.CURVES_FILE).read_bytes()[:24]
+            assert report_main(argv) == 0
+        header = (run / run_files.CURVES_FILE).read_bytes()[:24]
         widths[name] = int.from_bytes(header[16:20], "big")
     assert widths == {"training": 2100, "report": 2100}
     capsys.readouterr()
@@ -399,7 +402,7 @@ def test_unreachable_hub_fails_at_once_or_uses_the_cache(monkeypatch):
     """No minute of retries: one quick request decides (the client's own error classes count)."""
     import huggingface_hub
 
-    from dpo_core import model
+    from dpo_core.modeling import loading as model
 
     class ConnectError(Exception):  # what httpx raises, named as it names it
         pass
@@ -422,32 +425,32 @@ def test_unreachable_hub_fails_at_once_or_uses_the_cache(monkeypatch):
 
 # -- interruptions and runs without a training signal ---------------------------------------
 
-def interrupt_at_training_call(monkeypatch, call_number: int) -> None:
-    """Send this process a real SIGINT (Ctrl-C) during the given training micro-batch."""
+def interrupting(call_number: int):
+    """An objective factory whose objective sends this process a real SIGINT (Ctrl-C) during
+    the given training micro-batch."""
     import signal
 
-    from dpo_core.objective import PreferenceObjective
+    from dpo_core.training.objective import PreferenceObjective
 
-    original = PreferenceObjective.__call__
     calls = []
 
-    def call(self, model, batch):
-        if torch.is_grad_enabled():
-            calls.append(1)
-            if len(calls) == call_number:
-                os.kill(os.getpid(), signal.SIGINT)
-        return original(self, model, batch)
+    class Interrupting(PreferenceObjective):
+        def __call__(self, model, batch, reference=None):
+            if torch.is_grad_enabled():
+                calls.append(1)
+                if len(calls) == call_number:
+                    os.kill(os.getpid(), signal.SIGINT)
+            return super().__call__(model, batch, reference)
 
-    monkeypatch.setattr(PreferenceObjective, "__call__", call)
+    return Interrupting.from_config
 
 
 def test_ctrl_c_stops_at_a_safe_point_saves_and_says_how_to_resume(
         tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     args = train_args(tiny_model_dir, pairs_file, out, "--max_steps", "5", "--save_steps", "0")
-    interrupt_at_training_call(monkeypatch, 2)
     monkeypatch.setattr(sys, "argv", ["train.py", *args])
-    assert train.main(args) == 130
+    assert train.main(args, make_objective=interrupting(2)) == 130
     err = capsys.readouterr().err
     no_traceback(err)
     assert f"Stopped by Ctrl-C after step 2 of 5; saved {out / 'checkpoint-2'}." in err
@@ -468,8 +471,7 @@ def test_ctrl_c_without_save_on_interrupt_says_what_is_kept(tiny_model_dir, pair
     out = tmp_path / "run"
     args = train_args(tiny_model_dir, pairs_file, out, "--max_steps", "5", "--save_steps", "0",
                       "--no-save_on_interrupt")
-    interrupt_at_training_call(monkeypatch, 2)
-    assert train.main(args) == 130
+    assert train.main(args, make_objective=interrupting(2)) == 130
     err = capsys.readouterr().err
     assert "Stopped by Ctrl-C after step 2 of 5; no checkpoint saved" in err
     no_traceback(err)
@@ -499,19 +501,16 @@ def test_pairs_identical_after_truncation_are_refused_or_warned(tiny_model_dir, 
         printed.err
 
 
-def test_a_run_with_zero_gradient_says_so(tiny_model_dir, pairs_file, tmp_path, monkeypatch,
-                                          capsys):
-    from dpo_core.objective import PreferenceObjective
+def test_a_run_with_zero_gradient_says_so(tiny_model_dir, pairs_file, tmp_path, capsys):
+    from dpo_core.training.objective import PreferenceObjective
 
-    original = PreferenceObjective.__call__
+    class Flat(PreferenceObjective):  # a loss that does not depend on the weights
+        def __call__(self, model, batch, reference=None):
+            stats = super().__call__(model, batch, reference)
+            return {**stats, "losses": stats["losses"] * 0}
 
-    def flat(self, model, batch):  # a loss that does not depend on the weights
-        stats = original(self, model, batch)
-        return {**stats, "losses": stats["losses"] * 0}
-
-    monkeypatch.setattr(PreferenceObjective, "__call__", flat)
     assert train.main(train_args(tiny_model_dir, pairs_file, tmp_path / "run",
-                                 "--max_steps", "2")) == 0
+                                 "--max_steps", "2"), make_objective=Flat.from_config) == 0
     printed = capsys.readouterr()
     assert "WARNING: all 2 optimizer steps had a zero gradient: the adapter did not change" \
         in printed.out + printed.err
@@ -522,7 +521,7 @@ def test_a_failed_restart_leaves_no_file_of_the_old_run(finished_run, tiny_model
     """--overwrite_output_dir, then a failure after setup: the old adapter, tokenizer, merged
     model, curves and samples are gone with the old log, so chat.py cannot load an adapter
     beside a config it does not belong to; a user's own file stays."""
-    from dpo_core.objective import PreferenceObjective
+    from dpo_core.training.objective import PreferenceObjective
 
     out = tmp_path / "copy"
     shutil.copytree(finished_run, out)
@@ -534,12 +533,12 @@ def test_a_failed_restart_leaves_no_file_of_the_old_run(finished_run, tiny_model
                  "tokenizer_config.json", "metrics.json", "training_curves.png"}
     assert old_files <= set(os.listdir(out))
 
-    def crash(self, model, batch):
-        raise torch.OutOfMemoryError("CUDA out of memory")
+    class Crash(PreferenceObjective):
+        def __call__(self, model, batch, reference=None):
+            raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(PreferenceObjective, "__call__", crash)
     assert train.main(train_args(tiny_model_dir, pairs_file, out, "--max_steps", "2",
-                                 "--overwrite_output_dir")) == 1
+                                 "--overwrite_output_dir"), make_objective=Crash.from_config) == 1
     assert "out of device memory" in capsys.readouterr().err
     left = set(os.listdir(out))
     assert not left & (old_files | {"merged", "samples.md", "checkpoint-2", "README.md"}), left

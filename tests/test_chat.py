@@ -10,16 +10,16 @@ import torch
 from conftest import family_tokenizer
 
 from dpo_core.chat import (
-    ChatConfig,
     ChatSession,
     chat_template_mode,
     interactive,
     trained_chat_template,
 )
-from dpo_core.config import RUN_PLAN_KEY
-from dpo_core.generation import generate_replies
+from dpo_core.config.chat import ChatConfig
+from dpo_core.data.templates import encode_prompt
+from dpo_core.modeling.generation import generate_replies
+from dpo_core.run_files import RUN_PLAN_KEY
 from dpo_core.testing import tiny_llama
-from dpo_core.tokenization import encode_prompt
 
 
 def greedy_session(model, tokenizer, **overrides) -> ChatSession:

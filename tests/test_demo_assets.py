@@ -10,8 +10,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from dpo_core.chat import ChatConfig
-from dpo_core.config import TrainConfig
+from dpo_core.config.chat import ChatConfig
+from dpo_core.config.train import TrainConfig
 from dpo_core.demo import (
     ASSETS_DIR,
     CHAT_PRESETS,
@@ -30,7 +30,7 @@ from dpo_core.demo import (
     split_operands,
     train_file,
 )
-from dpo_core.generation import generate_replies
+from dpo_core.modeling.generation import generate_replies
 
 MAX_ASSET_BYTES = 10 * 1000 * 1000
 

@@ -22,12 +22,13 @@ import json
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from dpo_core.data import PreferencePair
+from dpo_core.data.batches import PreferenceCollator
+from dpo_core.data.pairs import PreferencePair
+from dpo_core.data.tokenization import tokenize_pairs
 from dpo_core.demo.paths import eval_file
 from dpo_core.demo.task import generation_accuracy, implicit_reward_accuracy, preference_accuracy
-from dpo_core.logps import concatenated_forward
-from dpo_core.model import eval_mode
-from dpo_core.tokenization import PreferenceCollator, tokenize_pairs
+from dpo_core.forward.logps import concatenated_forward
+from dpo_core.modeling.loading import eval_mode
 
 # Demo pairs are about 30 tokens; these limits never cut one (checked: none may be dropped).
 MAX_LENGTH, MAX_PROMPT_LENGTH = 64, 32

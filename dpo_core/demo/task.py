@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from dpo_core.generation import generate_replies
+from dpo_core.modeling.generation import generate_replies
 
 OPERANDS = range(10, 100)  # two-digit operands keep every prompt the same shape
 PROMPT_PATTERN = re.compile(r"What is (\d+) \+ (\d+)\?")

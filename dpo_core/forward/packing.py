@@ -1,0 +1,260 @@
+"""Padding-free layout: every sequence of a micro-batch in one row, and attention that keeps
+them apart.
+
+A packed row concatenates *blocks*, one per sequence (standard layout: each chosen and each
+rejected sequence) or one per pair (prefix sharing: `[prompt | chosen | rejected]`). A block is
+`(start, shared, first, second)`: the `shared + first` tokens from `start` are one causal
+sequence; the `second` tokens after them attend to the block's first `shared` tokens and to
+themselves, never to the `first` part. A standard sequence is `(start, 0, length, 0)`, a
+prefix-shared pair `(start, prompt, chosen response, rejected response)`. Position ids restart
+in every sequence, so each sequence sees exactly what it sees alone.
+
+Attention, per device:
+- CPU (and wherever else SDPA runs): `packed_sdpa_attention`, registered with transformers'
+  `AttentionInterface` as PACKED_ATTENTION, runs SDPA block by block (causal within a block,
+  plus a small `[second, shared + second]` mask for the rejected part): cost linear in the
+  number of blocks, no `[T, T]` mask. Called without a packed layout it is plain SDPA, so a
+  model switched to it still generates and evaluates as before.
+- CUDA: FlexAttention with a `BlockMask` built from the same blocks (`flex_block_mask`), when
+  the model was loaded with `attn_implementation="flex_attention"`. FlexAttention has no
+  backward on CPU, so this path is refused there.
+- Any other model with eager or SDPA attention: one dense `[T, T]` mask (`dense_mask`), exact
+  but quadratic in the row length.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dpo_core.data.tokenization import IGNORE_INDEX
+from dpo_core.forward.attention import PACKED_ATTENTION, Block, attn_implementation
+from dpo_core.forward.logps import PAIR_FIELDS, check_pair_batch, per_sequence, predicted_logps
+from dpo_core.forward.prefix_sharing import PrefixSharedRows, prefix_shared_batch
+
+# Token kinds inside a block, for the mask builders: SHARED tokens are visible to both parts.
+SHARED, FIRST, SECOND = 0, 1, 2
+
+
+
+@dataclass
+class PackedRow:
+    """One padding-free row and what it predicts.
+
+    input_ids, position_ids: [1, T]; blocks: the row's blocks in order, covering [0, T).
+    Predictions: the hidden state at row position `source_positions[i]` predicts `targets[i]`,
+    a label of sequence `sequence_index[i]` (of `num_sequences`).
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    blocks: list[Block]
+    source_positions: Tensor
+    targets: Tensor
+    sequence_index: Tensor
+    num_sequences: int
+    # The distinct predicting positions [M] and which of them predicts target i [N].
+    kept_positions: Tensor
+    kept_index: Tensor
+
+    LAYOUT_KEY = "packed_layout"
+    _TENSORS = ("input_ids", "position_ids", "source_positions", "targets", "sequence_index",
+                "kept_positions", "kept_index")
+
+    @staticmethod
+    def layout_name(prefix_shared: bool) -> str:
+        return "prefix_shared" if prefix_shared else "sequences"
+
+    def to_batch(self, prefix_shared: bool) -> dict:
+        """Batch fields (`packed_*`) that `from_batch` turns back into this row."""
+        fields = {f"packed_{name}": getattr(self, name) for name in self._TENSORS}
+        fields.update(packed_blocks=self.blocks, packed_num_sequences=self.num_sequences)
+        fields[self.LAYOUT_KEY] = self.layout_name(prefix_shared)
+        return fields
+
+    @classmethod
+    def from_batch(cls, batch: dict) -> PackedRow:
+        return cls(blocks=[tuple(block) for block in batch["packed_blocks"]],
+                   num_sequences=int(batch["packed_num_sequences"]),
+                   **{name: batch[f"packed_{name}"] for name in cls._TENSORS})
+
+    def token_kinds(self) -> tuple[Tensor, Tensor]:
+        """(block index [T], kind [T] in SHARED / FIRST / SECOND) of every position."""
+        device = self.input_ids.device
+        sizes = torch.tensor([size for _, *parts in self.blocks for size in parts], device=device)
+        kinds = torch.tensor([SHARED, FIRST, SECOND] * len(self.blocks), device=device)
+        owners = torch.arange(len(self.blocks), device=device).repeat_interleave(3)
+        return owners.repeat_interleave(sizes), kinds.repeat_interleave(sizes)
+
+    def dense_mask(self, attn_implementation: str) -> Tensor:
+        """[1, 1, T, T]: bool (True = attend) for sdpa, additive fp32 for eager. Quadratic in T."""
+        owner, kind = self.token_kinds()
+        position = torch.arange(len(owner), device=owner.device)
+        visible = (
+            (position[:, None] >= position[None, :])
+            & (owner[:, None] == owner[None, :])
+            & ((kind[None, :] == SHARED) | (kind[None, :] == kind[:, None]))
+        )[None, None]
+        if attn_implementation != "eager":
+            return visible
+        additive = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
+        return additive.masked_fill_(~visible, torch.finfo(torch.float32).min)
+
+    def flex_block_mask(self):
+        """A FlexAttention `BlockMask` with the dense mask's pattern (CUDA only)."""
+        if self.input_ids.device.type != "cuda":
+            raise ValueError("padding-free FlexAttention runs on CUDA only (no backward on CPU); "
+                             "use attn_implementation 'sdpa' here")
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        owner, kind = self.token_kinds()
+
+        def visible(batch, head, query, key):
+            return ((query >= key) & (owner[query] == owner[key])
+                    & ((kind[key] == SHARED) | (kind[key] == kind[query])))
+
+        length = len(owner)
+        return create_block_mask(visible, 1, None, length, length, device=owner.device)
+
+
+def pack_sequences(
+    input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+) -> PackedRow:
+    """Rows of a padded batch ([S, W] each, either padding side) -> one packed row, a standard
+    block per sequence. A label at unpadded position t + 1 is predicted from position t, so the
+    first token of a sequence is never scored (as in the padded forward)."""
+    device = input_ids.device
+    lengths = attention_mask.sum(-1).tolist()
+    real = attention_mask.bool()
+    ids = input_ids[real]  # row-major: the sequences one after another
+    row_labels = labels[real]
+    starts = list(itertools.accumulate(lengths[:-1], initial=0))
+    start_of = torch.tensor(starts, device=device)
+    sequence_of = torch.arange(len(lengths), device=device).repeat_interleave(
+        torch.tensor(lengths, device=device))
+    position_ids = torch.arange(len(ids), device=device) - start_of[sequence_of]
+    # Position t predicts t + 1 within one sequence: t + 1 must not start the next sequence.
+    scored = (row_labels[1:] != IGNORE_INDEX) & (position_ids[1:] != 0)
+    sources = scored.nonzero().squeeze(1)
+    return PackedRow(
+        input_ids=ids[None],
+        position_ids=position_ids[None],
+        blocks=[(start, 0, length, 0) for start, length in zip(starts, lengths, strict=True)],
+        source_positions=sources,
+        targets=row_labels[sources + 1],
+        sequence_index=sequence_of[sources],
+        num_sequences=len(lengths),
+        kept_positions=sources,  # each position predicts at most one label here
+        kept_index=torch.arange(len(sources), device=device),
+    )
+
+
+def pack_prefix_shared(
+    input_ids: Tensor, position_ids: Tensor, segment_counts: Tensor, source_rows: Tensor,
+    source_positions: Tensor, targets: Tensor, sequence_index: Tensor
+) -> PackedRow:
+    """Prefix-shared rows (one right-padded `[prompt | chosen | rejected]` row per pair, as
+    `logps.prefix_shared_batch` builds them) -> one packed row, a block per pair.
+
+    segment_counts: [B, 3] tokens of prompt, chosen response and rejected response per row.
+    """
+    counts = segment_counts.tolist()
+    lengths = [sum(row) for row in counts]
+    starts = list(itertools.accumulate(lengths[:-1], initial=0))
+    width = input_ids.shape[1]
+    real = torch.arange(width, device=input_ids.device)[None, :] < torch.tensor(
+        lengths, device=input_ids.device)[:, None]
+    sources = torch.tensor(starts, device=input_ids.device)[source_rows] + source_positions
+    # A prompt's last token predicts the first chosen and the first rejected token.
+    kept_positions, kept_index = torch.unique(sources, return_inverse=True)
+    return PackedRow(
+        input_ids=input_ids[real][None],
+        position_ids=position_ids[real][None],
+        blocks=[(start, *row) for start, row in zip(starts, counts, strict=True)],
+        source_positions=sources,
+        targets=targets,
+        sequence_index=sequence_index,
+        num_sequences=2 * len(lengths),
+        kept_positions=kept_positions,
+        kept_index=kept_index,
+    )
+
+
+def _packed_logps(model: torch.nn.Module, row: PackedRow) -> tuple[Tensor, Tensor]:
+    """One forward over a packed row -> (chosen_logps [B], rejected_logps [B]) fp32; the
+    attention that keeps its sequences apart is chosen by the model's implementation."""
+    attention = attn_implementation(model)
+    inputs = dict(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False)
+    if attention == PACKED_ATTENTION:
+        # A 4D placeholder stops transformers building a mask (dense for SDPA); the packed
+        # attention ignores it and reads the blocks.
+        inputs["attention_mask"] = torch.ones(1, 1, 1, 1, dtype=torch.bool,
+                                              device=row.input_ids.device)
+        inputs["packed_blocks"] = row.blocks
+    elif attention == "flex_attention" and row.input_ids.device.type == "cuda":
+        inputs["attention_mask"] = row.flex_block_mask()
+    elif attention in ("sdpa", "eager"):
+        inputs["attention_mask"] = row.dense_mask(attention)
+    else:
+        raise ValueError(
+            f"padding-free batches need attn_implementation 'sdpa' or 'eager' (or "
+            f"'flex_attention' on CUDA); this model uses {attention!r}: load it with "
+            "attn_implementation='sdpa', or turn --padding_free off")
+    token_logps = predicted_logps(model, inputs, torch.zeros_like(row.source_positions),
+                                   row.source_positions, row.targets,
+                                   kept=(row.kept_positions, row.kept_index))
+    logps = per_sequence(token_logps, row.sequence_index, row.num_sequences)
+    num_pairs = row.num_sequences // 2
+    return logps[:num_pairs], logps[num_pairs:]
+
+
+def padding_free_forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Chosen and rejected sequences packed into one row without padding -> (chosen_logps [B],
+    rejected_logps [B]) fp32. Equals `concatenated_forward` up to float rounding."""
+    return _packed_logps(model, packed_row(batch, prefix_shared=False))
+
+
+def padding_free_prefix_shared_forward(
+    model: torch.nn.Module, batch: dict[str, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """`[prompt | chosen | rejected]` of every pair packed into one row without padding ->
+    (chosen_logps [B], rejected_logps [B]) fp32. Equals `concatenated_forward` up to float
+    rounding; each prompt is encoded once."""
+    return _packed_logps(model, packed_row(batch, prefix_shared=True))
+
+
+def packed_row(batch: dict, prefix_shared: bool) -> PackedRow:
+    """The batch's packed layout: the one `PaddingFreeCollator` put in the batch (built on the
+    CPU), or built here from the padded fields."""
+    if batch.get(PackedRow.LAYOUT_KEY) == PackedRow.layout_name(prefix_shared):
+        return PackedRow.from_batch(batch)
+    if not prefix_shared:
+        check_pair_batch(batch, PAIR_FIELDS)
+        return pack_sequences(
+            torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
+            torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
+            torch.cat([batch["chosen_labels"], batch["rejected_labels"]]),
+        )
+    shared = prefix_shared_batch(batch)
+    counts = torch.stack([(shared.segment_ids == kind).sum(-1) for kind in (
+        PrefixSharedRows.PROMPT, PrefixSharedRows.CHOSEN, PrefixSharedRows.REJECTED)], dim=1)
+    return pack_prefix_shared(shared.input_ids, shared.position_ids, counts, shared.source_rows,
+                              shared.source_positions, shared.targets, shared.sequence_index)
+
+
+class PaddingFreeCollator:
+    """A pair collator whose batches also carry their packed layout (`PackedRow` fields),
+    built here on the CPU, in the DataLoader: the padding-free forward then needs no host
+    sync to find lengths and positions. The padded fields stay, for everything else that
+    reads the batch (lengths, token counts)."""
+
+    def __init__(self, collator, prefix_shared: bool):
+        self.collator, self.prefix_shared = collator, prefix_shared
+
+    def __call__(self, pairs) -> dict:
+        batch = self.collator(pairs)
+        batch.update(packed_row(batch, self.prefix_shared).to_batch(self.prefix_shared))
+        return batch

@@ -1,0 +1,273 @@
+"""What trains on the base model: a fresh LoRA adapter (the reference is the same
+model with its adapter disabled), an SFT adapter loaded twice on one base (a trainable policy
+copy and a frozen reference copy), or every weight (full fine-tuning).
+
+peft is imported where it is used: importing it imports bitsandbytes, which a run without
+4-bit weights must not pay for (see `avoid_bitsandbytes`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from transformers import PreTrainedTokenizerBase
+
+from dpo_core.config.train import TrainConfig
+from dpo_core.errors import ConfigError, ModelLoadError, first_line
+from dpo_core.modeling.loading import (
+    _default_device_map,
+    _load_error,
+    load_base_model,
+    load_run_base_model,
+)
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+# Adapter names when DPO starts from an SFT adapter: PEFT's default name for the one that
+# trains (and is saved), and a frozen copy of the adapter as loaded for the reference pass.
+POLICY_ADAPTER, REFERENCE_ADAPTER = "default", "reference"
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft calls transformers' deprecated `is_gradient_checkpointing`: a FutureWarning for
+    peft's maintainers, not for the user; only that warning is hidden."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set p=0 on every dropout module (LoRA's included): both passes see one network."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def add_lora(
+    model: torch.nn.Module,
+    *,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: str | list[str],
+    gradient_checkpointing: bool,
+    quantized: bool,
+) -> torch.nn.Module:
+    """Wrap `model` with a fresh LoRA adapter; only the adapter's weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _prepare_frozen_base(model, gradient_checkpointing=gradient_checkpointing,
+                                 quantized=quantized)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        with _quiet_peft():
+            return get_peft_model(model, config)
+    except ValueError as error:
+        raise ConfigError(f"--lora_target_modules: {error}") from None
+
+
+def _prepare_frozen_base(model: torch.nn.Module, *, gradient_checkpointing: bool,
+                         quantized: bool) -> torch.nn.Module:
+    """Ready a base whose own weights stay frozen for adapter training (QLoRA casts, and the
+    input-grad hook that gradient checkpointing needs)."""
+    from peft import prepare_model_for_kbit_training
+
+    if quantized:
+        # Casts norms to fp32 and hooks input grads, as QLoRA training needs.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # With frozen embeddings no input would require grad and checkpointed blocks would
+        # get no gradient: make the embedding output require it.
+        model.enable_input_require_grads()
+    if gradient_checkpointing:
+        model.config.use_cache = False
+    return model
+
+
+def load_trainable_adapter(
+    model: torch.nn.Module,
+    adapter_path: str,
+    *,
+    gradient_checkpointing: bool,
+    quantized: bool,
+) -> PeftModel:
+    """Load the LoRA adapter at `adapter_path` (local directory or Hub id) twice onto `model`:
+    as `POLICY_ADAPTER`, trainable and active, and as `REFERENCE_ADAPTER`, frozen. The
+    reference pass switches the frozen copy in (`reference.AdapterSwitched`): the reference
+    is the model the adapter made, as the DPO paper's SFT reference, with one base in memory.
+
+    Raises ModelLoadError when the adapter is not LoRA or does not fit the base (other
+    architecture, other sizes, other layer count)."""
+    from peft import PeftConfig, PeftModel, PeftType
+
+    try:
+        adapter_config = PeftConfig.from_pretrained(adapter_path)
+    except (OSError, ValueError) as error:
+        raise _load_error("adapter", adapter_path, error) from None
+    if adapter_config.peft_type != PeftType.LORA:
+        raise ModelLoadError(f"--adapter_path {adapter_path!r} holds a "
+                             f"{adapter_config.peft_type.value} adapter; DPO here trains LoRA")
+    model = _prepare_frozen_base(model, gradient_checkpointing=gradient_checkpointing,
+                                 quantized=quantized)
+    base_name = getattr(model, "name_or_path", "") or "the base model"
+    trained_on = adapter_config.base_model_name_or_path
+    where = f"the adapter at {adapter_path!r}" + (f" (made for {trained_on!r})" if trained_on
+                                                   else "")
+    try:
+        with _quiet_peft():
+            peft_model = PeftModel.from_pretrained(model, adapter_path,
+                                                   adapter_name=POLICY_ADAPTER, is_trainable=True)
+            peft_model.load_adapter(adapter_path, adapter_name=REFERENCE_ADAPTER,
+                                    is_trainable=False)
+    except (ValueError, RuntimeError, KeyError, SafetensorError) as error:
+        # Module names the base lacks (ValueError), weight shapes that differ (RuntimeError).
+        detail = " ".join(str(error).split())[:600]
+        raise ModelLoadError(f"{where} does not fit {base_name!r}: {detail}") from None
+    _check_every_weight_loaded(peft_model, adapter_path, f"{where} does not fit {base_name!r}")
+    peft_model.set_adapter(POLICY_ADAPTER)  # trainable; the reference copy stays frozen
+    return peft_model
+
+
+def _check_every_weight_loaded(model: PeftModel, adapter_path: str, mismatch: str) -> None:
+    """PEFT only warns about adapter weights the base has no place for, or places the file does
+    not fill (e.g. an adapter of a model with fewer layers); either means another base."""
+    from peft import get_peft_model_state_dict, load_peft_weights
+
+    saved = set(load_peft_weights(adapter_path))
+    expected = set(get_peft_model_state_dict(model, adapter_name=POLICY_ADAPTER))
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} adapter weights the base expects are not in it "
+                        f"(e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} of its weights have no place in the base "
+                        f"(e.g. {unexpected[0]})")
+    if problems:
+        raise ModelLoadError(f"{mismatch}: " + "; ".join(problems))
+
+
+def prepare_full_finetuning(model: torch.nn.Module, *,
+                            gradient_checkpointing: bool) -> torch.nn.Module:
+    """Make every weight of `model` trainable (full fine-tuning)."""
+    model.requires_grad_(True)
+    if gradient_checkpointing:
+        # The embeddings train, so checkpointed blocks get inputs that require grad already.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_inference_model(
+    base_model: str,
+    adapter_path: str | None,
+    *,
+    dtype: torch.dtype,
+    quantize_4bit: bool,
+    trust_remote_code: bool = False,
+) -> torch.nn.Module:
+    """Base model (on the GPU when there is one) plus, unless None, a trained adapter."""
+    model = load_base_model(
+        base_model,
+        dtype=dtype,
+        quantize_4bit=quantize_4bit,
+        trust_remote_code=trust_remote_code,
+        device_map=_default_device_map(),
+    )
+    if adapter_path is not None:
+        model = load_adapter(model, adapter_path, base_model)
+    return model.eval()
+
+
+def load_adapter(model: torch.nn.Module, adapter_path: str, base_model: str) -> torch.nn.Module:
+    """`model` with the trained LoRA adapter in `adapter_path`; ModelLoadError saying what to
+    do when the directory holds no adapter, a damaged one, or one trained on another base."""
+    from peft import PeftModel
+
+    if not os.path.isfile(os.path.join(adapter_path, "adapter_config.json")):
+        raise ModelLoadError(
+            f"{adapter_path!r} holds no trained adapter (no adapter_config.json): pass the "
+            "--output_dir of a finished train.py run as --adapter_path, or --no_adapter")
+    try:
+        with _quiet_peft():
+            return PeftModel.from_pretrained(model, adapter_path)
+    except RuntimeError as error:  # shape mismatch: the adapter belongs to another base model
+        if "size mismatch" not in str(error):
+            raise
+        raise ModelLoadError(
+            f"the adapter in {adapter_path!r} does not fit the base model {base_model!r} "
+            f"(its weights have other shapes: it was trained on "
+            f"{_adapter_base(adapter_path)!r}); pass that model as --base_model") from None
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ModelLoadError(
+            f"could not load the adapter from {adapter_path!r}: {first_line(error)}"
+        ) from None
+
+
+def _adapter_base(adapter_path: str) -> str:
+    """The base model an adapter records in adapter_config.json ('unknown' if none)."""
+    try:
+        with open(os.path.join(adapter_path, "adapter_config.json")) as f:
+            return json.load(f).get("base_model_name_or_path") or "unknown"
+    except (OSError, ValueError):
+        return "unknown"
+
+
+def build_policy(config: TrainConfig, dtype: torch.dtype, quantize: bool,
+                 gradient_checkpointing: bool) -> torch.nn.Module:
+    """Base model + fresh LoRA adapter, the --adapter_path adapter, or every weight trainable
+    (--finetuning_type full); dropout off (unless asked) so both passes see one network."""
+    full = config.finetuning_type == "full"
+    # Full fine-tuning keeps fp32 master weights: --dtype is then the autocast precision.
+    base = load_run_base_model(config, torch.float32 if full else dtype, quantize_4bit=quantize)
+    if full:
+        model = prepare_full_finetuning(base, gradient_checkpointing=gradient_checkpointing)
+    elif config.adapter_path:
+        model = load_trainable_adapter(base, config.adapter_path,
+                                       gradient_checkpointing=gradient_checkpointing,
+                                       quantized=quantize)
+    else:
+        model = add_lora(base, r=config.lora_r, alpha=config.lora_alpha,
+                         dropout=config.lora_dropout, target_modules=config.target_modules,
+                         gradient_checkpointing=gradient_checkpointing, quantized=quantize)
+    if config.disable_dropout:
+        disable_dropout(model)
+    return model
+
+
+def save_merged_model(config: TrainConfig, adapter_dir: str, dtype: torch.dtype,
+                      tokenizer: PreTrainedTokenizerBase) -> str:
+    """Base weights (reloaded unquantized: a 4-bit base cannot absorb the adapter exactly)
+    plus the adapter saved in `adapter_dir`, merged, written to adapter_dir/merged with the
+    run's `tokenizer`."""
+    from peft import PeftModel
+
+    base = load_run_base_model(config, dtype)
+    with _quiet_peft():
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged_dir = os.path.join(adapter_dir, "merged")
+    merged.save_pretrained(merged_dir)
+    tokenizer.save_pretrained(merged_dir)
+    return merged_dir

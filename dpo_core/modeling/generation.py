@@ -1,0 +1,74 @@
+"""Greedy or sampled replies from a chat model, cut from the output by token ids."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from dpo_core.data.templates import encode_prompt, stop_token_ids
+from dpo_core.modeling.loading import eval_mode
+
+
+def until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
+    """`ids` up to (not including) the first stop token."""
+    for position, token_id in enumerate(ids):
+        if token_id in stop_ids:
+            return ids[:position]
+    return ids
+
+
+def model_stop_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                   use_chat_template: bool) -> list[int]:
+    """`stop_token_ids` with the EOS ids of the model's generation config."""
+    generation_config = getattr(model, "generation_config", None)
+    return stop_token_ids(tokenizer, use_chat_template,
+                          getattr(generation_config, "eos_token_id", None))
+
+
+@torch.no_grad()
+def generate_replies(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[dict[str, str]] | str],
+    *,
+    use_chat_template: bool = True,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+) -> list[str]:
+    """One reply per prompt (messages or plain text), rendered exactly as in training.
+
+    Prompts are left-padded so every row's reply starts at the same column; the reply is
+    the ids after that column, up to the first stop token (`stop_token_ids`: EOS, and with the
+    template its end-of-turn token), so nothing depends on string lengths.
+    """
+    replies: list[str] = []
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    stop_ids = model_stop_ids(model, tokenizer, use_chat_template)
+    with eval_mode(model):
+        for start in range(0, len(prompts), batch_size):
+            encoded = [encode_prompt(tokenizer, p, use_chat_template)
+                       for p in prompts[start:start + batch_size]]
+            width = max(len(ids) for ids in encoded)
+            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded])
+            attention_mask = torch.tensor(
+                [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+            sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p}
+                        if do_sample else {"do_sample": False})
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                eos_token_id=stop_ids,
+                **sampling,
+            )
+            for row in output[:, width:].tolist():
+                replies.append(tokenizer.decode(until_stop(row, stop_ids),
+                                                skip_special_tokens=True).strip())
+    return replies

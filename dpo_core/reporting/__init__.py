@@ -1,0 +1,7 @@
+"""What a run leaves for a person to look at; `dpo-report` (`dpo_core.cli`, also
+`python -m dpo_core.reporting`) redraws and compares.
+
+- `curves.py`: training_curves.png and the final-metrics table, from train_log.jsonl;
+- `samples.py`: samples.md, replies before and after training side by side;
+- `trackers.py`: TensorBoard / wandb through Accelerate;
+"""

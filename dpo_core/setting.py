@@ -1,0 +1,18 @@
+"""One setting: a dataclass field that is also a command-line flag and a config-file key.
+
+`setting(default, help, group)` is how every option is declared, in `TrainConfig`,
+`ChatConfig` and the loss options (`dpo_core.losses.options`): `dpo_core.config.fields` builds
+the parser, the `--help` groups and the config-file checks from these fields. Torch-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+def setting(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
+    """A dataclass field with its `--help` text, its `--help` group and any further
+    `argparse.add_argument` keywords (e.g. `choices`)."""
+    metadata = {"help": help, "group": group, "argparse": argparse_kwargs}
+    return dataclasses.field(default=default, metadata=metadata)

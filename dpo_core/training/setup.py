@@ -1,0 +1,238 @@
+"""A training run built in dependency order, one plain step per function.
+
+device -> model -> tokenizer -> forward -> objective -> data -> backend -> reference ->
+batches -> schedule -> state. Each step takes what the earlier ones made and returns what it
+makes; none changes another's result (the one change to the model a forward path needs is
+`Forward.prepare`, inside the forward step). Every "auto" setting is resolved by the step
+that first can, and `run_plan` collects what they resolved to.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from dpo_core.config.train import TrainConfig
+from dpo_core.console import logger
+from dpo_core.data.batches import MicroBatchStream, eval_loader
+from dpo_core.data.templates import resolve_chat_template
+from dpo_core.data.tokenization import TokenizedPair
+from dpo_core.data.training_data import TrainingData, build_training_data
+from dpo_core.forward.strategy import Forward, choose_forward
+from dpo_core.modeling import backends
+from dpo_core.modeling.adapters import build_policy
+from dpo_core.modeling.loading import (
+    load_tokenizer,
+    resolve_dtype,
+    resolve_gradient_checkpointing,
+    resolve_quantization,
+)
+from dpo_core.modeling.reference import ReferenceContext, reference_for
+from dpo_core.reporting import trackers
+from dpo_core.run_files import clear_previous_run, truncate_log
+from dpo_core.training import checkpoint, host_memory
+from dpo_core.training.objective import PreferenceObjective
+from dpo_core.training.plan import RunPlan, resolve_precompute
+from dpo_core.training.reference_logps import (
+    ReferenceLogpsCollator,
+    ReferencePass,
+    precompute_reference,
+)
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where the run executes and in what precision."""
+
+    accelerator: Accelerator
+    dtype: torch.dtype
+    quantize: bool  # 4-bit NF4 base weights
+    gradient_checkpointing: bool
+    reuse_host_memory: bool  # glibc keeps freed memory for reuse (CPU training only)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The reference of the run: the network its pass runs (`context`) and, when precomputed,
+    the train and eval pairs with their reference log-probs."""
+
+    context: ReferenceContext
+    precomputed: tuple[ReferencePass, ReferencePass] | None = None
+    batch_size: int | None = None  # pairs per batch of the precomputing pass
+
+    @property
+    def seconds(self) -> float:
+        return sum(p.seconds for p in self.precomputed) if self.precomputed else 0.0
+
+
+@dataclass(frozen=True)
+class Batches:
+    """The training stream and the eval loader (None without eval pairs)."""
+
+    stream: MicroBatchStream
+    eval_loader: DataLoader | None
+    eval_batch_size: int
+
+
+@dataclass(frozen=True)
+class Schedule:
+    total_steps: int
+    warmup_steps: int
+
+
+def setup_device(config: TrainConfig) -> Device:
+    """The accelerator (with the --report_to tracker; its backend checked against what this
+    loop can run), dtype, 4-bit and gradient checkpointing resolved, the seed set, output_dir
+    made."""
+    dtype = resolve_dtype(config.dtype)
+    quantize = resolve_quantization(config.quantization, config.finetuning_type == "full")
+    accelerator = backends.make_accelerator(
+        dtype, trackers.tracker_options(config.report_to, config.output_dir))
+    backends.check_backend(config, accelerator.state, quantize)
+    set_seed(config.seed)
+    if accelerator.is_main_process:
+        os.makedirs(config.output_dir, exist_ok=True)
+    reuse = (config.reuse_host_memory and accelerator.device.type == "cpu"
+             and host_memory.reuse_freed_host_memory())
+    return Device(accelerator, dtype, quantize,
+                  resolve_gradient_checkpointing(config.gradient_checkpointing), reuse)
+
+
+def setup_model(config: TrainConfig, device: Device) -> torch.nn.Module:
+    """The policy: base model plus a fresh or starting adapter, or every weight trainable."""
+    return build_policy(config, device.dtype, device.quantize, device.gradient_checkpointing)
+
+
+def setup_tokenizer(config: TrainConfig):
+    """(tokenizer, whether its chat template applies)."""
+    tokenizer = load_tokenizer(config.model_name, config.trust_remote_code)
+    return tokenizer, resolve_chat_template(tokenizer, config.chat_template)
+
+
+def setup_forward(config: TrainConfig, model: torch.nn.Module) -> Forward:
+    """The forward path for this model and the speed settings, with the model prepared."""
+    forward = choose_forward(model, config.padding_free, config.prefix_sharing)
+    forward.prepare(model)
+    return forward
+
+
+def setup_data(config: TrainConfig, device: Device, tokenizer,
+               use_chat_template: bool) -> TrainingData:
+    """Tokenized train and eval pairs (the main process first, so a Hub download happens
+    once)."""
+    accelerator = device.accelerator
+    with accelerator.main_process_first():
+        return build_training_data(config, tokenizer, use_chat_template,
+                                   show_progress=accelerator.is_main_process)
+
+
+def setup_backend(config: TrainConfig, device: Device, model: torch.nn.Module):
+    """(model, optimizer) prepared for the backend: AdamW over the trainable weights, wrapped
+    (DDP) or sharded (FSDP2) with the model."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=config.learning_rate, weight_decay=config.weight_decay)
+    backends.prepare_for_backend(device.accelerator, config.batch_size)
+    model, optimizer = backends.prepare_model(device.accelerator, model, optimizer)
+    logger.info(backends.describe_backend(device.accelerator, model))
+    return model, optimizer
+
+
+def setup_reference(config: TrainConfig, device: Device, model: torch.nn.Module,
+                    objective: PreferenceObjective, forward: Forward,
+                    data: TrainingData, collator) -> Reference:
+    """Which network is the reference and, where the plan says so, the reference log-probs of
+    every pair in one no-grad pass, cached on disk."""
+    accelerator = device.accelerator
+    precompute = resolve_precompute(config, objective.uses_reference, len(data.train),
+                                    accelerator.num_processes)
+    context = reference_for(config, model, accelerator, precomputed=precompute)
+    if not precompute:
+        return Reference(context)
+    batch_size = config.ref_batch_size or 4 * config.batch_size
+    train, evaluation = precompute_reference(
+        config, (data.train, data.eval), model=model, objective=objective, reference=context,
+        forward_name=forward.name, collator=collator, accelerator=accelerator,
+        batch_size=batch_size, dtype=device.dtype, quantize=device.quantize)
+    return Reference(context, (train, evaluation), batch_size)
+
+
+def setup_batches(config: TrainConfig, device: Device, forward: Forward, data: TrainingData,
+                  reference: Reference, collator) -> Batches:
+    """The seeded micro-batch stream over the training pairs, and the eval loader; with
+    precomputed reference log-probs, the batches carry them."""
+    train_pairs: Sequence[TokenizedPair] = data.train
+    eval_pairs: Sequence[TokenizedPair] = data.eval
+    if reference.precomputed:
+        train_pairs, eval_pairs = (p.pairs for p in reference.precomputed)
+        collator = ReferenceLogpsCollator(collator)
+
+    def lengths(pairs) -> list[int] | None:  # None: no length grouping
+        return [forward.pair_length(p) for p in pairs] if config.group_by_length else None
+
+    accelerator = device.accelerator
+    stream = MicroBatchStream(accelerator, train_pairs, config.batch_size, collator,
+                              config.seed, lengths(train_pairs))
+    eval_batch_size = config.eval_batch_size or config.batch_size
+    loader = (eval_loader(accelerator, eval_pairs, eval_batch_size, collator, lengths(eval_pairs))
+              if eval_pairs else None)
+    return Batches(stream, loader, eval_batch_size)
+
+
+def setup_schedule(config: TrainConfig, batches: Batches) -> Schedule:
+    """Total optimizer steps (from --max_steps or --epochs) and warmup, never the whole run."""
+    total = config.max_steps or math.ceil(
+        config.epochs * batches.stream.batches_per_epoch / config.gradient_accumulation_steps)
+    warmup = config.warmup_for(total)
+    if config.warmup_ratio is None and warmup < config.warmup_steps:
+        logger.info(f"--warmup_steps {config.warmup_steps} is longer than this {total}-step "
+                    f"run; warming up for {warmup} steps instead.")
+    return Schedule(total, warmup)
+
+
+def setup_state(config: TrainConfig, device: Device, model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer, num_train_pairs: int,
+                resume_path: str | None) -> checkpoint.TrainState:
+    """A fresh TrainState (an earlier run's files cleared), or the checkpoint's: weights,
+    optimizer, RNG and data position restored, after checking that its data order and
+    starting point are this run's."""
+    accelerator = device.accelerator
+    order = checkpoint.data_order(config, accelerator.num_processes, num_train_pairs)
+    start = checkpoint.started_from(config)
+    if not resume_path:
+        if accelerator.is_main_process:
+            clear_previous_run(config.output_dir)
+        return checkpoint.TrainState(data_order=order, started_from=start)
+    state = checkpoint.load_checkpoint(resume_path, accelerator, model, optimizer, order, start)
+    if accelerator.is_main_process:
+        truncate_log(config.output_dir, state.step)
+    logger.info(f"Resumed from {resume_path} at step {state.step}.")
+    return state
+
+
+def run_plan(device: Device, use_chat_template: bool, forward: Forward, reference: Reference,
+             batches: Batches, schedule: Schedule) -> RunPlan:
+    """What each "auto" setting resolved to, from the steps that resolved them."""
+    accelerator = device.accelerator
+    return RunPlan(
+        quantization="4bit" if device.quantize else "none",
+        dtype=str(device.dtype).removeprefix("torch."),
+        gradient_checkpointing=device.gradient_checkpointing,
+        distributed_type=accelerator.distributed_type.value,
+        fsdp_version=backends.fsdp_version(accelerator),
+        num_processes=accelerator.num_processes,
+        reuse_host_memory=device.reuse_host_memory,
+        chat_template=use_chat_template,
+        **forward.record(),
+        precompute_ref_log_probs=reference.precomputed is not None,
+        ref_batch_size=reference.batch_size,
+        eval_batch_size=batches.eval_batch_size,
+        total_steps=schedule.total_steps,
+        warmup_steps=schedule.warmup_steps,
+    )
