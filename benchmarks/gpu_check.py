@@ -10,6 +10,8 @@
 Each part records its own error instead of stopping the others.
 
     python -m benchmarks.gpu_check --out gpu_check.json
+    python -m benchmarks.gpu_check --dry-run      # CPU: builds every model, batch and command,
+                                                  # stops before anything needs CUDA (CI runs it)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _lora_model(attn_implementation: str, dtype, layers: int = 2):
+def _lora_model(attn_implementation: str, dtype, layers: int = 2, device: str = "cuda"):
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -35,7 +37,7 @@ def _lora_model(attn_implementation: str, dtype, layers: int = 2):
 
     base = tiny_llama(vocab_size=32000, hidden_size=512, num_layers=layers, num_heads=8,
                       num_kv_heads=4, attn_implementation=attn_implementation)
-    model = get_peft_model(base.to("cuda", dtype), LoraConfig(
+    model = get_peft_model(base.to(device, dtype), LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -45,24 +47,30 @@ def _lora_model(attn_implementation: str, dtype, layers: int = 2):
     return model
 
 
-def check_attention() -> dict:
-    """FlexAttention vs per-block SDPA on the same packed rows: equal log-probs and grads."""
+def check_attention(dry_run: bool = False) -> dict:
+    """FlexAttention vs per-block SDPA on the same packed rows: equal log-probs and grads.
+    `dry_run`: models and batches on the CPU, nothing run (FlexAttention has no CPU backward)."""
     import torch
 
     from benchmarks.attention_options import realistic_batches
     from dpo_core.forward.attention import use_packed_attention
     from dpo_core.forward.packing import padding_free_forward, padding_free_prefix_shared_forward
 
+    device = "cpu" if dry_run else "cuda"
     results = {}
-    batches = [{k: v.cuda() for k, v in b.items()}
+    batches = [{k: v.to(device) for k, v in b.items()}
                for b in realistic_batches(32000, 1024, 8, 3)]
     for dtype_name, tolerance in (("float32", 1e-4), ("bfloat16", 5e-2)):
         dtype = getattr(torch, dtype_name)
         torch.manual_seed(0)
-        flex = _lora_model("flex_attention", dtype)
-        sdpa = _lora_model("sdpa", dtype)
+        flex = _lora_model("flex_attention", dtype, device=device)
+        sdpa = _lora_model("sdpa", dtype, device=device)
         sdpa.load_state_dict(flex.state_dict())
         assert use_packed_attention(sdpa.get_base_model())
+        if dry_run:
+            results[dtype_name] = {"dry_run": True, "batches": len(batches),
+                                   "rows": [int(b["chosen_input_ids"].shape[1]) for b in batches]}
+            continue
         for forward in (padding_free_forward, padding_free_prefix_shared_forward):
             worst_value, worst_grad, times = 0.0, 0.0, {"flex": [], "sdpa_blocks": []}
             for batch in batches:
@@ -91,8 +99,9 @@ def check_attention() -> dict:
     return results
 
 
-def run_bench(workdir: str, repeats: int) -> dict:
-    """The realistic preset on the TinyLlama shape, through bench_dpo (subprocesses)."""
+def run_bench(workdir: str, repeats: int, dry_run: bool = False) -> dict:
+    """The realistic preset on the TinyLlama shape, through bench_dpo (subprocesses).
+    `dry_run`: the command is only parsed by bench_dpo, not run."""
     try:
         import trl  # noqa: F401
 
@@ -105,6 +114,11 @@ def run_bench(workdir: str, repeats: int) -> dict:
                "--batch_size", "8", "--variants", "standard,defaults,auto",
                "--repeats", str(repeats), "--quiet_wait", "0", "--retries", "0",
                "--workdir", workdir, "--json", out, *compare]
+    if dry_run:
+        from benchmarks.bench_dpo import parse_args
+
+        parsed = parse_args(command[3:])
+        return {"dry_run": True, "command": " ".join(command[1:]), "variants": parsed.variants}
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     result = {"command": " ".join(command[1:]), "returncode": completed.returncode,
               "stdout_tail": completed.stdout[-4000:], "stderr_tail": completed.stderr[-4000:]}
@@ -113,8 +127,9 @@ def run_bench(workdir: str, repeats: int) -> dict:
     return result
 
 
-def run_qlora(workdir: str) -> dict:
-    """Four 4-bit QLoRA steps on a small random Llama through the trainer."""
+def run_qlora(workdir: str, dry_run: bool = False) -> dict:
+    """Four 4-bit QLoRA steps on a small random Llama through the trainer. `dry_run`: the
+    assets and the config (validated), no training."""
     import bitsandbytes  # noqa: F401
 
     from benchmarks.synthetic import build_assets
@@ -129,6 +144,9 @@ def run_qlora(workdir: str) -> dict:
                          batch_size=4, gradient_accumulation_steps=1, max_steps=4,
                          logging_steps=1, eval_steps=0, save_steps=0, num_sample_prompts=0,
                          report_to="none")
+    if dry_run:
+        config.validate()
+        return {"dry_run": True, "model_dir": Path(assets["model_dir"]).name}
     started = time.perf_counter()
     metrics = train(config)
     return {"seconds": time.perf_counter() - started, "train": metrics["train"]}
@@ -139,14 +157,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="gpu_check.json")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--parts", default="attention,bench,qlora")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="on the CPU: build every part's models, batches and commands, and "
+                             "stop before anything needs CUDA")
     args = parser.parse_args(argv)
     import torch
 
     report = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
               "torch": torch.__version__}
     workdir = tempfile.mkdtemp(prefix="dpo-gpu-check-")
-    parts = {"attention": check_attention, "bench": lambda: run_bench(workdir, args.repeats),
-             "qlora": lambda: run_qlora(workdir)}
+    dry = args.dry_run
+    parts = {"attention": lambda: check_attention(dry),
+             "bench": lambda: run_bench(workdir, args.repeats, dry),
+             "qlora": lambda: run_qlora(workdir, dry)}
     for name in args.parts.split(","):
         started = time.perf_counter()
         try:

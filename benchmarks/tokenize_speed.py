@@ -19,8 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-import dpo_core.tokenization as tokenization
-
+import dpo_core.data.tokenization as tokenization
 from benchmarks.synthetic import WordSource, _target_lengths
 from dpo_core.data.pairs import PreferencePair
 from dpo_core.testing import templated_tokenizer, train_tokenizer

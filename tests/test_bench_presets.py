@@ -1,11 +1,17 @@
-"""The benchmark's realistic data preset and its padding accounting (no training here)."""
+"""The benchmark's realistic data preset and its padding accounting (no training here), and
+the GPU check's dry run."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import statistics
+import subprocess
+import sys
 
 import pytest
+from conftest import ROOT
 
 from benchmarks.bench_dpo import processed_positions, token_id_agreement
 from benchmarks.synthetic import (
@@ -54,3 +60,17 @@ def test_token_id_agreement_names_the_rows_and_parts_that_differ():
         "differing_parts": {"prompt": 1, "chosen": 1, "rejected": 1},
         "first_difference": {"chosen": {"ours": [6, 7], "trl": [6]}}}
     assert token_id_agreement(ours, ours)["first_difference"] is None
+
+
+def test_gpu_check_dry_run_builds_every_part_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py only runs on a GPU machine; its dry run builds each part's
+    models, batches, benchmark command and QLoRA config here, so a change that breaks it shows
+    in CI."""
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out)],
+                   cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    assert report["attention"]["float32"]["dry_run"] and report["attention"]["bfloat16"]["batches"]
+    assert report["bench"]["dry_run"] and "auto" in report["bench"]["variants"]
+    assert report["qlora"] == {"dry_run": True, "model_dir": "model-cpu-medium"}

@@ -162,11 +162,6 @@ class LossSettings:
         do not go together."""
         _check_options(self)
 
-    @classmethod
-    def from_options(cls, options: object) -> LossSettings:
-        """The loss options of any object that has them (a ``TrainConfig``)."""
-        return cls(**{f.name: getattr(options, f.name) for f in dataclasses.fields(cls)})
-
     @property
     def loss_types(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in _listed(self.loss_type))

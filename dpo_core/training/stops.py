@@ -66,6 +66,7 @@ class StopOnInterrupt:
         if self.pressed:  # the second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.pressed = True
+        # A plain print: a signal handler must not take the logging module's locks.
         print("\nCtrl-C: stopping after this step (press it again to stop at once).",
               file=sys.stderr, flush=True)
 
