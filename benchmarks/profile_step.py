@@ -2,9 +2,9 @@
 
 Builds the same model and data as synthetic.py (same presets, same cache), takes the first
 `--batch_size` pairs, and runs policy + reference log-probs, the sigmoid loss, backward and an
-AdamW step, as `dpo_core.trainer` does. Prints the step time, then torch.profiler's self time
-split into matrix multiplies (with their achieved FLOP/s), attention kernels and everything
-else, against this machine's measured matmul peak.
+AdamW step, as `dpo_core.training.trainer` does. Prints the step time, then torch.profiler's
+self time split into matrix multiplies (with their achieved FLOP/s), attention kernels and
+everything else, against this machine's measured matmul peak.
 
     python -m benchmarks.profile_step --preset cpu-medium
     python -m benchmarks.profile_step --preset cpu-medium --compile_layers   # torch.compile

@@ -170,7 +170,7 @@ class TrainConfig(LossSettings):
         "Encode each prompt once: chosen and rejected share one row with a 4D attention mask "
         "(same log-probs, fewer tokens; needs --attn_implementation sdpa or eager). Unset "
         "(None): per batch, where it saves enough tokens to pay for the longer rows' attention "
-        "(logps.PREFIX_SHARING_MIN_SAVING; measured in benchmarks/RESULTS.md).",
+        "(forward.prefix_sharing.PREFIX_SHARING_MIN_SAVING; measured in benchmarks/RESULTS.md).",
         SPEED,
     )
     padding_free: bool | None = setting(
@@ -208,7 +208,7 @@ class TrainConfig(LossSettings):
         True,
         "Training on the CPU with glibc: keep freed memory in the heap for the next step "
         "instead of returning it to the kernel and faulting it back in (same numbers, less "
-        "kernel time; see dpo_core/host_memory.py). Process-wide.",
+        "kernel time; see dpo_core/training/host_memory.py). Process-wide.",
         SPEED,
     )
     # -- logging, evaluation, checkpoints ---------------------------------------------------

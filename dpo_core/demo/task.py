@@ -111,8 +111,9 @@ def generation_accuracy(
 ) -> float:
     """Fraction of `prompts` whose greedy reply `follows_rule` (0.0 to 1.0).
 
-    Replies come from `dpo_core.generation.generate_replies`, as in `chat.py`: chat template
-    applied, greedy decoding, the reply cut from the output by token ids at the first EOS.
+    Replies come from `dpo_core.modeling.generation.generate_replies`, as in `chat.py`: chat
+    template applied, greedy decoding, the reply cut from the output by token ids at the first
+    EOS.
     """
     if not prompts:
         raise ValueError("generation_accuracy needs at least one prompt")
