@@ -97,9 +97,18 @@ def _quantization(setting: str, argv: list[str] | None, full_finetuning: bool = 
     return quantize
 
 
+def train_parser() -> argparse.ArgumentParser:
+    """`train.py`'s flags: one per `TrainConfig` field, plus `--config FILE`."""
+    return build_parser(TrainConfig, TRAIN_DESCRIPTION, EXAMPLES, config_file=True)
+
+
+def chat_parser() -> argparse.ArgumentParser:
+    """`chat.py`'s flags: one per `ChatConfig` field."""
+    return build_parser(ChatConfig, CHAT_DESCRIPTION)
+
+
 def _train(argv: list[str] | None, make_objective: Callable | None = None) -> int:
-    parser = build_parser(TrainConfig, TRAIN_DESCRIPTION, EXAMPLES, config_file=True)
-    config = parse_config(TrainConfig, parser, argv, presets=demo_presets)
+    config = parse_config(TrainConfig, train_parser(), argv, presets=demo_presets)
     config.validate()  # bad flags are refused before the heavy imports below
     _quantization(config.quantization, argv, config.finetuning_type == "full")
     from accelerate import PartialState
@@ -126,7 +135,7 @@ def _train(argv: list[str] | None, make_objective: Callable | None = None) -> in
 
 
 def _chat(argv: list[str] | None) -> int:
-    config = parse_config(ChatConfig, build_parser(ChatConfig, CHAT_DESCRIPTION), argv,
+    config = parse_config(ChatConfig, chat_parser(), argv,
                           presets=lambda settings: demo_presets(settings, chat=True))
     config.validate()
     quantize = _quantization(config.quantization, argv)

@@ -64,6 +64,7 @@ def build_parser(cls: type, description: str, epilog: str | None = None,
         description=description,
         epilog=epilog,
         argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,  # a misspelt flag is an error, not a silent prefix match
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     if config_file:

@@ -2,7 +2,7 @@
 
 `TrainConfig` is the single source of truth: `train.py --help`, the defaults, validation
 and `training_config.json` all come from its fields. Flag names and defaults follow the
-original project (see README) so its users' command lines keep working.
+original project (docs/configuration.md) so its users' command lines keep working.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class TrainConfig(LossSettings):
     finetuning_type: str = setting(
         "lora",
         "'lora' trains an adapter (fresh, or --adapter_path); 'full' trains every weight, with "
-        "fp32 master weights, and saves the whole model (no 4-bit: see README).",
+        "fp32 master weights, and saves the whole model (no 4-bit: see docs/sft-to-dpo.md).",
         LORA,
         choices=["lora", "full"],
     )
@@ -169,7 +169,8 @@ class TrainConfig(LossSettings):
         None,
         "Encode each prompt once: chosen and rejected share one row with a 4D attention mask "
         "(same log-probs, fewer tokens; needs --attn_implementation sdpa or eager). Unset "
-        "(None): per batch, where it saves enough tokens to pay for the longer rows' attention "
+        "(None): always in padding-free rows (it only saves tokens there); in padded rows, per "
+        "batch, where it saves enough tokens to pay for the longer rows' attention "
         "(forward.prefix_sharing.PREFIX_SHARING_MIN_SAVING; measured in benchmarks/RESULTS.md).",
         SPEED,
     )

@@ -2,7 +2,7 @@
 through `train.py` end to end (2 steps each on the tiny model).
 
 Step 1 trains a zero-initialised adapter: the policy is the reference, every log-ratio is 0,
-so each reference-based loss has the closed-form value the README's metrics table states.
+so each reference-based loss has the closed-form value docs/losses.md states.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def test_mixture_stats_carry_each_term_into_the_metrics(tiny_tokenizer, tiny_mod
 
 # ------------------------------------------------------------------ train.py end to end
 
-# --loss_type: (extra flags, loss at step 1 with beta 0.1) - the README table's values.
+# --loss_type: (extra flags, loss at step 1 with beta 0.1) - docs/losses.md's values.
 STEP_ONE = {
     "exo_pair": (["--label_smoothing", "0.001"], -LN2 - 0.5 * math.log(0.001 * 0.999)),
     "nca_pair": ([], 2 * LN2),
