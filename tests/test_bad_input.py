@@ -185,6 +185,16 @@ def test_bad_train_flag_is_named(tiny_model_dir, pairs_file, tmp_path, capsys, f
     assert not (tmp_path / "run").exists()
 
 
+def test_a_shortened_or_misspelt_flag_is_refused(tiny_model_dir, pairs_file, tmp_path, capsys):
+    """argparse would take --learning_rat as --learning_rate; a typo must not train silently."""
+    with pytest.raises(SystemExit) as stopped:
+        train.main(train_args(tiny_model_dir, pairs_file, tmp_path / "run", "--learning_rat",
+                              "1e-4"))
+    assert stopped.value.code == 2
+    assert "unrecognized arguments: --learning_rat" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1, got 0"),
     (["--top_p", "5"], "--top_p must be in (0, 1], got 5.0"),
