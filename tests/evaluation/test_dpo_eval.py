@@ -165,6 +165,34 @@ def test_eval_reproduces_the_runs_eval_and_judges_every_reply(
     assert table in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("kind", ["full fine-tuning", "starting adapter"])
+def test_the_reference_is_the_one_the_run_used(kind, trained_run, tiny_model_dir, pairs_file,
+                                               tmp_path):
+    """Full fine-tuning (the starting model reloaded) and DPO from an adapter (its frozen copy
+    switched in): the pair metrics are the run's last eval record, and "before" is the
+    starting point's: the base model, or the starting adapter's trained model."""
+    flags = (["--finetuning_type", "full", "--learning_rate", "1e-4"] if kind == "full fine-tuning"
+             else ["--adapter_path", trained_run])
+    out = tmp_path / "run"
+    assert train.main(train_args(tiny_model_dir, pairs_file, out, "--max_steps", "2",
+                                 *flags)) == 0
+    assert eval_main([str(out), "--num_prompts", "0"]) == 0
+    result = read_eval(out)
+    final = [r for r in read_log(out) if r["split"] == "eval"][-1]
+    after, before = result["pairs"]["after"], result["pairs"]["before"]
+    for key, value in final.items():
+        if key not in ("step", "split"):
+            assert after[key] == pytest.approx(value, abs=1e-5), key
+    if kind == "full fine-tuning":
+        assert (before["logps_accuracy"], before["length_normalised_accuracy"]) == \
+            pytest.approx(base_model_accuracy(tiny_model_dir, str(out)))
+    else:
+        started = [r for r in read_log(trained_run) if r["split"] == "eval"][-1]
+        assert (before["logps/chosen"], before["logps/rejected"]) == pytest.approx(
+            (started["logps/chosen"], started["logps/rejected"]), abs=1e-5)
+    assert result["generation"] is None and result["samples"] == []
+
+
 def test_a_policy_equal_to_its_reference_measures_as_its_reference(trained_run, tmp_path):
     """The adapter's B matrices zeroed: the policy is the base model. Sampled from the same
     seed, both give the same replies, every log-ratio is 0 and the judge sees only ties.
