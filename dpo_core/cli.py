@@ -54,7 +54,7 @@ Writes eval.json, eval_samples.md and eval.png into RUN_DIR (or --output_dir). R
 
 EVAL_EXAMPLES = """examples:
   dpo-eval demo_output --judge rule:dpo_core.demo.task:follows_rule --temperature 0
-  dpo-eval dpo_tinyllama_model --reward_model OpenAssistant/reward-model-deberta-v3-large-v2
+  dpo-eval dpo_tinyllama_model --reward_model Skywork/Skywork-Reward-V2-Qwen3-0.6B
   dpo-eval run_dir --eval_dataset pairs.jsonl --num_prompts 0     # pair metrics only
   dpo-eval run_dir --prompts prompts.txt --max_new_tokens 512     # replies only
 """

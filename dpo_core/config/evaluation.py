@@ -33,10 +33,10 @@ class EvalConfig:
         None, "A train.py --output_dir holding a finished run (its training_config.json with "
         "the run plan, and the adapter or the whole model).", RUN, positional=True)
     dtype: str | None = setting(
-        None, "Compute dtype (auto, float32, bfloat16, float16). Default: the run's.", RUN,
+        None, "Compute dtype; unset (None): the run's.", RUN,
         choices=DTYPE_NAMES)
     quantization: str | None = setting(
-        None, "4-bit base weights: auto, 4bit or none. Default: as the run loaded them.", RUN,
+        None, "4-bit base weights; unset (None): as the run loaded them.", RUN,
         choices=QUANTIZATION_MODES)
     # -- data -------------------------------------------------------------------------------
     eval_dataset: str | None = setting(
@@ -73,7 +73,7 @@ class EvalConfig:
         False, "Run modelling code shipped with the reward model.", JUDGES)
     # -- output -----------------------------------------------------------------------------
     output_dir: str | None = setting(
-        None, "Where eval.json, eval_samples.md and eval.png go (default: RUN_DIR).", OUTPUT)
+        None, "Where eval.json, eval_samples.md and eval.png go; unset (None): RUN_DIR.", OUTPUT)
     debug: bool = setting(False, "Show the full traceback of an error (also DPO_DEBUG=1).",
                           OUTPUT)
 

@@ -18,7 +18,7 @@ from dpo_core.modeling.reference import ReferenceContext, adapter_disabled
 
 # What `evaluate_pairs` keeps per pair beside the objective's statistics: the response lengths
 # and, when the batches carry them, the precomputed reference log-probs.
-PAIR_FIELDS = ("chosen_lengths", "rejected_lengths", "reference_chosen_logps",
+PAIR_EXTRAS = ("chosen_lengths", "rejected_lengths", "reference_chosen_logps",
                "reference_rejected_logps")
 
 
@@ -101,12 +101,12 @@ def evaluate_pairs(objective: PreferenceObjective, model: torch.nn.Module, loade
                    accelerator: Accelerator) -> dict[str, torch.Tensor]:
     """Every pair of `loader` once through `objective`, in eval mode: per-pair tensors [N]
     gathered from every process (the duplicates that even out the last batches dropped), the
-    objective's statistics (detached) plus `PAIR_FIELDS`."""
+    objective's statistics (detached) plus `PAIR_EXTRAS`."""
     gathered = []
     with eval_mode(model):
         for batch in loader:
             stats = {k: v.detach() for k, v in objective(model, batch, reference).items()}
             stats["chosen_lengths"], stats["rejected_lengths"] = response_lengths(batch)
-            stats.update({k: batch[k] for k in PAIR_FIELDS if k in batch})
+            stats.update({k: batch[k] for k in PAIR_EXTRAS if k in batch})
             gathered.append(accelerator.gather_for_metrics(stats))
     return {key: torch.cat([g[key] for g in gathered]) for key in gathered[0]}
