@@ -50,13 +50,15 @@ estimate), and, with a judge, the win rate of the policy over the reference.
 
 Writes eval.json, eval_samples.md and eval.png into RUN_DIR (or --output_dir). Runs as
 `dpo-eval RUN_DIR` or `python -m dpo_core.evaluate RUN_DIR` on one device, or as
-`accelerate launch -m dpo_core.evaluate RUN_DIR` on many (prompts split across processes)."""
+`accelerate launch --multi_gpu -m dpo_core.evaluate RUN_DIR` on many (prompts split across
+processes; without GPUs they run on the CPU)."""
 
 EVAL_EXAMPLES = """examples:
   dpo-eval demo_output --judge rule:dpo_core.demo.task:follows_rule --temperature 0
   dpo-eval dpo_tinyllama_model --reward_model Skywork/Skywork-Reward-V2-Qwen3-0.6B
   dpo-eval run_dir --eval_dataset pairs.jsonl --num_prompts 0     # pair metrics only
   dpo-eval run_dir --prompts prompts.txt --max_new_tokens 512     # replies only
+  accelerate launch --multi_gpu --num_processes 2 -m dpo_core.evaluate run_dir
 """
 
 EXAMPLES = """examples:

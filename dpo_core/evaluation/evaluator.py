@@ -84,6 +84,7 @@ def evaluate_run(settings: EvalConfig, run: TrainedRun) -> dict | None:
         "reference": run.describe_reference(),
         "settings": dataclasses.asdict(settings),
         "run_plan": run.plan,
+        "num_processes": accelerator.num_processes,
         "pairs": pairs and {"source": inputs.pairs_source, **pairs},
         "generation": _generation_summary(outcomes, inputs, settings) if outcomes else None,
         "judges": _judge_summaries(outcomes),

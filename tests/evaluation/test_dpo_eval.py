@@ -234,6 +234,7 @@ def test_two_processes_give_the_one_process_results(trained_run, tmp_path):
     launch([*accelerate_launch("ddp.yaml"), "-m"],
            [trained_run, *flags, "--output_dir", str(two)], tmp_path, script="dpo_core.evaluate")
     single, double = read_eval(one), read_eval(two)
+    assert (single["num_processes"], double["num_processes"]) == (1, 2)
     for key, value in single["pairs"]["after"].items():
         assert double["pairs"]["after"][key] == pytest.approx(value, abs=1e-5), key
     assert double["pairs"]["num_pairs"] == 12

@@ -3,6 +3,7 @@ intervals, the length-controlled win rate, a reply's log-prob and where a reply 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_core.demo import make_prompt, model_dir
-from dpo_core.evaluation.judges import judge_summary
+from dpo_core.evaluation.judges import RewardModelJudge, judge_summary
 from dpo_core.evaluation.replies import reply_logps, reply_statistics
 from dpo_core.evaluation.statistics import (
     length_controlled_win_rate,
@@ -132,3 +133,18 @@ def test_generated_replies_say_whether_they_stopped(demo_model):
     assert not any(r.stopped for r in cut)
     assert all(len(r.reply_ids) == 3 for r in cut)
     assert [r.reply_ids for r in cut] == [r.reply_ids[:3] for r in whole]
+
+
+def test_a_reward_model_reads_prompt_and_reply_as_one_conversation(tiny_tokenizer):
+    """With its chat template (the reply as the assistant's turn), or, without one, as
+    "role: content" lines ending with the reply."""
+    prompts = ["hi there", [{"role": "system", "content": "be brief"},
+                            {"role": "user", "content": "yes or no"}]]
+    templated = RewardModelJudge("rm", None, tiny_tokenizer, batch_size=2)
+    assert templated.texts(prompts, ["hello", "no"]) == [
+        "<|user|>\nhi there</s>\n<|assistant|>\nhello</s>\n",
+        "<|system|>\nbe brief</s>\n<|user|>\nyes or no</s>\n<|assistant|>\nno</s>\n"]
+    plain = copy.deepcopy(tiny_tokenizer)
+    plain.chat_template = None
+    assert RewardModelJudge("rm", None, plain, batch_size=2).texts(prompts, ["hello", "no"]) == [
+        "user: hi there\nassistant: hello", "system: be brief\nuser: yes or no\nassistant: no"]
