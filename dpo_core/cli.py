@@ -1,5 +1,6 @@
-"""The command lines: `python train.py` (`dpo-train`), `python chat.py` (`dpo-chat`) and
-`dpo-report` (`python -m dpo_core.reporting`). Parsing and wiring only.
+"""The command lines: `python train.py` (`dpo-train`), `python chat.py` (`dpo-chat`),
+`dpo-report` (`python -m dpo_core.reporting`) and `dpo-eval` (`python -m dpo_core.evaluate`).
+Parsing and wiring only.
 
 One error path: every failure the user can cause ends with a message on stderr and exit status
 2 (something to fix in the command) or 1 (a run that could not go on), 130 for Ctrl-C;
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Callable
 
 from dpo_core.config.chat import ChatConfig
+from dpo_core.config.evaluation import EvalConfig
 from dpo_core.config.fields import build_parser, parse_config
 from dpo_core.config.train import TrainConfig
 from dpo_core.errors import RunFailure, TrainingInterrupted, UserError
@@ -37,8 +39,27 @@ CHAT_DESCRIPTION = """Chat with a base model plus a DPO-trained LoRA adapter (mu
 Interactive by default; `--prompt "..."` answers once and exits."""
 
 REPORT_DESCRIPTION = """Redraw a run's training curves from its train_log.jsonl, or compare two
-runs on the same axes, and print their final train/eval metrics and run plans side by side.
-(samples.md needs the model, so only training writes it.)"""
+runs on the same axes, and print their final train/eval metrics and run plans side by side,
+and dpo-eval's results where a run has them (eval.json). (samples.md needs the model, so only
+training writes it.)"""
+
+EVAL_DESCRIPTION = """Did DPO help? Evaluate a finished run's trained model against the model it
+started from (its reference), loaded as the run's plan says: preference accuracy on held-out
+pairs before and after, replies of both to the same prompts (length, stops, repeats, the KL
+estimate), and, with a judge, the win rate of the policy over the reference.
+
+Writes eval.json, eval_samples.md and eval.png into RUN_DIR (or --output_dir). Runs as
+`dpo-eval RUN_DIR` or `python -m dpo_core.evaluate RUN_DIR` on one device, or as
+`accelerate launch --multi_gpu -m dpo_core.evaluate RUN_DIR` on many (prompts split across
+processes; without GPUs they run on the CPU)."""
+
+EVAL_EXAMPLES = """examples:
+  dpo-eval demo_output --judge rule:dpo_core.demo.task:follows_rule --temperature 0
+  dpo-eval dpo_tinyllama_model --reward_model Skywork/Skywork-Reward-V2-Qwen3-0.6B
+  dpo-eval run_dir --eval_dataset pairs.jsonl --num_prompts 0     # pair metrics only
+  dpo-eval run_dir --prompts prompts.txt --max_new_tokens 512     # replies only
+  accelerate launch --multi_gpu --num_processes 2 -m dpo_core.evaluate run_dir
+"""
 
 EXAMPLES = """examples:
   python train.py --demo                                  # offline, bundled model and data
@@ -84,6 +105,11 @@ def chat_main(argv: list[str] | None = None) -> int:
 def report_main(argv: list[str] | None = None) -> int:
     """`dpo-report` / `python -m dpo_core.reporting`: returns the exit status."""
     return run_command(_report, argv)
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """`dpo-eval` / `python -m dpo_core.evaluate`: returns the exit status."""
+    return run_command(_eval, argv)
 
 
 def _quantization(setting: str, argv: list[str] | None, full_finetuning: bool = False) -> bool:
@@ -160,6 +186,30 @@ def _chat(argv: list[str] | None) -> int:
     return 0
 
 
+def _eval(argv: list[str] | None) -> int:
+    config = parse_config(EvalConfig, build_parser(EvalConfig, EVAL_DESCRIPTION, EVAL_EXAMPLES),
+                          argv)
+    config.validate()
+    from dpo_core.evaluation.run import read_run
+
+    run = read_run(config.run_dir)  # a bad directory is said before the heavy imports
+    _quantization(config.quantization or run.plan.get("quantization") or "none", argv,
+                  run.full_finetuning)
+    from dpo_core.console import configure_console
+    from dpo_core.evaluation.evaluator import evaluate_run
+    from dpo_core.reporting.eval_report import format_eval_table
+    from dpo_core.run_files import EVAL_FILE, EVAL_PLOT_FILE, EVAL_SAMPLES_FILE
+
+    configure_console()
+    result = evaluate_run(config, run)
+    if result is None:  # not the main process of a launch
+        return 0
+    print(format_eval_table(result))
+    print(f"Wrote {', '.join((EVAL_FILE, EVAL_SAMPLES_FILE, EVAL_PLOT_FILE))} to "
+          f"{config.destination}")
+    return 0
+
+
 def report_parser() -> argparse.ArgumentParser:
     from dpo_core.run_files import CURVES_FILE
 
@@ -183,7 +233,8 @@ def _report(argv: list[str] | None) -> int:
         read_before_after,
         run_labels,
     )
-    from dpo_core.run_files import CURVES_FILE, read_run_plan
+    from dpo_core.reporting.eval_report import format_eval_table, read_eval
+    from dpo_core.run_files import CURVES_FILE, EVAL_PLOT_FILE, EVAL_SAMPLES_FILE, read_run_plan
 
     args = report_parser().parse_args(argv)
     dirs = [d for d in (args.output_dir, args.other_dir) if d]
@@ -199,6 +250,10 @@ def _report(argv: list[str] | None) -> int:
     plot_runs(runs, path, read_before_after(args.output_dir) if len(dirs) == 1 else None)
     plans = {label: read_run_plan(d) for label, d in zip(runs, dirs, strict=True)}
     print(format_final_metrics(runs, plans))
+    for directory in dirs:
+        if (evaluation := read_eval(directory)) is not None:
+            print(f"\n{format_eval_table(evaluation)}\n(dpo-eval's {EVAL_SAMPLES_FILE} and "
+                  f"{EVAL_PLOT_FILE} are in {directory})")
     print(f"Wrote {path}")
     return 0
 

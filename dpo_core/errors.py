@@ -62,6 +62,11 @@ class ReportError(UserError, ValueError):
     """A run directory or log that cannot be reported on; the message names the file."""
 
 
+class EvaluationError(UserError, ValueError):
+    """A run directory, prompts file or judge that `dpo-eval` cannot use; the message names it
+    and says what to do."""
+
+
 # -- runs that could not go on ----------------------------------------------------------------
 class CheckpointSaveError(RunFailure, OSError):
     """A checkpoint could not be written (e.g. the disk is full); nothing half-written is

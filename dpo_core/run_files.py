@@ -9,6 +9,8 @@ and the tests all read and write the same files:
     training_curves.png    drawn from the log by `dpo_core.reporting.curves`
     samples.md             greedy replies of the base and the trained model
     checkpoint-<step>/     resumable checkpoints (`dpo_core.training.checkpoint`)
+
+and what `dpo-eval` adds (`dpo_core.evaluation`): eval.json, eval_samples.md, eval.png.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ CONFIG_FILE = "training_config.json"
 CURVES_FILE = "training_curves.png"
 SAMPLES_FILE = "samples.md"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+EVAL_FILE = "eval.json"
+EVAL_SAMPLES_FILE = "eval_samples.md"
+EVAL_PLOT_FILE = "eval.png"
 # training_config.json keeps, beside the settings, what each "auto" one resolved to under this
 # key; a --config file may hold it (a finished run's file fed back), and it is not a setting.
 RUN_PLAN_KEY = "run_plan"
@@ -41,6 +46,7 @@ PARTIAL_RE = re.compile(r"^\.checkpoint-\d+\.(tmp|old)$")
 # holds files of two runs (chat.py would load the old adapter beside the new config).
 PREVIOUS_RUN_FILES = (
     LOG_FILE, METRICS_FILE, CURVES_FILE, SAMPLES_FILE, ADAPTER_CONFIG_FILE,
+    EVAL_FILE, EVAL_SAMPLES_FILE, EVAL_PLOT_FILE,
     "adapter_model.safetensors", "adapter_model.bin", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
     "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
@@ -85,9 +91,10 @@ def check_output_dir(output_dir: str, *, overwrite: bool, resuming: bool) -> Non
 
 def clear_previous_run(output_dir: str) -> None:
     """Starting afresh in a used output_dir: remove everything an earlier run wrote there
-    (log, metrics, checkpoints, adapter, tokenizer, merged model, curves, samples), so that
-    neither chat.py, the log nor `--resume_from_checkpoint latest` can mix two runs. The
-    reference log-prob cache stays: it is keyed by model and data, and valid for any run."""
+    (log, metrics, checkpoints, adapter, tokenizer, merged model, curves, samples, dpo-eval's
+    results), so that neither chat.py, the log nor `--resume_from_checkpoint latest` can mix
+    two runs. The reference log-prob cache stays: it is keyed by model and data, and valid for
+    any run."""
     for name in PREVIOUS_RUN_FILES:
         if os.path.isfile(os.path.join(output_dir, name)):
             os.remove(os.path.join(output_dir, name))

@@ -13,6 +13,7 @@ from typing import Any
 
 def setting(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
     """A dataclass field with its `--help` text, its `--help` group and any further
-    `argparse.add_argument` keywords (e.g. `choices`)."""
+    `argparse.add_argument` keywords (e.g. `choices`); `positional=True` makes it a required
+    operand instead of a flag."""
     metadata = {"help": help, "group": group, "argparse": argparse_kwargs}
     return dataclasses.field(default=default, metadata=metadata)

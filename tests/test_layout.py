@@ -26,7 +26,8 @@ LAYERS = (
     {"forward"},
     {"reporting"},
     {"training"},
-    {"chat", "demo", "cli", "testing"},
+    {"evaluation"},
+    {"chat", "demo", "cli", "evaluate", "testing"},
 )
 
 

@@ -2,5 +2,6 @@
 
 - `train.py`: `TrainConfig` (the loss options inherited from `dpo_core.losses.options`);
 - `chat.py`: `ChatConfig`;
+- `evaluation.py`: `EvalConfig` (`dpo-eval`);
 - `fields.py`: the command line and `--config` files built from those dataclasses.
 """

@@ -1,4 +1,5 @@
-"""The command line and config files of every settings dataclass (`TrainConfig`, `ChatConfig`).
+"""The command line and config files of every settings dataclass (`TrainConfig`, `ChatConfig`,
+`EvalConfig`).
 
 Each field is declared with `dpo_core.setting.setting` (default, help, group); `build_parser`
 makes one flag per field, grouped for `--help`, and `parse_config` fills the dataclass from the
@@ -83,6 +84,9 @@ def build_parser(cls: type, description: str, epilog: str | None = None,
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         kwargs = dict(meta["argparse"])
+        if kwargs.pop("positional", False):  # a required operand, e.g. dpo-eval's RUN_DIR
+            group.add_argument(f.name, metavar=f.name.upper(), help=meta["help"], **kwargs)
+            continue
         help_text = f"{meta['help']} (default: {f.default})"
         if f.type in ("bool", bool, "bool | None"):
             # --flag / --no-flag unless the default is off; None means "decide at run time".

@@ -45,20 +45,8 @@ class PreferenceCollator:
         # Rows 0..B-1 are chosen, B..2B-1 rejected: (prompt, response) per row.
         rows = [(p.prompt_ids, p.chosen_ids) for p in pairs]
         rows += [(p.prompt_ids, p.rejected_ids) for p in pairs]
-        width = max(len(prompt) + len(response) for prompt, response in rows)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for row, (prompt, response) in enumerate(rows):
-            length = len(prompt) + len(response)
-            start = 0 if self.padding_side == "right" else width - length
-            input_ids[row, start : start + length] = torch.tensor(prompt + response)
-            attention_mask[row, start : start + length] = 1
-            labels[row, start + len(prompt) : start + length] = torch.tensor(response)
-
+        input_ids, attention_mask, labels = pad_rows(rows, self.pad_token_id, self.padding_side,
+                                                     self.pad_to_multiple_of)
         b = len(pairs)
         return {
             "chosen_input_ids": input_ids[:b],
@@ -69,6 +57,27 @@ class PreferenceCollator:
             "rejected_labels": labels[b:],
             "prompt_lengths": torch.tensor([len(p.prompt_ids) for p in pairs], dtype=torch.long),
         }
+
+
+def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int,
+             padding_side: str = "right", pad_to_multiple_of: int | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt ids, response ids) rows -> input_ids, attention_mask, labels, each [R, T]:
+    padded to the longest row (rounded up to `pad_to_multiple_of`); labels are the response
+    ids, IGNORE_INDEX on prompt and padding."""
+    width = max(len(prompt) + len(response) for prompt, response in rows)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, response) in enumerate(rows):
+        length = len(prompt) + len(response)
+        start = 0 if padding_side == "right" else width - length
+        input_ids[row, start : start + length] = torch.tensor([*prompt, *response])
+        attention_mask[row, start : start + length] = 1
+        labels[row, start + len(prompt) : start + length] = torch.tensor(response).long()
+    return input_ids, attention_mask, labels
 
 
 # Pairs are sorted by length within windows of this many batches: enough to bring similar

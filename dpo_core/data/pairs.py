@@ -87,10 +87,7 @@ def to_pair(
     prompt rather than an HH dialogue (None: decide from this row alone).
     """
 
-    def fail(field: str, problem: str) -> DataError:
-        message = f"{location}, field '{field}': {problem}"
-        return DataError(message, reason=f"{field}: {problem}")
-
+    fail = _failure(location)
     for field in ("chosen", "rejected"):
         if field not in row:
             raise fail(field, "is missing")
@@ -112,6 +109,25 @@ def to_pair(
     if chosen_turns:  # UltraFeedback: the lists carry the conversation, `prompt` repeats it
         return PreferencePair(_check_prompt_roles(chosen_turns, "chosen", fail), chosen, rejected)
     return PreferencePair(_text(prompt, "prompt", fail), chosen, rejected)
+
+
+def to_prompt(value: Any, location: str) -> list[dict[str, str]] | str:
+    """A prompt on its own (e.g. a row of `dpo-eval --prompts`), validated as a pair's prompt
+    is: text, or messages ending with a user turn; raises `DataError` naming `location`."""
+    fail = _failure(location)
+    if isinstance(value, list):
+        return _prompt_messages(value, "prompt", fail)
+    return _text(value, "prompt", fail)
+
+
+def _failure(location: str) -> Fail:
+    """The `DataError` for a field of the row at `location`."""
+
+    def fail(field: str, problem: str) -> DataError:
+        message = f"{location}, field '{field}': {problem}"
+        return DataError(message, reason=f"{field}: {problem}")
+
+    return fail
 
 
 def load_pairs(

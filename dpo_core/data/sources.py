@@ -85,7 +85,7 @@ def load_rows(name_or_path: str, split: str = "train", *, skip_bad_rows: bool = 
             )
         if file_format == "parquet":
             return _dataset_source(str(name_or_path), _load_parquet(path))
-        text = _read_utf8(path)
+        text = read_utf8(path)
         read = _read_csv if file_format == "csv" else _read_json
         return read(str(name_or_path), text, skip_bad_rows)
     if looks_like_local_path(name_or_path):
@@ -115,7 +115,7 @@ def _load_parquet(path: Path) -> datasets.Dataset:
         raise DataError(f"{path}: cannot read it as Parquet: {first_line(cause)}") from None
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
     """The file's text (a UTF-8 byte-order mark dropped); names the first byte that is not
     UTF-8 by line and column."""
     raw = path.read_bytes()

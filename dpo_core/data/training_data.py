@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from dpo_core.config.train import TrainConfig
 from dpo_core.console import logger
-from dpo_core.data.pairs import load_pairs, split_pairs
+from dpo_core.data.pairs import PreferencePair, load_pairs, split_pairs
 from dpo_core.data.templates import pair_view
 from dpo_core.data.tokenization import TokenizedPair, tokenize_pairs
 from dpo_core.errors import ConfigError
@@ -35,35 +35,54 @@ def build_training_data(config: TrainConfig, tokenizer, use_chat_template: bool,
                         show_progress: bool = True) -> TrainingData:
     """Load `--dataset_name` (and `--eval_dataset`, or hold out `--eval_fraction`), then
     tokenize and truncate both splits; ConfigError if no training pair is left."""
-    pairs, drops = load_pairs(config.dataset_name, split=config.dataset_split,
-                              num_samples=config.num_samples or None, seed=config.seed,
-                              skip_bad_rows=config.skip_bad_rows)
-    _report_drops(config.dataset_name, drops)
-    if config.eval_dataset:
-        train_pairs = pairs
-        eval_pairs, eval_drops = load_pairs(config.eval_dataset, split="train", num_samples=None,
-                                            seed=config.seed, skip_bad_rows=config.skip_bad_rows)
-        _report_drops(config.eval_dataset, eval_drops)
-    else:
-        train_pairs, eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
+    train_pairs, eval_pairs = load_run_pairs(config)
     if config.num_sample_prompts and not eval_pairs:
         logger.warning(f"No {SAMPLES_FILE}: its prompts come from the eval set, and this run "
                        "has none (--eval_fraction 0 and no --eval_dataset).")
-    lengths = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
-               "use_chat_template": use_chat_template, "skip_bad_rows": config.skip_bad_rows}
-    tokenized = {}
-    for name, split in (("train", train_pairs), ("eval", eval_pairs)):
-        tokenized[name], drops = tokenize_pairs(tokenizer, split, desc=f"Tokenizing {name}",
-                                                disable=not show_progress, **lengths)
-        _report_drops(f"the {name} pairs", drops)
-        if warning := check_identical_pairs(tokenized[name], name, config.max_length):
-            logger.warning(warning)
+    tokenized = {name: tokenize_split(config, tokenizer, split, name, use_chat_template,
+                                      show_progress)
+                 for name, split in (("train", train_pairs), ("eval", eval_pairs))}
     logger.info(f"Pairs: {len(tokenized['train'])} train, {len(tokenized['eval'])} eval.")
     if not tokenized["train"]:
         raise ConfigError("no training pairs left after loading and truncation")
     sample_prompts = [pair_view(pair, use_chat_template)[0]
                       for pair in eval_pairs[:config.num_sample_prompts]]
     return TrainingData(tokenized["train"], tokenized["eval"], sample_prompts)
+
+
+def load_run_pairs(config: TrainConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """The (train, eval) pairs of a run, before tokenization: `--dataset_name` sampled, and
+    `--eval_dataset` or the seeded `--eval_fraction` split. The same for the same settings, so
+    `dpo-eval` finds the eval split its run held out."""
+    pairs, drops = load_pairs(config.dataset_name, split=config.dataset_split,
+                              num_samples=config.num_samples or None, seed=config.seed,
+                              skip_bad_rows=config.skip_bad_rows)
+    _report_drops(config.dataset_name, drops)
+    if config.eval_dataset:
+        return pairs, load_eval_pairs(config.eval_dataset, config.seed, config.skip_bad_rows)
+    return split_pairs(pairs, config.eval_fraction, config.seed)
+
+
+def load_eval_pairs(name_or_path: str, seed: int, skip_bad_rows: bool) -> list[PreferencePair]:
+    """Every pair of an evaluation dataset (its "train" split), in seeded order."""
+    pairs, drops = load_pairs(name_or_path, split="train", num_samples=None, seed=seed,
+                              skip_bad_rows=skip_bad_rows)
+    _report_drops(name_or_path, drops)
+    return pairs
+
+
+def tokenize_split(config: TrainConfig, tokenizer, pairs: Sequence[PreferencePair], name: str,
+                   use_chat_template: bool, show_progress: bool = True) -> list[TokenizedPair]:
+    """`pairs` tokenized and truncated as the run's settings say; what was dropped, and pairs
+    left identical by truncation, are said out loud (`name`: which split, for the messages)."""
+    tokenized, drops = tokenize_pairs(
+        tokenizer, pairs, max_length=config.max_length,
+        max_prompt_length=config.max_prompt_length, use_chat_template=use_chat_template,
+        skip_bad_rows=config.skip_bad_rows, desc=f"Tokenizing {name}", disable=not show_progress)
+    _report_drops(f"the {name} pairs", drops)
+    if warning := check_identical_pairs(tokenized, name, config.max_length):
+        logger.warning(warning)
+    return tokenized
 
 
 def _report_drops(source: str, drops: dict[str, int]) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from dpo_core.evaluation.judges import RuleJudge
 from dpo_core.modeling.generation import generate_replies
 
 OPERANDS = range(10, 100)  # two-digit operands keep every prompt the same shape
@@ -102,6 +103,11 @@ def follows_rule(prompt: str, response: str) -> bool:
     return response.strip() == make_reply(a, b, a + b)
 
 
+# The rule as a `dpo-eval` judge: `--judge rule:dpo_core.demo.task:follows_rule` scores the
+# replies of the trained model and of its reference as `generation_accuracy` does.
+RULE_JUDGE = RuleJudge(follows_rule, "rule:dpo_core.demo.task:follows_rule")
+
+
 def generation_accuracy(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -109,7 +115,8 @@ def generation_accuracy(
     max_new_tokens: int = 16,
     batch_size: int = 64,
 ) -> float:
-    """Fraction of `prompts` whose greedy reply `follows_rule` (0.0 to 1.0).
+    """Fraction of `prompts` whose greedy reply `follows_rule` (0.0 to 1.0): the mean score
+    of `RULE_JUDGE`.
 
     Replies come from `dpo_core.modeling.generation.generate_replies`, as in `chat.py`: chat
     template applied, greedy decoding, the reply cut from the output by token ids at the first
@@ -120,7 +127,7 @@ def generation_accuracy(
     replies = generate_replies(
         model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size
     )
-    return sum(map(follows_rule, prompts, replies)) / len(prompts)
+    return sum(RULE_JUDGE.score(prompts, replies)) / len(prompts)
 
 
 def preference_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> float:

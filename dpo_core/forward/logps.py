@@ -5,6 +5,8 @@ Entry points here, all returning fp32 sums of response-token log-probs:
 
 - `sequence_logps(logits, labels)`: from logits you already have.
 - `concatenated_forward(model, batch)`: chosen and rejected stacked into one forward of 2B rows.
+- `labelled_logps(model, input_ids, attention_mask, labels)`: any padded rows, e.g. generated
+  replies scored under the policy and the reference.
 - `predicted_logps(model, inputs, ...)`: the one forward every layout goes through (the
   prefix-shared and padding-free layouts of `prefix_sharing.py` and `packing.py` included).
 
@@ -308,11 +310,22 @@ def concatenated_forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> tu
     same numbers, and each row is independent of the others in the batch.
     """
     check_pair_batch(batch, PAIR_FIELDS)
-    input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-    attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+    logps = labelled_logps(
+        model,
+        torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
+        torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
+        torch.cat([batch["chosen_labels"], batch["rejected_labels"]]),
+    )
+    num_pairs = batch["chosen_input_ids"].shape[0]
+    return logps[:num_pairs], logps[num_pairs:]
 
+
+def labelled_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                   labels: Tensor) -> Tensor:
+    """One forward of padded rows (input_ids, attention_mask, labels [R, T]) -> [R] fp32: each
+    row's sum of log-probs of its labels (IGNORE_INDEX skipped). Position ids come from the
+    attention mask, so left and right padding give the same numbers."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
     # Positions whose next token is a label. A real token must predict it: with an empty prompt
     # the first response token follows left padding (or nothing), and is not scored.
     scored = (labels[:, 1:] != IGNORE_INDEX) & attention_mask[:, :-1].bool()
@@ -324,10 +337,8 @@ def concatenated_forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> tu
     kept = (seq_index * input_ids.shape[1] + positions,
             torch.arange(len(seq_index), device=seq_index.device))
     token_logps = predicted_logps(model, inputs, seq_index, positions,
-                                   labels[seq_index, positions + 1], kept)
-    logps = per_sequence(token_logps, seq_index, labels.shape[0])
-    num_pairs = batch["chosen_input_ids"].shape[0]
-    return logps[:num_pairs], logps[num_pairs:]
+                                  labels[seq_index, positions + 1], kept)
+    return per_sequence(token_logps, seq_index, labels.shape[0])
 
 
 def per_sequence(token_logps: Tensor, sequence_index: Tensor, num_sequences: int) -> Tensor:

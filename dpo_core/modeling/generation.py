@@ -1,12 +1,39 @@
-"""Greedy or sampled replies from a chat model, cut from the output by token ids."""
+"""Greedy or sampled replies from a chat model, batched with left padding and the KV cache,
+cut from the output by token ids."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from dpo_core.data.templates import encode_prompt, stop_token_ids
 from dpo_core.modeling.loading import eval_mode
+
+
+@dataclass(frozen=True)
+class GeneratedReply:
+    """One reply: its text, the prompt's and the reply's token ids, and how it ended.
+
+    `reply_ids` stop before the stop token; `stop_id` is the stop token the model wrote (None:
+    cut at max_new_tokens, the reply did not end on its own). `scored_ids` are the tokens the
+    model chose, the stop token included: what its log-prob is the log-prob of.
+    """
+
+    text: str
+    prompt_ids: list[int]
+    reply_ids: list[int]
+    stop_id: int | None
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop_id is not None
+
+    @property
+    def scored_ids(self) -> list[int]:
+        return self.reply_ids + ([self.stop_id] if self.stopped else [])
 
 
 def until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
@@ -26,7 +53,7 @@ def model_stop_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
 
 
 @torch.no_grad()
-def generate_replies(
+def generate(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[dict[str, str]] | str],
@@ -37,38 +64,56 @@ def generate_replies(
     do_sample: bool = False,
     temperature: float = 0.7,
     top_p: float = 0.9,
-) -> list[str]:
+    progress: str | None = None,
+) -> list[GeneratedReply]:
     """One reply per prompt (messages or plain text), rendered exactly as in training.
 
-    Prompts are left-padded so every row's reply starts at the same column; the reply is
-    the ids after that column, up to the first stop token (`stop_token_ids`: EOS, and with the
-    template its end-of-turn token), so nothing depends on string lengths.
+    Prompts are left-padded so every row's reply starts at the same column, and decoded with
+    the KV cache; the reply is the ids after that column, up to the first stop token
+    (`stop_token_ids`: EOS, and with the template its end-of-turn token), so nothing depends
+    on string lengths. Sampling draws from torch's global generator: seed it for repeatable
+    replies. `progress`: the description of a progress bar over the batches (None: no bar).
     """
-    replies: list[str] = []
+    replies: list[GeneratedReply] = []
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id
     device = next(model.parameters()).device
     stop_ids = model_stop_ids(model, tokenizer, use_chat_template)
+    sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p}
+                if do_sample else {"do_sample": False})
+    starts = range(0, len(prompts), batch_size)
     with eval_mode(model):
-        for start in range(0, len(prompts), batch_size):
+        for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None,
+                          dynamic_ncols=True):
             encoded = [encode_prompt(tokenizer, p, use_chat_template)
                        for p in prompts[start:start + batch_size]]
             width = max(len(ids) for ids in encoded)
             input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded])
             attention_mask = torch.tensor(
                 [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
-            sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p}
-                        if do_sample else {"do_sample": False})
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad_id,
                 eos_token_id=stop_ids,
+                use_cache=True,
                 **sampling,
             )
-            for row in output[:, width:].tolist():
-                replies.append(tokenizer.decode(until_stop(row, stop_ids),
-                                                skip_special_tokens=True).strip())
+            for prompt_ids, row in zip(encoded, output[:, width:].tolist(), strict=True):
+                reply_ids = until_stop(row, stop_ids)
+                stop_id = row[len(reply_ids)] if len(reply_ids) < len(row) else None
+                text = tokenizer.decode(reply_ids, skip_special_tokens=True).strip()
+                replies.append(GeneratedReply(text, prompt_ids, reply_ids, stop_id))
     return replies
+
+
+def generate_replies(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[dict[str, str]] | str],
+    **options,
+) -> list[str]:
+    """The text of `generate`'s replies (same options)."""
+    return [reply.text for reply in generate(model, tokenizer, prompts, **options)]

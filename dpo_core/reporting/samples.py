@@ -34,17 +34,19 @@ def format_samples(prompts: Sequence[list[dict[str, str]] | str], base: Sequence
     ]
     for number, (prompt, before, after) in enumerate(zip(prompts, base, trained, strict=True),
                                                      start=1):
-        lines.append(f"| {number} | {_prompt_cell(prompt)} | {_cell(before)} | {_cell(after)} |")
+        lines.append(f"| {number} | {prompt_cell(prompt)} | {markdown_cell(before)} | "
+                     f"{markdown_cell(after)} |")
     return "\n".join(lines) + "\n"
 
 
-def _prompt_cell(prompt: list[dict[str, str]] | str) -> str:
+def prompt_cell(prompt: list[dict[str, str]] | str) -> str:
+    """A prompt (text, or messages as "**role**: content" lines) in one table cell."""
     if isinstance(prompt, str):
-        return _cell(prompt)
-    return "<br>".join(f"**{m['role']}**: {_cell(m['content'])}" for m in prompt)
+        return markdown_cell(prompt)
+    return "<br>".join(f"**{m['role']}**: {markdown_cell(m['content'])}" for m in prompt)
 
 
-def _cell(text: str) -> str:
+def markdown_cell(text: str) -> str:
     """Text safe inside a markdown table cell: one line, no column breaks, no raw HTML."""
     if not text.strip():
         return "*(empty)*"

@@ -9,12 +9,15 @@ from dataclasses import dataclass, field
 import torch
 
 from dpo_core.losses.preference import preference_metrics
+from dpo_core.training.objective import PAIR_EXTRAS
 
 
 def merged_metrics(stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Preference metrics over every pair in `stats` (per-batch dicts of per-pair tensors, as
-    `PreferenceObjective` returns them, detached and possibly gathered)."""
-    merged = {key: torch.cat([s[key] for s in stats]) for key in stats[0]}
+    `PreferenceObjective` returns them, detached and possibly gathered; `PAIR_EXTRAS` beside
+    them are left out)."""
+    merged = {key: torch.cat([s[key] for s in stats]) for key in stats[0]
+              if key not in PAIR_EXTRAS}
     return {k: v.item() for k, v in preference_metrics(**merged).items()}
 
 

@@ -1,4 +1,5 @@
-"""One micro-batch through the policy and the reference, into per-pair losses and rewards."""
+"""One micro-batch through the policy and the reference, into per-pair losses and rewards; and
+every pair of an evaluation through it (`evaluate_pairs`)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,19 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from accelerate import Accelerator
 
 from dpo_core.data.tokenization import IGNORE_INDEX
 from dpo_core.forward.logps import LogpsFn, concatenated_forward
 from dpo_core.losses.options import LossSettings
 from dpo_core.losses.preference import preference_loss
+from dpo_core.modeling.loading import eval_mode
 from dpo_core.modeling.reference import ReferenceContext, adapter_disabled
+
+# What `evaluate_pairs` keeps per pair beside the objective's statistics: the response lengths
+# and, when the batches carry them, the precomputed reference log-probs.
+PAIR_EXTRAS = ("chosen_lengths", "rejected_lengths", "reference_chosen_logps",
+               "reference_rejected_logps")
 
 
 def response_lengths(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,3 +93,20 @@ class PreferenceObjective(LossSettings):
             "policy_rejected_logps": policy_rejected.detach(),
             **{f"loss/{name}": values for name, values in terms.components.items()},
         }
+
+
+@torch.no_grad()
+def evaluate_pairs(objective: PreferenceObjective, model: torch.nn.Module, loader,
+                   reference: ReferenceContext | None,
+                   accelerator: Accelerator) -> dict[str, torch.Tensor]:
+    """Every pair of `loader` once through `objective`, in eval mode: per-pair tensors [N]
+    gathered from every process (the duplicates that even out the last batches dropped), the
+    objective's statistics (detached) plus `PAIR_EXTRAS`."""
+    gathered = []
+    with eval_mode(model):
+        for batch in loader:
+            stats = {k: v.detach() for k, v in objective(model, batch, reference).items()}
+            stats["chosen_lengths"], stats["rejected_lengths"] = response_lengths(batch)
+            stats.update({k: batch[k] for k in PAIR_EXTRAS if k in batch})
+            gathered.append(accelerator.gather_for_metrics(stats))
+    return {key: torch.cat([g[key] for g in gathered]) for key in gathered[0]}

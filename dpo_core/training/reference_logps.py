@@ -14,6 +14,7 @@ recomputed and replaced.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from dpo_core.console import logger
 from dpo_core.data.batches import PreferenceCollator, length_sorted_order, pair_length
 from dpo_core.data.tokenization import TokenizedPair
+from dpo_core.forward.logps import LogpsFn
 from dpo_core.modeling.adapters import POLICY_ADAPTER
 from dpo_core.modeling.loading import base_model_of, eval_mode
 from dpo_core.modeling.reference import ReferenceContext, policy_itself
@@ -147,14 +149,14 @@ def compute_reference_logps(
     model: torch.nn.Module,
     pairs: Sequence[TokenizedPair],
     *,
-    objective: PreferenceObjective,
-    reference: ReferenceContext | None = None,
+    logps: LogpsFn,
     collator: PreferenceCollator,
     accelerator: Accelerator,
     batch_size: int,
     show_progress: bool = False,
 ) -> torch.Tensor:
-    """Reference (chosen, rejected) log-probs of every pair -> [N, 2] fp32 on the CPU.
+    """(chosen, rejected) log-probs of every pair by `logps(model, batch)` (the reference pass:
+    `PreferenceObjective.reference_logps` with the run's reference) -> [N, 2] fp32 on the CPU.
 
     Processes share the batches and gather the results; pairs go longest first so each batch
     pads little. The model runs in eval mode (no dropout) and returns to its previous mode.
@@ -175,7 +177,7 @@ def compute_reference_logps(
     with eval_mode(model):
         for batch in tqdm(loader, desc="Reference log-probs", unit="batch",
                           disable=not (show_progress and accelerator.is_main_process)):
-            chosen, rejected = objective.reference_logps(model, batch, reference)
+            chosen, rejected = logps(model, batch)
             # Duplicates that even out the last batches across processes carry the same
             # index and the same values, so writing them twice is harmless.
             gathered = accelerator.gather(
@@ -247,21 +249,24 @@ def with_reference_logps(
     from_cache = values is not None
     if values is None:
         values = compute_reference_logps(
-            model, pairs, objective=objective, reference=reference, collator=collator,
-            accelerator=accelerator, batch_size=batch_size, show_progress=show_progress)
+            model, pairs, logps=functools.partial(objective.reference_logps, reference=reference),
+            collator=collator, accelerator=accelerator, batch_size=batch_size,
+            show_progress=show_progress)
         if accelerator.is_main_process:
             _save(path, key, values)
     accelerator.wait_for_everyone()
-    chosen, rejected = values[:, 0].tolist(), values[:, 1].tolist()
-    with_values = [
-        PairWithReference(p.prompt_ids, p.chosen_ids, p.rejected_ids, c, r)
-        for p, c, r in zip(pairs, chosen, rejected, strict=True)
-    ]
     seconds = time.perf_counter() - started
     if show_progress and accelerator.is_main_process:
         how = "loaded from" if from_cache else f"computed in {seconds:.1f} s and cached to"
         logger.info(f"Reference log-probs of {len(pairs)} pairs {how} {path}.")
-    return ReferencePass(with_values, path, from_cache, seconds)
+    return ReferencePass(with_values(pairs, values), path, from_cache, seconds)
+
+
+def with_values(pairs: Sequence[TokenizedPair], values: torch.Tensor) -> list[PairWithReference]:
+    """`pairs` with their reference log-probs, `values` [N, 2] (chosen, rejected)."""
+    chosen, rejected = values[:, 0].tolist(), values[:, 1].tolist()
+    return [PairWithReference(p.prompt_ids, p.chosen_ids, p.rejected_ids, c, r)
+            for p, c, r in zip(pairs, chosen, rejected, strict=True)]
 
 
 def precompute_reference(config, splits: Sequence[Sequence[TokenizedPair]], *,

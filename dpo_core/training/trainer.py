@@ -28,12 +28,11 @@ from dpo_core.forward.logps import LogpsFn
 from dpo_core.modeling import backends
 from dpo_core.modeling.adapters import save_merged_model
 from dpo_core.modeling.generation import generate_replies
-from dpo_core.modeling.loading import eval_mode
 from dpo_core.reporting import curves, samples, trackers
 from dpo_core.training import checkpoint
 from dpo_core.training import setup as steps
 from dpo_core.training.metrics import MetricWindow, ZeroGradientWatch, format_record, merged_metrics
-from dpo_core.training.objective import PreferenceObjective
+from dpo_core.training.objective import PreferenceObjective, evaluate_pairs
 from dpo_core.training.schedule import get_lr
 from dpo_core.training.stops import (
     StopOnInterrupt,
@@ -257,17 +256,12 @@ class Trainer:
         window.pending.clear()
         return values[-1][0]
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Preference metrics over every eval pair exactly once (duplicates from padding to
         equal batches across processes are dropped by gather_for_metrics)."""
-        gathered = []
-        with eval_mode(self.model):
-            for batch in self.batches.eval_loader:
-                stats = self.objective(self.model, batch, self.reference.context)
-                gathered.append(self.accelerator.gather_for_metrics(
-                    {k: v.detach() for k, v in stats.items()}))
-        return merged_metrics(gathered)
+        return merged_metrics([evaluate_pairs(self.objective, self.model,
+                                              self.batches.eval_loader, self.reference.context,
+                                              self.accelerator)])
 
     def _log(self, record: dict) -> None:
         """One record to train_log.jsonl, the console and the trackers."""

@@ -155,8 +155,9 @@ def test_report_cli_names_bad_input(tmp_path, capsys):
 
 
 def test_samples_cells_are_escaped():
-    assert samples._cell(" a|b\n<c> & d\r\ne\u2028f ") == "a\\|b<br>&lt;c&gt; &amp; d<br>e<br>f"
-    assert samples._cell("  ") == "*(empty)*"
+    assert samples.markdown_cell(" a|b\n<c> & d\r\ne\u2028f ") == \
+        "a\\|b<br>&lt;c&gt; &amp; d<br>e<br>f"
+    assert samples.markdown_cell("  ") == "*(empty)*"
     text = samples.format_samples(
         ["hi", [{"role": "system", "content": "be brief"}, {"role": "user", "content": "yo"}]],
         ["x", ""], ["y", "z"], use_chat_template=True, max_new_tokens=8)
@@ -182,8 +183,8 @@ def test_training_writes_curves_and_samples(tiny_model_dir, pairs_file, tmp_path
     base_replies = generate_replies(base, tokenizer, prompts, **options)
     trained = PeftModel.from_pretrained(base, str(out))
     trained_replies = generate_replies(trained, tokenizer, prompts, **options)
-    assert [row[2] for row in rows] == [samples._cell(r) for r in base_replies]
-    assert [row[3] for row in rows] == [samples._cell(r) for r in trained_replies]
+    assert [row[2] for row in rows] == [samples.markdown_cell(r) for r in base_replies]
+    assert [row[3] for row in rows] == [samples.markdown_cell(r) for r in trained_replies]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
