@@ -186,9 +186,12 @@ def _chat(argv: list[str] | None) -> int:
     return 0
 
 
+def eval_parser() -> argparse.ArgumentParser:
+    return build_parser(EvalConfig, EVAL_DESCRIPTION, EVAL_EXAMPLES)
+
+
 def _eval(argv: list[str] | None) -> int:
-    config = parse_config(EvalConfig, build_parser(EvalConfig, EVAL_DESCRIPTION, EVAL_EXAMPLES),
-                          argv)
+    config = parse_config(EvalConfig, eval_parser(), argv)
     config.validate()
     from dpo_core.evaluation.run import read_run
 

@@ -10,8 +10,9 @@ The rules checked, for every one of those files:
      / `chat_parser` and `parse_config`, which also reads a `--config` file and checks its keys
      and types (`validate()` is not called: it needs the named model and data to exist);
    - `dpo-report` / `python -m dpo_core.reporting`: `dpo_core.cli.report_parser()`;
-   - `accelerate launch` / `torchrun`: the launcher's own parser, then the script it starts
-     with its arguments, as above;
+   - `dpo-eval` / `python -m dpo_core.evaluate`: `dpo_core.cli.eval_parser()` and `parse_config`;
+   - `accelerate launch` / `torchrun`: the launcher's own parser, then the script (or `-m`
+     module) it starts with its arguments, as above;
    - `python -m benchmarks.X`, `python benchmarks/X.py`, `python scripts/X.py`: the parser the
      module's `main` builds, caught at its `parse_args` call (nothing after it runs);
    - any other `python -m M` / `python FILE.py`: M is importable, FILE exists;
@@ -21,8 +22,8 @@ The rules checked, for every one of those files:
    `runs/mine`) are fine values. A `--config` or `--config_file` value must be a file in the
    repository unless it is a placeholder (holds `<` or an UPPER_CASE word). Lines that run
    something else (`cd`, `tensorboard`, program output) are not checked.
-2. Flags. Every `--flag` written anywhere (prose, tables, code) is a flag of train.py, chat.py
-   or dpo-report, or of a tool named in the same paragraph (lines up to a blank line; a table
+2. Flags. Every `--flag` written anywhere (prose, tables, code) is a flag of train.py, chat.py,
+   dpo-report or dpo-eval, or of a tool named in the same paragraph (lines up to a blank line; a table
    is one paragraph): a benchmark module (`benchmarks.X` or `benchmarks/X.py`), accelerate or
    torchrun (their own parsers), or a tool in EXTERNAL_FLAGS. `--name_*` stands for the flags
    that start with `--name_`.
@@ -31,7 +32,7 @@ The rules checked, for every one of those files:
    `dpo_core.x.y` / `benchmarks.x` names a module and, after it, a top-level name in that
    module; a relative link's file exists and its #anchor is one of that file's headings.
 4. README.md has at most 250 lines, docs/README.md links every page in docs/, and every flag
-   of train.py, chat.py and dpo-report is documented somewhere.
+   of train.py, chat.py, dpo-report and dpo-eval is documented somewhere.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from conftest import ROOT
 
 from dpo_core import cli
 from dpo_core.config.chat import ChatConfig
+from dpo_core.config.evaluation import EvalConfig
 from dpo_core.config.fields import parse_config
 from dpo_core.config.train import TrainConfig
 from dpo_core.errors import UserError
@@ -169,7 +171,7 @@ def flags_of(parser: argparse.ArgumentParser) -> set[str]:
 @functools.cache
 def project_flags() -> frozenset[str]:
     return frozenset(flags_of(cli.train_parser()) | flags_of(cli.chat_parser())
-                     | flags_of(cli.report_parser()))
+                     | flags_of(cli.report_parser()) | flags_of(cli.eval_parser()))
 
 
 @functools.cache
@@ -248,6 +250,8 @@ def script_problems(script: str, args: list[str]) -> list[str]:
         return settings_problems(ChatConfig, cli.chat_parser(), args)
     if script == "dpo-report":
         return parser_problems(cli.report_parser(), args)
+    if script == "dpo-eval":
+        return settings_problems(EvalConfig, cli.eval_parser(), args)
     if not os.path.isfile(os.path.join(ROOT, script)):
         return [f"{script}: no such file"]
     if script.startswith(("benchmarks/", "scripts/")):
@@ -260,6 +264,8 @@ def module_problems(module: str, args: list[str]) -> list[str]:
     """`python -m MODULE args`."""
     if module == "dpo_core.reporting":
         return script_problems("dpo-report", args)
+    if module == "dpo_core.evaluate":
+        return script_problems("dpo-eval", args)
     if module.startswith("benchmarks.") or module.endswith(".py"):
         if not module.endswith(".py") and importlib.util.find_spec(module) is None:
             return [f"python -m {module}: no such module"]
@@ -283,9 +289,11 @@ def launcher_problems(tool: str, args: list[str]) -> list[str]:
     if problem:
         return problems + [f"{tool}: {problem}"]
     script, script_args = launched[0].training_script, launched[0].training_script_args
-    own_args = args[:len(args) - len(script_args) - 1]
+    own_args = [a for a in args[:len(args) - len(script_args) - 1] if a != "-m"]
+    started = (module_problems(script, script_args) if getattr(launched[0], "module", False)
+               else script_problems(script, script_args))
     return (problems + [f"{tool}: {p}" for p in spelling_problems(launcher_parser(tool), own_args)]
-            + script_problems(script, script_args))
+            + started)
 
 
 def pip_problems(args: list[str]) -> list[str]:
@@ -309,7 +317,7 @@ def simple_command_problems(words: list[str]) -> list[str]:
         if args and args[0].endswith(".py"):
             return script_problems(args[0], args[1:])
         return []
-    if program in ("dpo-train", "dpo-chat", "dpo-report"):
+    if program in ("dpo-train", "dpo-chat", "dpo-report", "dpo-eval"):
         return script_problems(program, args)
     if program == "accelerate" and args[:1] == ["launch"]:
         return launcher_problems("accelerate", args[1:])
