@@ -22,11 +22,11 @@ The rules checked, for every one of those files:
    `runs/mine`) are fine values. A `--config` or `--config_file` value must be a file in the
    repository unless it is a placeholder (holds `<` or an UPPER_CASE word). Lines that run
    something else (`cd`, `tensorboard`, program output) are not checked.
-2. Flags. Every `--flag` written anywhere (prose, tables, code) is a flag of train.py, chat.py,
-   dpo-report or dpo-eval, or of a tool named in the same paragraph (lines up to a blank line; a table
-   is one paragraph): a benchmark module (`benchmarks.X` or `benchmarks/X.py`), accelerate or
-   torchrun (their own parsers), or a tool in EXTERNAL_FLAGS. `--name_*` stands for the flags
-   that start with `--name_`.
+2. Flags. Every `--flag` written anywhere (prose, tables, code) is a flag of train.py,
+   chat.py, dpo-report or dpo-eval, or of a tool named in the same paragraph (lines up to a
+   blank line; a table is one paragraph): a benchmark module (`benchmarks.X` or
+   `benchmarks/X.py`), accelerate or torchrun (their own parsers), or a tool in EXTERNAL_FLAGS.
+   `--name_*` stands for the flags that start with `--name_`.
 3. References. A code span that is a repository path (under dpo_core/, tests/, benchmarks/,
    examples/, scripts/, docs/, or a top-level file such as train.py) exists; a dotted
    `dpo_core.x.y` / `benchmarks.x` names a module and, after it, a top-level name in that
