@@ -21,7 +21,7 @@ from dpo_core.console import logger
 from dpo_core.data.batches import PreferenceCollator, pair_length
 from dpo_core.data.tokenization import TokenizedPair
 from dpo_core.forward.attention import (
-    FOUR_D_MASK_ATTENTION,
+    LAYOUT_ATTENTION,
     PACKED_ATTENTION,
     attn_implementation,
     use_packed_attention,
@@ -62,7 +62,7 @@ def resolve_prefix_sharing(setting: bool | None, attention: str | None,
     and the packed attention keeps the parts apart."""
     if padding_free:
         return PrefixSharing.OFF if setting is False else PrefixSharing.ALWAYS
-    if setting is False or attention not in FOUR_D_MASK_ATTENTION:
+    if setting is False or attention not in LAYOUT_ATTENTION:
         return PrefixSharing.OFF
     return PrefixSharing.ALWAYS if setting else PrefixSharing.PER_BATCH
 
