@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -66,6 +67,11 @@ class RowLayout:
         group, part = self.group_ids, self.part_ids
         return ((key <= query) & (group[batch, query] == group[batch, key])
                 & ((part[batch, key] == SHARED) | (part[batch, key] == part[batch, query])))
+
+    def token_weights(self) -> Tensor:
+        """[R, L]: how many sequences each token is part of (a SHARED token: the two of its
+        group; padding, a negative group: none)."""
+        return torch.where(self.group_ids < 0, 0, torch.where(self.part_ids == SHARED, 2, 1))
 
     def mask_function(self, model_function: MaskFunction) -> MaskFunction:
         """`model_function` (in sequence positions) within the layout's visibility."""
@@ -141,6 +147,24 @@ def install_layout_mask_builders() -> None:
     for name in ("eager", "sdpa", "flex_attention"):
         if not getattr(mapping[name], "follows_row_layout", False):
             AttentionMaskInterface.register(name, _layout_aware(mapping[name]))
+
+
+def masks_follow_layouts(model: torch.nn.Module) -> bool:
+    """Whether `model` (any wrapper) builds its attention masks with transformers' mask
+    builders, as every model in transformers 5 does; code shipped with a model
+    (trust_remote_code) may not, and a `RowLayout` would not reach its masks."""
+    from transformers import masking_utils
+
+    from dpo_core.modeling.loading import base_model_of
+
+    builders = {id(builder) for builder in (masking_utils.create_causal_mask,
+                                             masking_utils.create_sliding_window_causal_mask,
+                                             masking_utils.create_chunked_causal_mask)}
+    base = base_model_of(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    modules = {sys.modules.get(type(part).__module__) for part in (base, decoder)}
+    return any(id(value) in builders for module in modules if module is not None
+               for value in vars(module).values())
 
 
 @dataclass(frozen=True)

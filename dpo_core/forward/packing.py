@@ -173,10 +173,12 @@ def _packed_logps(model: torch.nn.Module, row: PackedRow) -> tuple[Tensor, Tenso
     # ids as packed sequences and cut the shared prompts off; the masks come from the layout.
     inputs = dict(input_ids=row.input_ids, attention_mask=torch.ones_like(row.input_ids),
                   position_ids=row.position_ids, use_cache=False)
-    with row.layout().active():
+    layout = row.layout()
+    with layout.active():
         token_logps = predicted_logps(model, inputs, torch.zeros_like(row.source_positions),
                                        row.source_positions, row.targets,
-                                       kept=(row.kept_positions, row.kept_index))
+                                       kept=(row.kept_positions, row.kept_index),
+                                       token_weights=layout.token_weights())
     logps = per_sequence(token_logps, row.sequence_index, row.num_sequences)
     num_pairs = row.num_sequences // 2
     return logps[:num_pairs], logps[num_pairs:]

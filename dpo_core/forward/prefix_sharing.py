@@ -162,9 +162,11 @@ def prefix_shared_forward(
     inputs = dict(input_ids=shared.input_ids,
                   attention_mask=(shared.segment_ids != shared.PAD).long(),
                   position_ids=shared.position_ids, use_cache=False)
-    with shared.layout().active():
+    layout = shared.layout()
+    with layout.active():
         token_logps = predicted_logps(model, inputs, shared.source_rows,
-                                       shared.source_positions, shared.targets)
+                                       shared.source_positions, shared.targets,
+                                       token_weights=layout.token_weights())
     num_pairs = shared.input_ids.shape[0]
     logps = per_sequence(token_logps, shared.sequence_index, 2 * num_pairs)
     return logps[:num_pairs], logps[num_pairs:]

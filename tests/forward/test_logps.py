@@ -113,6 +113,17 @@ def backward_and_grads(model, forward, batch, weights) -> tuple[torch.Tensor, ..
     return chosen.detach(), rejected.detach(), lora_grads(model)
 
 
+def with_nonzero_lora(model):
+    """`model` (PEFT LoRA) with random LoRA B weights, so that adapter on and off differ, in
+    eval mode."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
 @pytest.fixture()
 def lora_and_base(tiny_model):
     """(PEFT LoRA model with non-zero LoRA weights, an untouched copy of its base model)."""
@@ -120,13 +131,7 @@ def lora_and_base(tiny_model):
     config = LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
     )
-    model = get_peft_model(tiny_model, config)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return model.eval(), base
+    return with_nonzero_lora(get_peft_model(tiny_model, config)), base
 
 
 def pair_weights(num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
