@@ -38,11 +38,14 @@ POLICY_ADAPTER, REFERENCE_ADAPTER = "default", "reference"
 
 @contextlib.contextmanager
 def _quiet_peft() -> Iterator[None]:
-    """peft calls transformers' deprecated `is_gradient_checkpointing`: a FutureWarning for
-    peft's maintainers, not for the user; only that warning is hidden."""
+    """peft calls transformers' deprecated `is_gradient_checkpointing` (a FutureWarning for
+    peft's maintainers), and says it sets `fan_in_fan_out` for GPT-2's Conv1D layers itself:
+    nothing for the user to do; only those warnings are hidden."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                                 category=FutureWarning)
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False but the "
+                                "target module is `Conv1D`", category=UserWarning)
         yield
 
 
@@ -84,7 +87,7 @@ def resolve_lora_targets(model: torch.nn.Module, setting: str | list[str]) -> st
                    if not any(name == target or name.endswith(f".{target}") for name in names)]
         if missing:
             raise ConfigError(
-                f"--lora_target_modules: {', '.join(missing)} matches no module of this model; "
+                f"--lora_target_modules: this model has no module named {', '.join(missing)}; "
                 f"its linear layers are {','.join(linear)} (or pass auto, or all-linear)")
         return setting
     model_type = getattr(getattr(model, "config", None), "model_type", None)

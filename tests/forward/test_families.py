@@ -23,14 +23,18 @@ from test_logps import (
     random_pairs,
     with_nonzero_lora,
 )
+from transformers import LlamaForCausalLM, LlamaModel
+from transformers.models.llama import modeling_llama
 
 from dpo_core.data.tokenization import TokenizedPair
 from dpo_core.forward.logps import concatenated_forward
+from dpo_core.forward.masks import LayoutNotHonoured
+from dpo_core.forward.prefix_sharing import prefix_shared_forward
 from dpo_core.forward.router import router_logits_recorded
 from dpo_core.forward.strategy import PrefixSharing, choose_forward
 from dpo_core.modeling.adapters import add_lora
 from dpo_core.modeling.architecture import router_shape
-from dpo_core.testing import MODEL_FAMILIES, TINY_WINDOW, tiny_family
+from dpo_core.testing import MODEL_FAMILIES, TINY_WINDOW, tiny_family, tiny_llama
 from dpo_core.training.objective import PreferenceObjective
 from dpo_core.training.reference_logps import compute_reference_logps
 
@@ -55,19 +59,19 @@ def pairs() -> list[TokenizedPair]:
 
 
 @functools.cache
-def family_policy(family: str):
+def family_policy(family: str, targets: str = "auto"):
     """The family's tiny model under LoRA with the run's default targets ('auto') and
     non-zero B weights (so adapter on and off differ), in eval mode."""
     return with_nonzero_lora(add_lora(tiny_family(family, VOCAB), r=4, alpha=8, dropout=0.0,
-                                      target_modules="auto", gradient_checkpointing=False,
+                                      target_modules=targets, gradient_checkpointing=False,
                                       quantized=False))
 
 
 @functools.cache
-def own_logps(family: str):
+def own_logps(family: str, targets: str = "auto"):
     """The model's own log-probs of every pair, adapter on (with LoRA gradients for the
     pair weights) and off: ((chosen, rejected), grads, (reference chosen, rejected))."""
-    model = family_policy(family)
+    model = family_policy(family, targets)
     pairs = random_pairs(VOCAB, LENGTHS)
     weights = pair_weights(len(pairs))
     model.zero_grad()
@@ -80,9 +84,9 @@ def own_logps(family: str):
     return (chosen.detach(), rejected.detach()), grads, reference
 
 
-def prepared_forward(family: str, path: str):
+def prepared_forward(family: str, path: str, targets: str = "auto"):
     """(a copy of the family's policy, the `Forward` the plan chooses for `path`, prepared)."""
-    model = copy.deepcopy(family_policy(family))
+    model = copy.deepcopy(family_policy(family, targets))
     asked, expected = PATHS[path]
     forward = choose_forward(model, *asked)
     assert (forward.padding_free, forward.prefix_sharing) == expected
@@ -90,11 +94,16 @@ def prepared_forward(family: str, path: str):
     return model, forward
 
 
+# Mixtral with its fused expert weights adapted too (peft's lora.ParamWrapper), on top.
+CASES = [(family, "auto") for family in MODEL_FAMILIES] + [("mixtral", "all-linear")]
+
+
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("family", list(MODEL_FAMILIES))
-def test_every_path_gives_the_models_own_logps_and_gradients(family, path):
-    model, forward = prepared_forward(family, path)
-    (want_chosen, want_rejected), want_grads, want_reference = own_logps(family)
+@pytest.mark.parametrize(("family", "targets"), CASES,
+                         ids=[f"{f}-{t}" if t != "auto" else f for f, t in CASES])
+def test_every_path_gives_the_models_own_logps_and_gradients(family, targets, path):
+    model, forward = prepared_forward(family, path, targets)
+    (want_chosen, want_rejected), want_grads, want_reference = own_logps(family, targets)
     # The batch as the run's collator lays it out (padding-free: with its packed row).
     batch = forward.collator(pad_token_id=0)(pairs())
     weights = pair_weights(len(LENGTHS))
@@ -171,3 +180,27 @@ def test_router_loss_is_the_models_own_on_every_path(family):
     torch.testing.assert_close(stats["loss/aux"], want.expand(len(LENGTHS)), atol=1e-6, rtol=0)
     torch.testing.assert_close(stats["losses"], without(routed, batch)["losses"] + coef * want,
                                atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- models with their own masks
+
+
+class OwnMasksLlama(LlamaForCausalLM):
+    """A model whose code (this module) builds no mask with transformers' builders, as remote
+    code may."""
+
+
+def test_a_model_building_its_own_masks_keeps_the_padded_path(monkeypatch):
+    """Shared and packed rows are never laid out for a model whose code makes its masks by
+    itself (the plan says why); and if one were, the forward refuses instead of computing
+    with masks that ignore the layout."""
+    model = tiny_llama(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=2)
+    model.__class__ = OwnMasksLlama
+    model.model.__class__ = type("OwnMasksDecoder", (LlamaModel,), {})
+    forward = choose_forward(model, padding_free=True, prefix_sharing=True)
+    assert (forward.padding_free, forward.prefix_sharing) == (False, PrefixSharing.OFF)
+    assert "OwnMasksLlama builds its attention masks by itself" in forward.notes[0]
+    monkeypatch.setattr(modeling_llama, "create_causal_mask", lambda **kwargs: None)
+    batch = pair_batch(random_pairs(VOCAB, LENGTHS), "right")
+    with pytest.raises(LayoutNotHonoured, match="without transformers' mask builders"):
+        prefix_shared_forward(model, batch)
