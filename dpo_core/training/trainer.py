@@ -115,7 +115,7 @@ class Trainer:
             run_files.write_json(config.output_dir, run_files.CONFIG_FILE, {
                 **dataclasses.asdict(asked), run_files.RUN_PLAN_KEY: self.plan.record()})
         # Started once setup has succeeded, so a bad model or data path leaves no empty run.
-        trackers.start_trackers(self.accelerator, config, self.plan.record())
+        trackers.start_trackers(self.accelerator, asked, self.plan.record())
         self.model.train()
 
     # -- the loop ---------------------------------------------------------------------------
