@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from dpo_core.errors import ConfigError
+
 # Token parts (the prefix-shared segments reuse these numbers: prompt, chosen, rejected).
 SHARED, FIRST, SECOND = 0, 1, 2
 
@@ -41,9 +43,10 @@ Block = tuple[int, int, int, int]  # (start, shared, first, second) of a packed 
 _ACTIVE: ContextVar[RowLayout | None] = ContextVar("dpo_row_layout", default=None)
 
 
-class LayoutNotHonoured(ValueError):
+class LayoutNotHonoured(ConfigError):
     """The model built its attention masks without transformers' mask builders (or took the
-    mask another way), so a shared or packed row would not keep its sequences apart."""
+    mask another way), so a shared or packed row would not keep its sequences apart; the
+    message says which setting to change."""
 
 
 @dataclass
@@ -105,36 +108,41 @@ def active_layout() -> RowLayout | None:
 
 
 def _layout_aware(builder: Callable, per_block: Callable | None = None) -> Callable:
-    """`builder` (a transformers mask builder) following the active `RowLayout`, if any.
-    `per_block(layout, mask_function, use_vmap)`: what to return for a packed row instead of
-    one [T, T] mask (the per-block attention's masks)."""
+    """`builder` (a transformers mask builder) following the active `RowLayout`, if any, and
+    exactly `builder` otherwise. `per_block(layout, mask_function, use_vmap)`: what to return
+    for a packed row instead of one [T, T] mask (the per-block attention's masks)."""
 
     @functools.wraps(builder)
-    def build(*, mask_function: MaskFunction, q_length: int, kv_length: int,
-              q_offset: int = 0, kv_offset: int = 0, attention_mask=None, **kwargs):
+    def build(*args, **kwargs):
         layout = _ACTIVE.get()
         if layout is None:
-            return builder(mask_function=mask_function, q_length=q_length, kv_length=kv_length,
-                           q_offset=q_offset, kv_offset=kv_offset,
-                           attention_mask=attention_mask, **kwargs)
-        width = layout.position_ids.shape[1]
-        if (q_offset, kv_offset, q_length, kv_length) != (0, 0, width, width):
-            raise LayoutNotHonoured(
-                f"a shared or packed row of {width} tokens was given to a forward that masks "
-                f"{q_length} queries against {kv_length} keys (a cache?); run it with "
-                "use_cache=False")
-        layout.masks_built += 1
-        combined = layout.mask_function(mask_function)
-        if per_block is not None and layout.blocks is not None:
-            return per_block(layout, combined, kwargs.get("use_vmap", False))
-        # The layout covers padding (padding tokens are their own group), and no mask is ever
-        # a plain causal one here.
-        kwargs["allow_is_causal_skip"] = False
-        return builder(mask_function=combined, q_length=q_length, kv_length=kv_length,
-                       attention_mask=None, **kwargs)
+            return builder(*args, **kwargs)
+        return _layout_mask(layout, builder, per_block, *args, **kwargs)
 
     build.follows_row_layout = True
     return build
+
+
+def _layout_mask(layout: RowLayout, builder: Callable, per_block: Callable | None, *,
+                 mask_function: MaskFunction, q_length: int, kv_length: int,
+                 q_offset: int = 0, kv_offset: int = 0, attention_mask=None, **kwargs):
+    """The mask `builder` makes from the model's `mask_function` within `layout` (transformers
+    calls its builders with keywords only)."""
+    width = layout.position_ids.shape[1]
+    if (q_offset, kv_offset, q_length, kv_length) != (0, 0, width, width):
+        raise LayoutNotHonoured(
+            f"a shared or packed row of {width} tokens was given to a forward that masks "
+            f"{q_length} queries against {kv_length} keys (a cache?); run it with "
+            "use_cache=False")
+    layout.masks_built += 1
+    combined = layout.mask_function(mask_function)
+    if per_block is not None and layout.blocks is not None:
+        return per_block(layout, combined, kwargs.get("use_vmap", False))
+    # The layout covers padding (padding tokens are their own group), and no mask is ever a
+    # plain causal one here.
+    kwargs["allow_is_causal_skip"] = False
+    return builder(mask_function=combined, q_length=q_length, kv_length=kv_length,
+                   attention_mask=None, **kwargs)
 
 
 @functools.cache
