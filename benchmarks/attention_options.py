@@ -14,6 +14,10 @@ CPU time (user + system), which other processes on a shared machine disturb far 
 time, with the machine's 1-minute load average.
 
     python -m benchmarks.attention_options --preset cpu-small --batches 6 --rounds 5 --threads 1
+
+`--sliding_window N` times a Mistral of the same shape whose attention is windowed (N tokens):
+the per-block attention then runs SDPA with each block's window mask where the window is
+shorter than the block.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import statistics
 import time
 
 import torch
+from transformers import MistralConfig, MistralForCausalLM
 
 from benchmarks.synthetic import LORA_ALPHA, LORA_R, MODEL_PRESETS, RUN_DEFAULTS, _target_lengths
 from dpo_core.data.batches import PreferenceCollator
@@ -59,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", choices=["ultrafeedback", "short", "prompt-heavy"],
                         default="ultrafeedback")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--sliding_window", type=int, default=0,
+                        help="a Mistral with this attention window instead of a Llama")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -67,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     base = tiny_llama(vocab_size=shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers,
                       num_heads=shape.heads, num_kv_heads=shape.kv_heads,
                       intermediate_size=shape.intermediate, attn_implementation="sdpa")
+    if args.sliding_window:
+        config = MistralConfig(**base.config.to_dict())
+        config.sliding_window = args.sliding_window
+        base = MistralForCausalLM(config)
     sdpa = add_lora(copy.deepcopy(base), r=LORA_R, alpha=LORA_ALPHA, dropout=0.0,
                     target_modules="all-linear", gradient_checkpointing=False, quantized=False)
     blocks = add_lora(base, r=LORA_R, alpha=LORA_ALPHA, dropout=0.0,

@@ -1,5 +1,6 @@
 """Test machinery that ships with the package (as `numpy.testing` does): tiny tokenizers and
-Llama models built locally, for the tests, the benchmarks and the demo asset builder.
+models built locally (Llama, and one of each family in `MODEL_FAMILIES`), for the tests, the
+benchmarks and the demo asset builder.
 
 Nothing here touches the Hugging Face Hub: the tokenizer is trained with `tokenizers`
 on text the caller supplies, the model is built from a config with random weights.
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import transformers
 from tokenizers import (
     Regex,
     Tokenizer,
@@ -127,3 +129,55 @@ def templated_tokenizer(base: PreTrainedTokenizerFast, spec: dict,
     tokenizer.eos_token = eos_token or spec["eos_token"]
     tokenizer.chat_template = spec["chat_template"]
     return tokenizer
+
+
+# A sliding window shorter than any test sequence, so that windowed attention is exercised.
+TINY_WINDOW = 4
+
+# Tiny random models of the families users fine-tune with DPO: family -> (config class, the
+# family's quirks). Shared shape: 2 layers, hidden 32, 4 query heads, 2 key/value heads.
+MODEL_FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": TINY_WINDOW}),
+    # Bias on q/k/v; the second layer windowed (layer_types: full, sliding).
+    "qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": TINY_WINDOW,
+                              "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", {"head_dim": 8}),  # q/k norms
+    "gemma": ("GemmaConfig", {"head_dim": 8}),  # embeddings scaled by sqrt(hidden), tied
+    # Soft-capped attention and logits (SDPA refused: eager), sliding and full layers.
+    "gemma2": ("Gemma2Config", {"head_dim": 8, "sliding_window": TINY_WINDOW,
+                                "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0,
+                                "query_pre_attn_scalar": 8}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 8, "sliding_window": TINY_WINDOW,
+                                    "layer_types": ["sliding_attention", "full_attention"]}),
+    "phi3": ("Phi3Config", {"sliding_window": TINY_WINDOW}),  # fused qkv_proj, gate_up_proj
+    "phi": ("PhiConfig", {"partial_rotary_factor": 0.5}),  # Phi-2: partial rotary, dense
+    "stablelm": ("StableLmConfig", {"partial_rotary_factor": 0.25, "use_qkv_bias": True,
+                                    "qk_layernorm": True, "use_parallel_residual": True}),
+    "olmo2": ("Olmo2Config", {}),  # norms after attention and MLP, q/k norms
+    "granite": ("GraniteConfig", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5,
+                                  "attention_multiplier": 0.2, "logits_scaling": 4.0}),
+    "cohere": ("CohereConfig", {"logit_scale": 0.5}),  # parallel block, scaled logits, tied
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32,
+                                     "shared_expert_intermediate_size": 32}),
+    # Learned positions (n_positions), fused Conv1D c_attn, tied embeddings.
+    "gpt2": ("GPT2Config", {"max_position_embeddings": 64}),
+    # Pythia: fused query_key_value, partial rotary, parallel residual.
+    "gpt_neox": ("GPTNeoXConfig", {"rotary_pct": 0.25}),
+    "smollm3": ("SmolLM3Config", {"no_rope_layer_interval": 2}),  # no positions in layer 2
+}
+
+
+def tiny_family(family: str, vocab_size: int, seed: int = 0) -> transformers.PreTrainedModel:
+    """A randomly initialised causal LM of `family` (a key of MODEL_FAMILIES), fp32, with the
+    attention transformers picks for it (SDPA, or eager where the family refuses SDPA)."""
+    config_class, quirks = MODEL_FAMILIES[family]
+    shape = {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2,
+             "pad_token_id": 0}
+    config = getattr(transformers, config_class)(**{**shape, **quirks})
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config)

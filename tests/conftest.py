@@ -1,4 +1,4 @@
-"""Shared fixtures: a locally trained tokenizer and tiny random Llamas (no Hub access)."""
+"""Shared fixtures: a locally trained tokenizer and tiny random models (no Hub access)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from dpo_core.testing import templated_tokenizer, tiny_llama, train_tokenizer
+from dpo_core.testing import templated_tokenizer, tiny_family, tiny_llama, train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,6 +85,23 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> str:
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def family_model_dir(tmp_path_factory, tiny_tokenizer):
+    """family -> a directory holding that family's tiny model (`dpo_core.testing.tiny_family`)
+    and the tiny tokenizer, saved like a Hub checkpoint; each built once per session."""
+    made = {}
+
+    def directory(family: str) -> str:
+        if family not in made:
+            path = tmp_path_factory.mktemp(family)
+            tiny_family(family, vocab_size=len(tiny_tokenizer)).save_pretrained(path)
+            tiny_tokenizer.save_pretrained(path)
+            made[family] = str(path)
+        return made[family]
+
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -73,7 +73,11 @@ class TrainConfig(LossSettings):
         MODEL,
     )
     attn_implementation: str = setting(
-        "sdpa", "Attention kernel passed to transformers (sdpa, eager, ...).", MODEL
+        "auto",
+        "Attention kernel passed to transformers: 'auto' = sdpa where the model supports it, "
+        "else eager (Gemma 2: SDPA cannot soft-cap attention); or sdpa, eager, "
+        "flex_attention, flash_attention_2, ... (one the model refuses stops the run).",
+        MODEL,
     )
     trust_remote_code: bool = setting(
         False, "Run modelling code shipped with the model repository (off unless asked).", MODEL
@@ -96,8 +100,11 @@ class TrainConfig(LossSettings):
     lora_alpha: int = setting(32, "LoRA scaling numerator (scale = alpha / r).", LORA)
     lora_dropout: float = setting(0.05, "LoRA dropout (inactive while --disable_dropout).", LORA)
     lora_target_modules: str = setting(
-        "q_proj,k_proj,v_proj,o_proj",
-        "Comma-separated module names to adapt, or 'all-linear'.",
+        "auto",
+        "Comma-separated module names to adapt, or 'all-linear', or 'auto' = "
+        "q_proj,k_proj,v_proj,o_proj where the model has all four, else peft's targets for "
+        "the model type (GPT-2: c_attn; GPT-NeoX: query_key_value; Phi-2: q_proj,v_proj,fc1,"
+        "fc2), else all linear layers. The run plan says what was adapted.",
         LORA,
     )
     # -- data -------------------------------------------------------------------------------
@@ -163,6 +170,13 @@ class TrainConfig(LossSettings):
     # -- loss (and, inherited from LossSettings, every loss option) ----------------------
     reference_free: bool = setting(
         False, "Use a uniform reference (log-prob 0) instead of the base model.", LOSS
+    )
+    router_aux_loss_coef: float | None = setting(
+        None,
+        "Mixture-of-experts models (Mixtral, Qwen2-MoE, ...): weight of the router's "
+        "load-balancing loss added to each pair's loss, as trl adds it, logged as loss/aux. "
+        "Unset: the model config's router_aux_loss_coef; 0 = off. Dense models have none.",
+        LOSS,
     )
     # -- speed and memory -------------------------------------------------------------------
     prefix_sharing: bool | None = setting(
@@ -268,8 +282,9 @@ class TrainConfig(LossSettings):
     # -- derived values -------------------------------------------------------------------
     @property
     def target_modules(self) -> str | list[str]:
-        if self.lora_target_modules == "all-linear":
-            return "all-linear"
+        """'auto', 'all-linear' or the module names of --lora_target_modules."""
+        if self.lora_target_modules in ("auto", "all-linear"):
+            return self.lora_target_modules
         return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
 
     def warmup_for(self, total_steps: int) -> int:
@@ -317,6 +332,8 @@ class TrainConfig(LossSettings):
             (self.warmup_steps >= 0, "--warmup_steps must be >= 0"),
             (self.skip_nonfinite_steps >= 0, "--skip_nonfinite_steps must be >= 0"),
             (self.ref_batch_size >= 0, "--ref_batch_size must be >= 0"),
+            (self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,
+             "--router_aux_loss_coef must be >= 0 (0 = off)"),
             (
                 self.warmup_ratio is None or 0 <= self.warmup_ratio < 1,
                 "--warmup_ratio must be in [0, 1)",

@@ -36,6 +36,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from dpo_core.data.tokenization import IGNORE_INDEX
+from dpo_core.forward.router import recording
 from dpo_core.modeling.backends import is_fsdp2_model
 from dpo_core.modeling.loading import base_model_of
 
@@ -218,19 +219,20 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     return decoder, head
 
 
-def _hidden_states(model: torch.nn.Module, decoder: torch.nn.Module, inputs: dict) -> Tensor:
+def _hidden_states(model: torch.nn.Module, decoder: torch.nn.Module,
+                   inputs: dict) -> tuple[Tensor, object]:
     """The decoder's last hidden states [R, L, H] from one top-level forward (so DDP hooks,
-    autocast wrappers and `disable_adapter()` apply). The model's own head projects no
-    position at all: `logits_to_keep` as an empty 1D index tensor, which every transformers 5
-    takes (the 2D boolean mask only exists from 5.21 on)."""
+    autocast wrappers and `disable_adapter()` apply), and the model's output. The model's own
+    head projects no position at all: `logits_to_keep` as an empty 1D index tensor, which
+    every transformers 5 takes (the 2D boolean mask only exists from 5.21 on)."""
     captured = []
     hook = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
     nothing = torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device)
     try:
-        model(**inputs, logits_to_keep=nothing)
+        output = model(**inputs, logits_to_keep=nothing)
     finally:
         hook.remove()
-    return captured[-1]
+    return captured[-1], output
 
 
 def predicted_logps(
@@ -240,6 +242,7 @@ def predicted_logps(
     source_positions: Tensor,
     targets: Tensor,
     kept: tuple[Tensor, Tensor] | None = None,
+    token_weights: Tensor | None = None,
 ) -> Tensor:
     """One forward over `inputs` (input_ids [R, L], masks, position ids, ...) -> [N] fp32:
     log p(targets[i]) under the prediction at (source_rows[i], source_positions[i]).
@@ -250,39 +253,52 @@ def predicted_logps(
     logits of the needed positions only. `kept` = (kept_positions [M], kept_index
     [N]): the distinct predicting positions (flat, row-major over [R, L]) and which of them
     predicts target i, when computed beforehand (on the CPU, by the collator): then nothing
-    here waits for the device.
+    here waits for the device. While router logits are recorded (`router.py`), the model is
+    asked for them, and they are recorded with `token_weights` [R, L]: how many sequences each
+    fed token stands for (default: the 2D attention mask).
     """
+    routed = recording()
+    if routed is not None:
+        inputs = {**inputs, "output_router_logits": True}
     shape = inputs["input_ids"].shape
     parts = _decoder_and_head(model)
-    if parts is None:
-        logits = model(**inputs).logits  # [R, L, V]
-        rows = source_rows * shape[1] + source_positions
-    elif is_fsdp2_model(model) and any(p.requires_grad for p in parts[1].parameters()):
-        # FSDP2 gathers and frees the root unit's weights (the head's among them) around the
-        # root's own forward and backward; a trainable head called outside it crashed (SIGSEGV,
-        # CPU, full fine-tuning). So the model projects the positions any target needs itself:
-        # `logits_to_keep` as their column index.
-        columns, column_of = torch.unique(source_positions, return_inverse=True)
-        logits = model(**inputs, logits_to_keep=columns).logits  # [R, C, V]
-        rows = source_rows * columns.numel() + column_of
+    # FSDP2 gathers and frees the root unit's weights (the head's among them) around the root's
+    # own forward and backward; a trainable head called outside it crashed (SIGSEGV, CPU, full
+    # fine-tuning). So the model projects the positions any target needs itself there:
+    # `logits_to_keep` as their column index.
+    sharded_head = parts is not None and is_fsdp2_model(model) and any(
+        p.requires_grad for p in parts[1].parameters())
+    if parts is not None and not sharded_head:
+        token_logps, output = _hand_projected_logps(model, *parts, inputs, source_rows,
+                                                    source_positions, targets, kept)
     else:
-        return _hand_projected_logps(model, *parts, inputs, source_rows, source_positions,
-                                     targets, kept)
-    return _LabelLogProbs.apply(logits.reshape(-1, logits.shape[-1]), rows, targets.long())
+        if parts is None:
+            output = model(**inputs)  # logits [R, L, V]
+            rows = source_rows * shape[1] + source_positions
+        else:
+            columns, column_of = torch.unique(source_positions, return_inverse=True)
+            output = model(**inputs, logits_to_keep=columns)  # logits [R, C, V]
+            rows = source_rows * columns.numel() + column_of
+        token_logps = _LabelLogProbs.apply(output.logits.reshape(-1, output.logits.shape[-1]),
+                                           rows, targets.long())
+    if routed is not None:
+        routed.add(getattr(output, "router_logits", None),
+                   inputs["attention_mask"] if token_weights is None else token_weights)
+    return token_logps
 
 
 def _hand_projected_logps(model: torch.nn.Module, decoder: torch.nn.Module,
                           head: torch.nn.Module, inputs: dict, source_rows: Tensor,
                           source_positions: Tensor, targets: Tensor,
-                          kept: tuple[Tensor, Tensor] | None) -> Tensor:
+                          kept: tuple[Tensor, Tensor] | None) -> tuple[Tensor, object]:
     """`predicted_logps` through the decoder's hidden states at the kept positions and the
-    head applied to them by `head_label_logps`."""
+    head applied to them by `head_label_logps`; and the model's output."""
     shape = inputs["input_ids"].shape
     if kept is None:  # the distinct predicting positions, flat and sorted, and which is whose
         kept = torch.unique(source_rows * shape[1] + source_positions, return_inverse=True)
-    hidden = _hidden_states(model, decoder, inputs)
+    hidden, output = _hidden_states(model, decoder, inputs)
     kept_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept[0])  # [M, H]
-    return head_label_logps(head, kept_hidden, kept[1], targets)
+    return head_label_logps(head, kept_hidden, kept[1], targets), output
 
 
 def check_pair_batch(batch: dict[str, Tensor], fields: tuple[str, ...]) -> None:

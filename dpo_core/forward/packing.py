@@ -7,19 +7,21 @@ rejected sequence) or one per pair (prefix sharing: `[prompt | chosen | rejected
 sequence; the `second` tokens after them attend to the block's first `shared` tokens and to
 themselves, never to the `first` part. A standard sequence is `(start, 0, length, 0)`, a
 prefix-shared pair `(start, prompt, chosen response, rejected response)`. Position ids restart
-in every sequence, so each sequence sees exactly what it sees alone.
+in every sequence, and the row's `masks.RowLayout` makes every attention mask the model builds
+(each layer type's: causal, a sliding window, ...) apply per sequence, in its own positions:
+each sequence sees exactly what it sees alone.
 
 Attention, per device:
 - CPU (and wherever else SDPA runs): `packed_sdpa_attention`, registered with transformers'
-  `AttentionInterface` as PACKED_ATTENTION, runs SDPA block by block (causal within a block,
-  plus a small `[second, shared + second]` mask for the rejected part): cost linear in the
-  number of blocks, no `[T, T]` mask. Called without a packed layout it is plain SDPA, so a
-  model switched to it still generates and evaluates as before.
-- CUDA: FlexAttention with a `BlockMask` built from the same blocks (`flex_block_mask`), when
-  the model was loaded with `attn_implementation="flex_attention"`. FlexAttention has no
-  backward on CPU, so this path is refused there.
-- Any other model with eager or SDPA attention: one dense `[T, T]` mask (`dense_mask`), exact
-  but quadratic in the row length.
+  `AttentionInterface` as PACKED_ATTENTION, runs SDPA block by block (plain causal within a
+  block where the model's mask is, plus a small `[second, shared + second]` mask for the
+  rejected part): cost linear in the number of blocks, no `[T, T]` mask. Given any other mask
+  it is plain SDPA, so a model switched to it still generates and evaluates as before.
+- CUDA: FlexAttention, when the model was loaded with `attn_implementation="flex_attention"`:
+  its `BlockMask` is built by transformers from the layout. FlexAttention has no backward on
+  CPU, so this path is refused there.
+- Any other model with eager or SDPA attention (eager: Gemma 2's soft-capped attention): one
+  dense `[T, T]` mask per layer type, exact but quadratic in the row length.
 """
 
 from __future__ import annotations
@@ -31,13 +33,10 @@ import torch
 from torch import Tensor
 
 from dpo_core.data.tokenization import IGNORE_INDEX
-from dpo_core.forward.attention import PACKED_ATTENTION, Block, attn_implementation
+from dpo_core.forward.attention import LAYOUT_ATTENTION, attn_implementation
 from dpo_core.forward.logps import PAIR_FIELDS, check_pair_batch, per_sequence, predicted_logps
+from dpo_core.forward.masks import FIRST, SECOND, SHARED, Block, RowLayout
 from dpo_core.forward.prefix_sharing import PrefixSharedRows, prefix_shared_batch
-
-# Token kinds inside a block, for the mask builders: SHARED tokens are visible to both parts.
-SHARED, FIRST, SECOND = 0, 1, 2
-
 
 
 @dataclass
@@ -89,35 +88,12 @@ class PackedRow:
         owners = torch.arange(len(self.blocks), device=device).repeat_interleave(3)
         return owners.repeat_interleave(sizes), kinds.repeat_interleave(sizes)
 
-    def dense_mask(self, attn_implementation: str) -> Tensor:
-        """[1, 1, T, T]: bool (True = attend) for sdpa, additive fp32 for eager. Quadratic in T."""
+    def layout(self) -> RowLayout:
+        """Who sees whom: each block is a group; the second part of a block sees its shared
+        tokens and itself, never the first part."""
         owner, kind = self.token_kinds()
-        position = torch.arange(len(owner), device=owner.device)
-        visible = (
-            (position[:, None] >= position[None, :])
-            & (owner[:, None] == owner[None, :])
-            & ((kind[None, :] == SHARED) | (kind[None, :] == kind[:, None]))
-        )[None, None]
-        if attn_implementation != "eager":
-            return visible
-        additive = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
-        return additive.masked_fill_(~visible, torch.finfo(torch.float32).min)
-
-    def flex_block_mask(self):
-        """A FlexAttention `BlockMask` with the dense mask's pattern (CUDA only)."""
-        if self.input_ids.device.type != "cuda":
-            raise ValueError("padding-free FlexAttention runs on CUDA only (no backward on CPU); "
-                             "use attn_implementation 'sdpa' here")
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        owner, kind = self.token_kinds()
-
-        def visible(batch, head, query, key):
-            return ((query >= key) & (owner[query] == owner[key])
-                    & ((kind[key] == SHARED) | (kind[key] == kind[query])))
-
-        length = len(owner)
-        return create_block_mask(visible, 1, None, length, length, device=owner.device)
+        return RowLayout(group_ids=owner[None], part_ids=kind[None],
+                         position_ids=self.position_ids, blocks=self.blocks)
 
 
 def pack_sequences(
@@ -187,25 +163,22 @@ def _packed_logps(model: torch.nn.Module, row: PackedRow) -> tuple[Tensor, Tenso
     """One forward over a packed row -> (chosen_logps [B], rejected_logps [B]) fp32; the
     attention that keeps its sequences apart is chosen by the model's implementation."""
     attention = attn_implementation(model)
-    inputs = dict(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False)
-    if attention == PACKED_ATTENTION:
-        # A 4D placeholder stops transformers building a mask (dense for SDPA); the packed
-        # attention ignores it and reads the blocks.
-        inputs["attention_mask"] = torch.ones(1, 1, 1, 1, dtype=torch.bool,
-                                              device=row.input_ids.device)
-        inputs["packed_blocks"] = row.blocks
-    elif attention == "flex_attention" and row.input_ids.device.type == "cuda":
-        inputs["attention_mask"] = row.flex_block_mask()
-    elif attention in ("sdpa", "eager"):
-        inputs["attention_mask"] = row.dense_mask(attention)
-    else:
+    on_cuda = row.input_ids.device.type == "cuda"
+    if attention not in LAYOUT_ATTENTION and not (attention == "flex_attention" and on_cuda):
         raise ValueError(
             f"padding-free batches need attn_implementation 'sdpa' or 'eager' (or "
             f"'flex_attention' on CUDA); this model uses {attention!r}: load it with "
             "attn_implementation='sdpa', or turn --padding_free off")
-    token_logps = predicted_logps(model, inputs, torch.zeros_like(row.source_positions),
-                                   row.source_positions, row.targets,
-                                   kept=(row.kept_positions, row.kept_index))
+    # A 2D mask of ones, not None: with None, transformers would read the restarting position
+    # ids as packed sequences and cut the shared prompts off; the masks come from the layout.
+    inputs = dict(input_ids=row.input_ids, attention_mask=torch.ones_like(row.input_ids),
+                  position_ids=row.position_ids, use_cache=False)
+    layout = row.layout()
+    with layout.active():
+        token_logps = predicted_logps(model, inputs, torch.zeros_like(row.source_positions),
+                                       row.source_positions, row.targets,
+                                       kept=(row.kept_positions, row.kept_index),
+                                       token_weights=layout.token_weights())
     logps = per_sequence(token_logps, row.sequence_index, row.num_sequences)
     num_pairs = row.num_sequences // 2
     return logps[:num_pairs], logps[num_pairs:]

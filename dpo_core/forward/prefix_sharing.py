@@ -1,10 +1,11 @@
 """Prefix sharing (arXiv 2410.20305): one row per pair, `[prompt | chosen | rejected]`, the
 prompt encoded once.
 
-A 4D attention mask keeps the rejected tokens from seeing the chosen ones, and position ids
-restart the rejected part where the prompt ends, so every token sees exactly what it sees in
-the standard two-row forward: the same log-probs, fewer tokens, longer rows. It needs an
-attention implementation that takes a 4D mask unchanged (eager or sdpa).
+The row's layout (`masks.RowLayout`) keeps the rejected tokens from seeing the chosen ones,
+and position ids restart the rejected part where the prompt ends, so every token sees exactly
+what it sees in the standard two-row forward, under the model's own mask of each layer (a
+sliding window included): the same log-probs, fewer tokens, longer rows. It needs an
+attention implementation whose masks follow the layout (eager or sdpa).
 `prefix_sharing_when_it_pays` chooses per batch, by how many tokens sharing saves.
 """
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from dpo_core.data.tokenization import IGNORE_INDEX
-from dpo_core.forward.attention import FOUR_D_MASK_ATTENTION, attn_implementation
+from dpo_core.forward.attention import LAYOUT_ATTENTION, attn_implementation
 from dpo_core.forward.logps import (
     PAIR_FIELDS,
     check_pair_batch,
@@ -24,6 +25,7 @@ from dpo_core.forward.logps import (
     per_sequence,
     predicted_logps,
 )
+from dpo_core.forward.masks import FIRST, SECOND, SHARED, RowLayout
 
 
 @dataclass
@@ -36,9 +38,9 @@ class PrefixSharedRows:
     (b for the chosen response of pair b, B + b for its rejected response).
     """
 
-    PROMPT = 0
-    CHOSEN = 1
-    REJECTED = 2
+    PROMPT = SHARED
+    CHOSEN = FIRST
+    REJECTED = SECOND
     PAD = -1
 
     input_ids: Tensor
@@ -49,24 +51,14 @@ class PrefixSharedRows:
     targets: Tensor
     sequence_index: Tensor
 
-    def attention_mask(self, attn_implementation: str) -> Tensor:
-        """[B, 1, L, L] mask: bool (True = attend) for sdpa, additive fp32 for eager.
-
-        Causal; prompt tokens see the prompt, chosen tokens the prompt and chosen, rejected
-        tokens the prompt and rejected (never chosen). Padding sits at the end of each row, so
-        causality hides it from real tokens; every query sees itself, so no softmax row is empty.
-        """
-        seq_len = self.segment_ids.shape[1]
-        query = self.segment_ids[:, :, None]
-        key = self.segment_ids[:, None, :]
-        position = torch.arange(seq_len, device=self.segment_ids.device)
-        causal = position[:, None] >= position[None, :]
-        visible = (causal & ((key == self.PROMPT) | (key == query)))[:, None]
-        if attn_implementation != "eager":
-            return visible
-        # eager adds the mask to the scores; fp32 promotes bf16/fp16 scores before its fp32 softmax.
-        additive = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
-        return additive.masked_fill_(~visible, torch.finfo(torch.float32).min)
+    def layout(self) -> RowLayout:
+        """Who sees whom: prompt tokens the prompt, chosen tokens the prompt and chosen,
+        rejected tokens the prompt and rejected (never chosen), each within the model's own
+        mask (a sliding window counts in position ids). Padding (at the end of each row) is
+        its own group, so every query sees at least itself."""
+        padding = self.segment_ids == self.PAD
+        return RowLayout(group_ids=padding.long().neg(), part_ids=self.segment_ids,
+                         position_ids=self.position_ids)
 
 
 def prefix_shared_batch(batch: dict[str, Tensor]) -> PrefixSharedRows:
@@ -154,22 +146,27 @@ def prefix_shared_forward(
 ) -> tuple[Tensor, Tensor]:
     """Prompt encoded once per pair -> (chosen_logps [B], rejected_logps [B]) fp32.
 
-    Equals `concatenated_forward` up to float rounding. Needs an attention implementation that
-    takes a 4D mask unchanged (eager or sdpa); flash-attention models raise ValueError.
+    Equals `concatenated_forward` up to float rounding. Needs an attention implementation
+    whose masks follow a `RowLayout` (eager, sdpa); flash-attention models raise ValueError.
     """
     attention = attn_implementation(model)
-    if attention not in FOUR_D_MASK_ATTENTION:
+    if attention not in LAYOUT_ATTENTION:
         raise ValueError(
             f"prefix sharing needs a 4D attention mask, which attn_implementation="
             f"{attention!r} cannot take; load the model with attn_implementation="
             "'sdpa' (or 'eager'), or turn prefix sharing off"
         )
     shared = prefix_shared_batch(batch)
+    # The 2D mask only marks padding (a model may read it, e.g. for MoE router statistics);
+    # the attention masks come from the layout.
     inputs = dict(input_ids=shared.input_ids,
-                  attention_mask=shared.attention_mask(attention),
+                  attention_mask=(shared.segment_ids != shared.PAD).long(),
                   position_ids=shared.position_ids, use_cache=False)
-    token_logps = predicted_logps(model, inputs, shared.source_rows, shared.source_positions,
-                                   shared.targets)
+    layout = shared.layout()
+    with layout.active():
+        token_logps = predicted_logps(model, inputs, shared.source_rows,
+                                       shared.source_positions, shared.targets,
+                                       token_weights=layout.token_weights())
     num_pairs = shared.input_ids.shape[0]
     logps = per_sequence(token_logps, shared.sequence_index, 2 * num_pairs)
     return logps[:num_pairs], logps[num_pairs:]

@@ -21,12 +21,13 @@ from dpo_core.console import logger
 from dpo_core.data.batches import PreferenceCollator, pair_length
 from dpo_core.data.tokenization import TokenizedPair
 from dpo_core.forward.attention import (
-    FOUR_D_MASK_ATTENTION,
+    LAYOUT_ATTENTION,
     PACKED_ATTENTION,
     attn_implementation,
     use_packed_attention,
 )
 from dpo_core.forward.logps import LogpsFn, concatenated_forward
+from dpo_core.forward.masks import masks_follow_layouts
 from dpo_core.forward.packing import (
     PaddingFreeCollator,
     padding_free_forward,
@@ -62,7 +63,7 @@ def resolve_prefix_sharing(setting: bool | None, attention: str | None,
     and the packed attention keeps the parts apart."""
     if padding_free:
         return PrefixSharing.OFF if setting is False else PrefixSharing.ALWAYS
-    if setting is False or attention not in FOUR_D_MASK_ATTENTION:
+    if setting is False or attention not in LAYOUT_ATTENTION:
         return PrefixSharing.OFF
     return PrefixSharing.ALWAYS if setting else PrefixSharing.PER_BATCH
 
@@ -93,6 +94,8 @@ class Forward:
     padding_free: bool = False
     prefix_sharing: PrefixSharing = PrefixSharing.OFF
     attention: str | None = None
+    # Why a path the settings asked for (or would take by default) is not taken, for the plan.
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         logps_fn_for(self.prefix_sharing, self.padding_free)  # KeyError: no such path
@@ -101,11 +104,6 @@ class Forward:
     def logps(self) -> LogpsFn:
         """(model, batch) -> (chosen_logps [B], rejected_logps [B]), fp32 sums."""
         return logps_fn_for(self.prefix_sharing, self.padding_free)
-
-    @property
-    def name(self) -> str:
-        """The log-prob function's name: part of what a reference log-prob cache is keyed by."""
-        return self.logps.__name__
 
     def collator(self, pad_token_id: int) -> Callable[[list[TokenizedPair]], dict]:
         """Pairs -> a batch for `logps`: padded rows, plus (padding-free) the packed layout,
@@ -126,27 +124,42 @@ class Forward:
             use_packed_attention(base_model_of(model))
 
     def record(self) -> dict:
-        """The run plan's entries for this choice."""
+        """The run plan's entries for this choice (also part of what a reference log-prob
+        cache is keyed by)."""
         return {"attn_implementation": self.attention, "padding_free": self.padding_free,
                 "prefix_sharing": self.prefix_sharing.value}
 
 
 def choose_forward(model: torch.nn.Module, padding_free: bool | None = None,
                    prefix_sharing: bool | None = None) -> Forward:
-    """The `Forward` for `model` and the settings (None: decide); a path asked for that the
-    model's attention cannot run is said, and dropped. Changes nothing: call `prepare`."""
+    """The `Forward` for `model` and the settings (None: decide). A path the model's attention
+    cannot run exactly is dropped, and why goes in `notes` (one asked for is also warned
+    about). Changes nothing: call `prepare`."""
     attention = attn_implementation(model)
+    if not masks_follow_layouts(model):
+        return Forward(attention=attention, notes=(
+            f"prefix sharing and padding-free rows off: {type(base_model_of(model)).__name__} "
+            "builds its attention masks by itself, not with transformers' mask builders, so "
+            "sequences sharing a row could not be kept apart",))
+    notes = []
     on_cuda = any(p.device.type == "cuda" for p in base_model_of(model).parameters())
     packed = resolve_padding_free(padding_free, attention, on_cuda)
     if padding_free and not packed:
         logger.warning(f"--padding_free needs attn_implementation sdpa or eager (or "
                        f"flex_attention on CUDA), and this model uses {attention!r}: "
                        "padding as before.")
+    if padding_free is None and attention == "eager":
+        notes.append("padding-free rows off: with eager attention they need a dense [T, T] "
+                     "mask per layer type (--padding_free takes it)")
     mode = resolve_prefix_sharing(prefix_sharing, attention, packed)
     if prefix_sharing and mode is PrefixSharing.OFF:
         logger.warning(f"--prefix_sharing needs attn_implementation sdpa or eager, and this "
                        f"model uses {attention!r}: using the standard two-row forward "
                        "instead.")
+    if not packed and attention not in LAYOUT_ATTENTION:
+        notes.append("prefix sharing and padding-free rows off: " + (
+            "FlexAttention has no backward on the CPU" if attention == "flex_attention"
+            else f"{attention} attention takes no 4D mask"))
     if packed and attention == "sdpa":
         attention = PACKED_ATTENTION
-    return Forward(packed, mode, attention)
+    return Forward(packed, mode, attention, tuple(notes))

@@ -38,11 +38,14 @@ POLICY_ADAPTER, REFERENCE_ADAPTER = "default", "reference"
 
 @contextlib.contextmanager
 def _quiet_peft() -> Iterator[None]:
-    """peft calls transformers' deprecated `is_gradient_checkpointing`: a FutureWarning for
-    peft's maintainers, not for the user; only that warning is hidden."""
+    """peft calls transformers' deprecated `is_gradient_checkpointing` (a FutureWarning for
+    peft's maintainers), and says it sets `fan_in_fan_out` for GPT-2's Conv1D layers itself:
+    nothing for the user to do; only those warnings are hidden."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                                 category=FutureWarning)
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False but the "
+                                "target module is `Conv1D`", category=UserWarning)
         yield
 
 
@@ -51,6 +54,48 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+
+# The original project's default targets, which Llama-family users know.
+ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """The distinct last names of `model`'s linear layers (torch's, 4-bit ones, GPT-2's
+    Conv1D), the LM head left out: what --lora_target_modules can name."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head})
+
+
+def resolve_lora_targets(model: torch.nn.Module, setting: str | list[str]) -> str | list[str]:
+    """What peft is asked to adapt for --lora_target_modules `setting` ('auto', 'all-linear'
+    or names): 'auto' = ATTENTION_PROJECTIONS where the model has all four, else peft's
+    targets for its model type where the model has them, else 'all-linear'. A name that
+    matches no module of the model raises ConfigError listing its linear layers."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    linear = linear_layer_names(model)
+    if setting == "all-linear":
+        return setting
+    if setting != "auto":
+        names = [name for name, _ in model.named_modules()]
+        # peft's rule: a target names a module, or the end of its dotted name.
+        missing = [target for target in setting
+                   if not any(name == target or name.endswith(f".{target}") for name in names)]
+        if missing:
+            raise ConfigError(
+                f"--lora_target_modules: this model has no module named {', '.join(missing)}; "
+                f"its linear layers are {','.join(linear)} (or pass auto, or all-linear)")
+        return setting
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for candidate in (ATTENTION_PROJECTIONS,
+                      TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)):
+        if candidate and all(name in linear for name in candidate):
+            return list(candidate)
+    return "all-linear"
 
 
 def add_lora(
@@ -63,8 +108,11 @@ def add_lora(
     gradient_checkpointing: bool,
     quantized: bool,
 ) -> torch.nn.Module:
-    """Wrap `model` with a fresh LoRA adapter; only the adapter's weights train."""
+    """Wrap `model` with a fresh LoRA adapter; only the adapter's weights train.
+    `target_modules`: 'auto', 'all-linear' or module names (`resolve_lora_targets`)."""
     from peft import LoraConfig, get_peft_model
+
+    target_modules = resolve_lora_targets(model, target_modules)
 
     model = _prepare_frozen_base(model, gradient_checkpointing=gradient_checkpointing,
                                  quantized=quantized)
@@ -80,7 +128,42 @@ def add_lora(
         with _quiet_peft():
             return get_peft_model(model, config)
     except ValueError as error:
+        if dropout and "lora_dropout" in str(error):
+            raise ConfigError(
+                f"--lora_target_modules {_shown(target_modules)} has peft adapt fused expert "
+                f"weights (lora.ParamWrapper), which take no LoRA dropout ({first_line(error)}): "
+                "pass --lora_dropout 0, or keep --disable_dropout on") from None
         raise ConfigError(f"--lora_target_modules: {error}") from None
+
+
+def _shown(target_modules: str | list[str]) -> str:
+    return target_modules if isinstance(target_modules, str) else ",".join(target_modules)
+
+
+def adapted_modules(model: torch.nn.Module) -> str | None:
+    """What the policy's LoRA adapter adapts, for the run plan: the distinct last names of its
+    target modules, then its target parameters (fused expert weights); None without one."""
+    config = getattr(model, "peft_config", {}).get(POLICY_ADAPTER)
+    if config is None:
+        return None
+    modules = config.target_modules
+    names = {modules} if isinstance(modules, str) else {m.rsplit(".", 1)[-1] for m in modules}
+    return ",".join(sorted(names) + sorted(config.target_parameters or []))
+
+
+def expert_note(model: torch.nn.Module, num_experts: int | None) -> str | None:
+    """For a mixture-of-experts policy (`num_experts` experts per layer), whether LoRA adapts
+    the experts' fused weights, in a sentence."""
+    config = getattr(model, "peft_config", {}).get(POLICY_ADAPTER)
+    if config is None or not num_experts:
+        return None
+    if config.target_parameters:
+        return (f"LoRA adapts the {num_experts} experts' fused weights "
+                f"({', '.join(sorted(config.target_parameters))}) through peft's "
+                "lora.ParamWrapper, which takes no dropout: LoRA dropout is 0")
+    return (f"LoRA leaves the {num_experts} experts' weights frozen (they are fused tensors, "
+            "no linear layers); peft adapts them for the models it converts, e.g. Mixtral, "
+            "under --lora_target_modules all-linear")
 
 
 def _prepare_frozen_base(model: torch.nn.Module, *, gradient_checkpointing: bool,
@@ -249,8 +332,11 @@ def build_policy(config: TrainConfig, dtype: torch.dtype, quantize: bool,
                                        gradient_checkpointing=gradient_checkpointing,
                                        quantized=quantize)
     else:
+        # With --disable_dropout the LoRA dropout is zeroed anyway; asking peft for none up front
+        # lets it adapt fused expert weights (lora.ParamWrapper takes no dropout).
         model = add_lora(base, r=config.lora_r, alpha=config.lora_alpha,
-                         dropout=config.lora_dropout, target_modules=config.target_modules,
+                         dropout=0.0 if config.disable_dropout else config.lora_dropout,
+                         target_modules=config.target_modules,
                          gradient_checkpointing=gradient_checkpointing, quantized=quantize)
     if config.disable_dropout:
         disable_dropout(model)

@@ -14,17 +14,13 @@ import functools
 import os
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from dpo_core.config.train import TrainConfig
-from dpo_core.errors import ModelLoadError
-
-if TYPE_CHECKING:
-    pass
+from dpo_core.errors import ConfigError, ModelLoadError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -163,13 +159,16 @@ def load_base_model(
     *,
     dtype: torch.dtype,
     quantize_4bit: bool,
-    attn_implementation: str | None = "sdpa",
+    attn_implementation: str = "auto",
     trust_remote_code: bool = False,
     device_map: dict | str | None = None,
 ) -> torch.nn.Module:
-    """`AutoModelForCausalLM`, optionally with NF4 double-quantised 4-bit weights (QLoRA)."""
+    """`AutoModelForCausalLM`, optionally with NF4 double-quantised 4-bit weights (QLoRA).
+
+    attn_implementation 'auto' lets transformers choose: SDPA where the model class supports
+    it, else eager (Gemma 2). One the model refuses raises ConfigError naming the flag."""
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code, **hub_access(name)}
-    if attn_implementation:
+    if attn_implementation != "auto":
         kwargs["attn_implementation"] = attn_implementation
     if quantize_4bit:
         from transformers import BitsAndBytesConfig
@@ -185,7 +184,15 @@ def load_base_model(
         kwargs["device_map"] = device_map
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except (OSError, ValueError, SafetensorError) as error:
+    except ValueError as error:
+        # transformers says so when a model class cannot run the attention asked for.
+        if "attention" in str(error).lower() and attn_implementation != "auto":
+            raise ConfigError(
+                f"--attn_implementation {attn_implementation}: {name!r} cannot run it "
+                f"({first_line(error)}); use --attn_implementation auto, which picks SDPA "
+                "where the model supports it and eager otherwise") from None
+        raise _load_error("model", name, error) from None
+    except (OSError, SafetensorError) as error:
         raise _load_error("model", name, error) from None
 
 

@@ -47,11 +47,13 @@ def tracker_options(report_to: str, output_dir: str) -> dict:
 
 def start_trackers(accelerator: Accelerator, config: TrainConfig, run_plan: dict) -> None:
     """Open the tracker run with every setting, and what each "auto" one resolved to
-    ("run_plan/..."), as its hyperparameters (no-op without one); a wandb run is named after
-    the output directory."""
+    ("run_plan/..."; the plan's notes as one text), as its hyperparameters (no-op without
+    one); a wandb run is named after the output directory."""
     run_name = os.path.basename(os.path.abspath(config.output_dir))
-    hyperparameters = {**dataclasses.asdict(config),
-                       **{f"run_plan/{name}": value for name, value in run_plan.items()}}
+    # Hyperparameters are scalars (TensorBoard refuses lists).
+    hyperparameters = {**dataclasses.asdict(config), **{
+        f"run_plan/{name}": "\n".join(value) if isinstance(value, list) else value
+        for name, value in run_plan.items()}}
     accelerator.init_trackers(TRACKER_PROJECT, config=hyperparameters,
                               init_kwargs={"wandb": {"name": run_name}})
 

@@ -4,6 +4,7 @@ every pair of an evaluation through it (`evaluate_pairs`)."""
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -11,9 +12,11 @@ from accelerate import Accelerator
 
 from dpo_core.data.tokenization import IGNORE_INDEX
 from dpo_core.forward.logps import LogpsFn, concatenated_forward
+from dpo_core.forward.router import router_logits_recorded
 from dpo_core.losses.options import LossSettings
 from dpo_core.losses.preference import preference_loss
-from dpo_core.modeling.loading import eval_mode
+from dpo_core.modeling.architecture import router_shape
+from dpo_core.modeling.loading import base_model_of, eval_mode
 from dpo_core.modeling.reference import ReferenceContext, adapter_disabled
 
 # What `evaluate_pairs` keeps per pair beside the objective's statistics: the response lengths
@@ -42,12 +45,17 @@ class PreferenceObjective(LossSettings):
 
     reference_free: bool = False
     logps_fn: LogpsFn = concatenated_forward
+    # Weight of a mixture-of-experts router's load-balancing loss (`forward.router`) in each
+    # pair's loss, as trl adds it; 0: none.
+    router_aux_loss_coef: float = 0.0
 
     @classmethod
     def from_config(cls, config: object, logps_fn: LogpsFn) -> PreferenceObjective:
-        """The loss options and --reference_free of a ``TrainConfig``, with ``logps_fn``."""
+        """The loss options, --reference_free and --router_aux_loss_coef (unset counts as 0:
+        the run resolves it from the model before) of a ``TrainConfig``, with ``logps_fn``."""
         options = {f.name: getattr(config, f.name) for f in dataclasses.fields(LossSettings)}
-        return cls(**options, reference_free=config.reference_free, logps_fn=logps_fn)
+        return cls(**options, reference_free=config.reference_free, logps_fn=logps_fn,
+                   router_aux_loss_coef=config.router_aux_loss_coef or 0.0)
 
     @property
     def uses_reference(self) -> bool:
@@ -71,9 +79,12 @@ class PreferenceObjective(LossSettings):
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
                  reference: ReferenceContext | None = None) -> dict:
-        """Per-pair tensors [B]: `losses` (with grad), detached rewards and log-probs, and for
-        a mixture each unweighted term under `loss/<type>`."""
-        policy_chosen, policy_rejected = self.logps_fn(model, batch)
+        """Per-pair tensors [B]: `losses` (with grad), detached rewards and log-probs, for
+        a mixture each unweighted term under `loss/<type>`, and with a router loss its value
+        under `loss/aux` (each pair's loss holds `router_aux_loss_coef` times it: summed over
+        a step's pairs and divided by their number, trl's `loss + coef * aux_loss`)."""
+        with router_logits_recorded() if self.router_aux_loss_coef else nullcontext() as routed:
+            policy_chosen, policy_rejected = self.logps_fn(model, batch)
         reference_chosen, reference_rejected = self.reference_logps(model, batch, reference)
         chosen_lengths, rejected_lengths = response_lengths(batch)
         terms = preference_loss(
@@ -85,13 +96,18 @@ class PreferenceObjective(LossSettings):
             chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths,
         )
+        losses, components = terms.losses, dict(terms.components)
+        if routed is not None:
+            aux = routed.load_balancing_loss(*router_shape(base_model_of(model).config))
+            losses = losses + self.router_aux_loss_coef * aux
+            components["aux"] = aux.detach().expand_as(losses).contiguous()
         return {
-            "losses": terms.losses,
+            "losses": losses,
             "chosen_rewards": terms.chosen_rewards,
             "rejected_rewards": terms.rejected_rewards,
             "policy_chosen_logps": policy_chosen.detach(),
             "policy_rejected_logps": policy_rejected.detach(),
-            **{f"loss/{name}": values for name, values in terms.components.items()},
+            **{f"loss/{name}": values for name, values in components.items()},
         }
 
 

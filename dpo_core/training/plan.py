@@ -26,6 +26,10 @@ class RunPlan:
     fsdp_version: int | None = None  # 1 or 2 under FSDP
     num_processes: int | None = None
     reuse_host_memory: bool | None = None  # glibc's thresholds raised (CPU training only)
+    lora_target_modules: str | None = None  # what the adapter adapts (last names; parameters)
+    max_length: int | None = None  # fitted to the model's positions
+    max_prompt_length: int | None = None
+    router_aux_loss_coef: float | None = None  # None for a dense model
     chat_template: bool | None = None  # whether prompts are rendered with the tokenizer's
     attn_implementation: str | None = None  # the attention the model runs
     padding_free: bool | None = None  # one packed row per micro-batch
@@ -35,20 +39,27 @@ class RunPlan:
     eval_batch_size: int | None = None
     total_steps: int | None = None
     warmup_steps: int | None = None
+    # What the user may not expect (a path turned off, a length cut, an attention chosen),
+    # each in a sentence that says why.
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def record(self) -> dict:
         return dataclasses.asdict(self)
 
     def describe(self, config: TrainConfig) -> str:
         """A short block for the console: each value, and what was asked where that differs
-        (an "auto" or unset flag)."""
+        (an "auto" or unset flag); then the notes."""
         lines = ["Run plan:"]
-        for name, value in self.record().items():
+        values = self.record()
+        notes = values.pop("notes")
+        for name, value in values.items():
             asked = _asked(config, name)
             shown = ({True: "on", False: "off"}[value] if isinstance(value, bool)
                      else "-" if value is None else value)
-            note = "" if asked is None or asked == value else f"  (asked: {asked})"
+            note = ("" if asked is None or value is None or asked == value
+                    else f"  (asked: {asked})")
             lines.append(f"  {name:<26}{shown}{note}")
+        lines.extend(f"  note: {note}" for note in notes)
         return "\n".join(lines)
 
 

@@ -271,20 +271,22 @@ def with_values(pairs: Sequence[TokenizedPair], values: torch.Tensor) -> list[Pa
 
 def precompute_reference(config, splits: Sequence[Sequence[TokenizedPair]], *,
                          model: torch.nn.Module, objective: PreferenceObjective,
-                         reference: ReferenceContext, forward_name: str,
+                         reference: ReferenceContext, forward: dict,
                          collator: PreferenceCollator, accelerator: Accelerator,
                          batch_size: int, dtype: torch.dtype,
                          quantize: bool) -> list[ReferencePass]:
     """`with_reference_logps` for each of a run's `splits` (train, eval), cached under
     --ref_cache_dir (default output_dir/reference_logps) and keyed also by what else changes
-    the values: the forward path (`forward_name`), attention, dtype, 4-bit. `config`: the
-    run's TrainConfig; `reference`: the run's reference network."""
+    the values: the forward path and its attention (`forward`: `Forward.record()`), dtype,
+    4-bit. `config`: the run's TrainConfig; `reference`: the run's reference network."""
     # Full fine-tuning: the policy before its first step (and before a resumed checkpoint is
     # loaded) is the reference.
     if config.finetuning_type == "full":
         reference = policy_itself
-    settings = {"logps_fn": forward_name, "attn_implementation": config.attn_implementation,
-                "dtype": str(dtype), "quantize": quantize}
+    # Since the masks of shared and packed rows follow the model's own mask functions
+    # ("layout masks"), a windowed model's values differ from earlier caches'.
+    settings = {**forward, "layout_masks": "model mask functions", "dtype": str(dtype),
+                "quantize": quantize}
     cache_dir = config.ref_cache_dir or os.path.join(config.output_dir, "reference_logps")
     # One fingerprint for every split: it reads (under FSDP2 gathers) every weight.
     weights = weights_fingerprint(model) if any(splits) else None

@@ -1,14 +1,15 @@
 """A training run built in dependency order, one plain step per function.
 
-device -> model -> tokenizer -> forward -> objective -> data -> backend -> reference ->
-batches -> schedule -> state. Each step takes what the earlier ones made and returns what it
-makes; none changes another's result (the one change to the model a forward path needs is
-`Forward.prepare`, inside the forward step). Every "auto" setting is resolved by the step
-that first can, and `run_plan` collects what they resolved to.
+device -> model -> model fit -> tokenizer -> forward -> objective -> data -> backend ->
+reference -> batches -> schedule -> state. Each step takes what the earlier ones made and
+returns what it makes; none changes another's result (the one change to the model a forward
+path needs is `Forward.prepare`, inside the forward step). Every "auto" setting is resolved
+by the step that first can, and `run_plan` collects what they resolved to.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -27,8 +28,15 @@ from dpo_core.data.tokenization import TokenizedPair
 from dpo_core.data.training_data import TrainingData, build_training_data
 from dpo_core.forward.strategy import Forward, choose_forward
 from dpo_core.modeling import backends
-from dpo_core.modeling.adapters import build_policy
+from dpo_core.modeling.adapters import adapted_modules, build_policy, expert_note
+from dpo_core.modeling.architecture import (
+    attention_note,
+    fit_lengths,
+    router_aux_loss_coef,
+    router_shape,
+)
 from dpo_core.modeling.loading import (
+    base_model_of,
     load_tokenizer,
     resolve_dtype,
     resolve_gradient_checkpointing,
@@ -110,6 +118,30 @@ def setup_model(config: TrainConfig, device: Device) -> torch.nn.Module:
     return build_policy(config, device.dtype, device.quantize, device.gradient_checkpointing)
 
 
+@dataclass(frozen=True)
+class ModelFit:
+    """What the loaded policy decides: the run's settings with --max_length (and
+    --max_prompt_length) fitted to its positions and --router_aux_loss_coef resolved, what its
+    adapter adapts, and a sentence for each thing the user may not expect."""
+
+    config: TrainConfig
+    lora_target_modules: str | None
+    notes: tuple[str, ...]
+
+
+def setup_model_fit(config: TrainConfig, model: torch.nn.Module) -> ModelFit:
+    """The settings that depend on the model, resolved (`ModelFit`); `config` is unchanged."""
+    max_length, max_prompt_length, length_note = fit_lengths(model, config.max_length,
+                                                             config.max_prompt_length)
+    coef, router_note = router_aux_loss_coef(model, config.router_aux_loss_coef)
+    experts = router_shape(base_model_of(model).config)
+    notes = (attention_note(model, config.attn_implementation),
+             expert_note(model, experts[0] if experts else None), length_note, router_note)
+    fitted = dataclasses.replace(config, max_length=max_length,
+                                 max_prompt_length=max_prompt_length, router_aux_loss_coef=coef)
+    return ModelFit(fitted, adapted_modules(model), tuple(note for note in notes if note))
+
+
 def setup_tokenizer(config: TrainConfig):
     """(tokenizer, whether its chat template applies)."""
     tokenizer = load_tokenizer(config.model_name, config.trust_remote_code)
@@ -158,7 +190,7 @@ def setup_reference(config: TrainConfig, device: Device, model: torch.nn.Module,
     batch_size = config.ref_batch_size or 4 * config.batch_size
     train, evaluation = precompute_reference(
         config, (data.train, data.eval), model=model, objective=objective, reference=context,
-        forward_name=forward.name, collator=collator, accelerator=accelerator,
+        forward=forward.record(), collator=collator, accelerator=accelerator,
         batch_size=batch_size, dtype=device.dtype, quantize=device.quantize)
     return Reference(context, (train, evaluation), batch_size)
 
@@ -216,8 +248,8 @@ def setup_state(config: TrainConfig, device: Device, model: torch.nn.Module,
     return state
 
 
-def run_plan(device: Device, use_chat_template: bool, forward: Forward, reference: Reference,
-             batches: Batches, schedule: Schedule) -> RunPlan:
+def run_plan(device: Device, fit: ModelFit, use_chat_template: bool, forward: Forward,
+             reference: Reference, batches: Batches, schedule: Schedule) -> RunPlan:
     """What each "auto" setting resolved to, from the steps that resolved them."""
     accelerator = device.accelerator
     return RunPlan(
@@ -228,6 +260,10 @@ def run_plan(device: Device, use_chat_template: bool, forward: Forward, referenc
         fsdp_version=backends.fsdp_version(accelerator),
         num_processes=accelerator.num_processes,
         reuse_host_memory=device.reuse_host_memory,
+        lora_target_modules=fit.lora_target_modules,
+        max_length=fit.config.max_length,
+        max_prompt_length=fit.config.max_prompt_length,
+        router_aux_loss_coef=fit.config.router_aux_loss_coef,
         chat_template=use_chat_template,
         **forward.record(),
         precompute_ref_log_probs=reference.precomputed is not None,
@@ -235,4 +271,5 @@ def run_plan(device: Device, use_chat_template: bool, forward: Forward, referenc
         eval_batch_size=batches.eval_batch_size,
         total_steps=schedule.total_steps,
         warmup_steps=schedule.warmup_steps,
+        notes=[*fit.notes, *forward.notes],
     )

@@ -1,9 +1,9 @@
 """The DPO training loop on Accelerate.
 
 `Trainer.setup` builds the run in dependency order, one plain step each
-(`dpo_core.training.setup`: device -> model -> tokenizer -> forward -> objective -> data ->
-backend -> reference -> batches -> schedule -> state), and collects what every "auto" setting
-resolved to in the run plan. `Trainer.train` then takes optimizer steps, each over
+(`dpo_core.training.setup`: device -> model -> model fit -> tokenizer -> forward -> objective
+-> data -> backend -> reference -> batches -> schedule -> state), and collects what every
+"auto" setting resolved to in the run plan. `Trainer.train` then takes optimizer steps, each over
 `gradient_accumulation_steps` micro-batches from a seeded, epoch-by-epoch shuffled stream, so
 the step number alone says where in the data a run is: that is what makes resuming exact.
 """
@@ -90,6 +90,10 @@ class Trainer:
         self.device = steps.setup_device(config)
         self.accelerator = self.device.accelerator
         model = steps.setup_model(config, self.device)
+        # From here on the run's settings are the asked ones fitted to the model (--max_length
+        # to its positions, ...); training_config.json keeps what was asked.
+        asked, fit = config, steps.setup_model_fit(config, model)
+        self.config = config = fit.config
         self.tokenizer, self.use_chat_template = steps.setup_tokenizer(config)
         self.forward = steps.setup_forward(config, model)
         self.objective = self.make_objective(config, self.forward.logps)
@@ -103,14 +107,14 @@ class Trainer:
         self.schedule = steps.setup_schedule(config, self.batches)
         self.state = steps.setup_state(config, self.device, self.model, self.optimizer,
                                        len(self.data.train), resume_path)
-        self.plan = steps.run_plan(self.device, self.use_chat_template, self.forward,
+        self.plan = steps.run_plan(self.device, fit, self.use_chat_template, self.forward,
                                    self.reference, self.batches, self.schedule)
-        logger.info(self.plan.describe(config))
+        logger.info(self.plan.describe(asked))
         if self.is_main:
             run_files.write_json(config.output_dir, run_files.CONFIG_FILE, {
-                **dataclasses.asdict(config), run_files.RUN_PLAN_KEY: self.plan.record()})
+                **dataclasses.asdict(asked), run_files.RUN_PLAN_KEY: self.plan.record()})
         # Started once setup has succeeded, so a bad model or data path leaves no empty run.
-        trackers.start_trackers(self.accelerator, config, self.plan.record())
+        trackers.start_trackers(self.accelerator, asked, self.plan.record())
         self.model.train()
 
     # -- the loop ---------------------------------------------------------------------------

@@ -409,6 +409,7 @@ REPLY_AS_WRITTEN = {
     "chatml": lambda reply: reply + "<|im_end|>",
     "qwen3": lambda reply: "<think>\n\n</think>\n\n" + reply.lstrip("\n") + "<|im_end|>",
     "gemma": lambda reply: reply.strip() + "<end_of_turn>",
+    "gemma3": lambda reply: reply.strip() + "<end_of_turn>",
     "phi3": lambda reply: reply + "<|end|>",
     "mistral": lambda reply: reply + "</s>",
 }

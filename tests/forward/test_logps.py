@@ -12,6 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.masking_utils import sliding_window_causal_mask_function
 
 from benchmarks.memory import peak_bytes_of
 from dpo_core.data.batches import PreferenceCollator
@@ -112,6 +113,17 @@ def backward_and_grads(model, forward, batch, weights) -> tuple[torch.Tensor, ..
     return chosen.detach(), rejected.detach(), lora_grads(model)
 
 
+def with_nonzero_lora(model):
+    """`model` (PEFT LoRA) with random LoRA B weights, so that adapter on and off differ, in
+    eval mode."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
 @pytest.fixture()
 def lora_and_base(tiny_model):
     """(PEFT LoRA model with non-zero LoRA weights, an untouched copy of its base model)."""
@@ -119,13 +131,7 @@ def lora_and_base(tiny_model):
     config = LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
     )
-    model = get_peft_model(tiny_model, config)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return model.eval(), base
+    return with_nonzero_lora(get_peft_model(tiny_model, config)), base
 
 
 def pair_weights(num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,7 +379,9 @@ def test_prefix_shared_rows_layout():
             (1, 2, 14, 3),
         ]
     )
-    visible = shared.attention_mask("sdpa")[0, 0].int().tolist()
+    layout = shared.layout()
+    rows, columns = torch.arange(6)[:, None], torch.arange(6)[None, :]
+    visible = layout.visible(torch.tensor(0), None, rows, columns).int().tolist()
     assert visible == [
         [1, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0],
@@ -382,15 +390,18 @@ def test_prefix_shared_rows_layout():
         [1, 1, 1, 1, 1, 0],
         [1, 1, 0, 0, 0, 1],  # rejected: the prompt and itself, never the chosen tokens
     ]
-    additive = shared.attention_mask("eager")
-    assert additive.dtype == torch.float32
-    assert torch.equal(additive == 0, shared.attention_mask("sdpa"))
+    # Padding sees only padding; and a model's sliding window of 2 counts in positions: the
+    # rejected token (position 2) still sees the last prompt token (position 1), not the first.
+    padded = layout.visible(torch.tensor(1), None, rows, columns).int().tolist()
+    assert padded[4] == [0, 0, 0, 0, 1, 0] and padded[5] == [0, 0, 0, 0, 1, 1]
+    window = layout.mask_function(sliding_window_causal_mask_function(2))
+    assert window(torch.tensor(0), None, rows, columns)[5].int().tolist() == [0, 1, 0, 0, 0, 1]
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_prefix_shared_forward_equals_concatenated(tiny_model, attn_implementation, padding_side):
-    """A 4D mask passes unchanged through transformers' Llama for eager and sdpa (and PEFT)."""
+    """The layout's masks reach transformers' Llama for eager and sdpa (and PEFT)."""
     tiny_model.set_attn_implementation(attn_implementation)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     model = get_peft_model(tiny_model, config).eval()

@@ -16,6 +16,7 @@ from test_logps import (
     pair_batch,
     pair_weights,
     random_pairs,
+    with_nonzero_lora,
 )
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
@@ -42,14 +43,8 @@ def lora_model(attn_implementation: str, num_kv_heads: int = 4):
     """A tiny Llama with LoRA whose B weights are non-zero (so adapter on and off differ)."""
     base = tiny_llama(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=num_kv_heads, attn_implementation=attn_implementation)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                            target_modules=["q_proj", "v_proj", "o_proj"]))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return model.eval()
+    return with_nonzero_lora(get_peft_model(base, LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"])))
 
 
 # ---------------------------------------------------------------- the LM head by hand
