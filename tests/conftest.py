@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from dpo_core.testing import templated_tokenizer, tiny_llama, train_tokenizer
+from dpo_core.testing import LLAMA3_SPLIT_PATTERN, templated_tokenizer, tiny_llama, train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,6 +29,20 @@ def random_text(rng: random.Random, num_words: int) -> str:
 def _few_threads():
     # The CI machine has two cores; tiny models run fastest without oversubscription.
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _datasets_cache(tmp_path_factory):
+    """The tokenized cache's default home (under the datasets cache) in a session directory,
+    for runs in this process and the processes they start: never the user's own cache."""
+    import datasets
+
+    path = tmp_path_factory.mktemp("hf_datasets_cache")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(datasets.config, "HF_DATASETS_CACHE", path)
+    patch.setenv("HF_DATASETS_CACHE", str(path))
+    yield path
+    patch.undo()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -134,6 +148,16 @@ def train_records(out) -> list[dict]:
 # Published chat templates of model families with their special tokens (tests/fixtures).
 with open(os.path.join(ROOT, "tests", "fixtures", "chat_templates.json")) as f:
     FAMILIES = json.load(f)["families"]
+
+
+@pytest.fixture(scope="session")
+def family_base_tokenizer():
+    """Byte-level BPE split like Llama-3 / Qwen, with merges for runs of newlines."""
+    rng = random.Random(1)
+    texts = [random_text(rng, 12) for _ in range(1000)]
+    texts += [random_text(rng, 3) + "\n\n" + random_text(rng, 3) + "\n" for _ in range(300)]
+    return train_tokenizer(texts, vocab_size=400, chat_template=None,
+                           split_pattern=LLAMA3_SPLIT_PATTERN)
 
 
 def family_tokenizer(base, family: str, eos_token: str | None = None):

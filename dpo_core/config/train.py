@@ -134,6 +134,36 @@ class TrainConfig(LossSettings):
     skip_bad_rows: bool = setting(
         False, "Drop malformed rows (and print how many and why) instead of stopping.", DATA
     )
+    tokenized_cache: bool = setting(
+        True,
+        "Save the token ids of the data under --tokenized_cache_dir, keyed by everything that "
+        "changes them (data, tokenizer, chat template, lengths, sampling, split), and reuse "
+        "them: a rerun, a resume or another experiment on the same data starts without "
+        "tokenizing. --no-tokenized_cache tokenizes every run, in memory.",
+        DATA,
+    )
+    tokenized_cache_dir: str | None = setting(
+        None,
+        "Directory of the tokenized cache (default: dpo_tokenized under the Hugging Face "
+        "datasets cache, HF_DATASETS_CACHE).",
+        DATA,
+    )
+    tokenize_num_proc: int = setting(
+        0,
+        "Processes that tokenize the data (0 = one per CPU core, fewer for small datasets; "
+        "1 = the training process alone).",
+        DATA,
+    )
+    streaming: bool = setting(
+        False,
+        "Read --dataset_name as a stream, for data that does not fit in memory: rows are read, "
+        "shuffled in a seeded buffer (--shuffle_buffer_size) and tokenized on the fly by a "
+        "background worker. Needs --max_steps; evaluation uses --eval_dataset only.",
+        DATA,
+    )
+    shuffle_buffer_size: int = setting(
+        10000, "Rows in the seeded shuffle buffer of --streaming.", DATA
+    )
     # -- optimisation -----------------------------------------------------------------------
     epochs: float = setting(1, "Passes over the training pairs (fractions allowed).", TRAIN)
     max_steps: int = setting(0, "Stop after this many optimizer steps (0 = use --epochs).", TRAIN)
@@ -316,6 +346,8 @@ class TrainConfig(LossSettings):
             (self.warmup_steps >= 0, "--warmup_steps must be >= 0"),
             (self.skip_nonfinite_steps >= 0, "--skip_nonfinite_steps must be >= 0"),
             (self.ref_batch_size >= 0, "--ref_batch_size must be >= 0"),
+            (self.tokenize_num_proc >= 0, "--tokenize_num_proc must be >= 0 (0 = one per core)"),
+            (self.shuffle_buffer_size >= 1, "--shuffle_buffer_size must be >= 1"),
             (
                 self.warmup_ratio is None or 0 <= self.warmup_ratio < 1,
                 "--warmup_ratio must be in [0, 1)",

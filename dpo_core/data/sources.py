@@ -15,7 +15,7 @@ import dataclasses
 import io
 import json
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,9 +85,9 @@ def load_rows(name_or_path: str, split: str = "train", *, skip_bad_rows: bool = 
             )
         if file_format == "parquet":
             return _dataset_source(str(name_or_path), _load_parquet(path))
-        text = _read_utf8(path)
-        read = _read_csv if file_format == "csv" else _read_json
-        return read(str(name_or_path), text, skip_bad_rows)
+        if file_format == "csv":
+            return _read_csv(str(name_or_path), _read_utf8(path), skip_bad_rows)
+        return _read_json(str(name_or_path), path, skip_bad_rows)
     if looks_like_local_path(name_or_path):
         raise DataError(f"{name_or_path}: no such file or directory")
     try:
@@ -120,17 +120,54 @@ def _read_utf8(path: Path) -> str:
     UTF-8 by line and column."""
     raw = path.read_bytes()
     if not raw.strip():
-        raise DataError(f"{path}: the file is empty" if not raw else
-                        f"{path}: the file holds only blank lines, no rows")
+        raise DataError(_no_rows(path, raw))
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = raw.count(b"\n", 0, error.start) + 1
         column = error.start - raw.rfind(b"\n", 0, error.start)
-        raise DataError(
-            f"{path}: line {line}, column {column}: byte 0x{raw[error.start]:02x} is not UTF-8; "
-            "save the file with UTF-8 encoding"
-        ) from None
+        raise _not_utf8(path, line, column, raw[error.start]) from None
+
+
+def _no_rows(path: Path, raw: bytes) -> str:
+    return f"{path}: the file is empty" if not raw else \
+        f"{path}: the file holds only blank lines, no rows"
+
+
+def _not_utf8(path: Path, line: int, column: int, byte: int) -> DataError:
+    return DataError(f"{path}: line {line}, column {column}: byte 0x{byte:02x} is not UTF-8; "
+                     "save the file with UTF-8 encoding")
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of each line of a UTF-8 file that is not blank, read one
+    line at a time (a large file is never held whole). Lines end at "\\n" only (never at
+    U+2028 inside a string); the first non-UTF-8 byte is a `DataError` by line and column, a
+    file without a non-blank line one saying so."""
+    seen_text, size = False, path.stat().st_size
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            raw = raw.removesuffix(b"\n")
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise _not_utf8(path, number, error.start + 1, raw[error.start]) from None
+            seen_text = True
+            yield number, text
+    if not seen_text:
+        raise DataError(_no_rows(path, b"" if not size else b" "))
+
+
+def _starts_with_array(path: Path) -> bool:
+    """Whether the first character that is not whitespace (or a byte-order mark) is '['."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            head = chunk.lstrip(b"\xef\xbb\xbf \t\r\n")
+            if head:
+                return head.startswith(b"[")
+    return False
 
 
 class _BadLines:
@@ -147,14 +184,14 @@ class _BadLines:
         self.dropped[reason] += 1
 
 
-def _read_json(name: str, text: str, skip_bad_rows: bool) -> RowSource:
+def _read_json(name: str, path: Path, skip_bad_rows: bool) -> RowSource:
     """A JSON array of row objects, or JSON Lines (one object per line, blank lines allowed);
     rows keep only the columns DPO reads, so a large file holds little memory."""
     bad = _BadLines(name, skip_bad_rows)
-    if text.lstrip().startswith("["):
-        entries = _json_array_entries(name, text)
+    if _starts_with_array(path):
+        entries = _json_array_entries(name, _read_utf8(path))
     else:
-        entries = _json_lines_entries(name, text, bad)
+        entries = _json_lines_entries(name, path, bad)
     rows, locations, columns = [], [], {}
     for where, value in entries:
         if not isinstance(value, dict):
@@ -169,23 +206,17 @@ def _read_json(name: str, text: str, skip_bad_rows: bool) -> RowSource:
     return RowSource(name, rows, list(columns), locations, bad.dropped)
 
 
-def _json_lines_entries(name: str, text: str, bad: _BadLines) -> list[tuple[str, Any]]:
-    entries = []
-    # Split on newlines only: str.splitlines would also split on U+2028 inside a string.
-    lines = text.split("\n")
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+def _json_lines_entries(name: str, path: Path, bad: _BadLines) -> Iterator[tuple[str, Any]]:
+    for number, line in text_lines(path):
         try:
-            entries.append((f"line {number}", json.loads(line)))
+            yield f"line {number}", json.loads(line)
         except json.JSONDecodeError as error:
-            if number == 1 and _is_one_json_document(text):
+            if number == 1 and _is_one_json_document(_read_utf8(path)):
                 raise DataError(
                     f"{name}: one JSON object spanning several lines; expected a JSON array "
                     "of rows ([{...}, {...}]) or JSON Lines (one row object per line)"
                 ) from None
             bad.add(f"line {number}", "not valid JSON", f" ({error.msg} at column {error.colno})")
-    return entries
 
 
 def _is_one_json_document(text: str) -> bool:

@@ -27,6 +27,7 @@ class RunPlan:
     num_processes: int | None = None
     reuse_host_memory: bool | None = None  # glibc's thresholds raised (CPU training only)
     chat_template: bool | None = None  # whether prompts are rendered with the tokenizer's
+    tokenized_cache: str | None = None  # "hit", "miss", "off", ... (data.training_data)
     attn_implementation: str | None = None  # the attention the model runs
     padding_free: bool | None = None  # one packed row per micro-batch
     prefix_sharing: str | None = None  # "always", "per batch" or "off"
@@ -59,6 +60,8 @@ def _asked(config: TrainConfig, name: str):
             f"--epochs {config.epochs}"
     if name == "warmup_steps" and config.warmup_ratio is not None:
         return f"--warmup_ratio {config.warmup_ratio}"
+    if name == "tokenized_cache":  # an outcome; the flag is on or off
+        return None
     value = getattr(config, name, None)
     if name in ("ref_batch_size", "eval_batch_size") and value == 0:
         return "auto"

@@ -125,12 +125,13 @@ def setup_forward(config: TrainConfig, model: torch.nn.Module) -> Forward:
 
 def setup_data(config: TrainConfig, device: Device, tokenizer,
                use_chat_template: bool) -> TrainingData:
-    """Tokenized train and eval pairs (the main process first, so a Hub download happens
-    once)."""
+    """Tokenized train and eval pairs. The main process of each machine goes first: it
+    tokenizes (or finds the tokenized cache entry), and the other processes then map the
+    entry it wrote instead of tokenizing again."""
     accelerator = device.accelerator
-    with accelerator.main_process_first():
+    with accelerator.local_main_process_first():
         return build_training_data(config, tokenizer, use_chat_template,
-                                   show_progress=accelerator.is_main_process)
+                                   show_progress=accelerator.is_local_main_process)
 
 
 def setup_backend(config: TrainConfig, device: Device, model: torch.nn.Module):
@@ -167,21 +168,23 @@ def setup_batches(config: TrainConfig, device: Device, forward: Forward, data: T
                   reference: Reference, collator) -> Batches:
     """The seeded micro-batch stream over the training pairs, and the eval loader; with
     precomputed reference log-probs, the batches carry them."""
+    def lengths(pairs) -> list[int] | None:  # None: no length grouping
+        return forward.pair_lengths(pairs) if config.group_by_length else None
+
+    # Measured on the plain pairs: the pairs with reference values are the same, in order.
+    train_lengths, eval_lengths = lengths(data.train), lengths(data.eval)
     train_pairs: Sequence[TokenizedPair] = data.train
     eval_pairs: Sequence[TokenizedPair] = data.eval
     if reference.precomputed:
         train_pairs, eval_pairs = (p.pairs for p in reference.precomputed)
         collator = ReferenceLogpsCollator(collator)
 
-    def lengths(pairs) -> list[int] | None:  # None: no length grouping
-        return [forward.pair_length(p) for p in pairs] if config.group_by_length else None
-
     accelerator = device.accelerator
     stream = MicroBatchStream(accelerator, train_pairs, config.batch_size, collator,
-                              config.seed, lengths(train_pairs))
+                              config.seed, train_lengths)
     eval_batch_size = config.eval_batch_size or config.batch_size
-    loader = (eval_loader(accelerator, eval_pairs, eval_batch_size, collator, lengths(eval_pairs))
-              if eval_pairs else None)
+    loader = (eval_loader(accelerator, eval_pairs, eval_batch_size, collator, eval_lengths)
+              if len(eval_pairs) else None)
     return Batches(stream, loader, eval_batch_size)
 
 
@@ -216,8 +219,8 @@ def setup_state(config: TrainConfig, device: Device, model: torch.nn.Module,
     return state
 
 
-def run_plan(device: Device, use_chat_template: bool, forward: Forward, reference: Reference,
-             batches: Batches, schedule: Schedule) -> RunPlan:
+def run_plan(device: Device, use_chat_template: bool, forward: Forward, data: TrainingData,
+             reference: Reference, batches: Batches, schedule: Schedule) -> RunPlan:
     """What each "auto" setting resolved to, from the steps that resolved them."""
     accelerator = device.accelerator
     return RunPlan(
@@ -229,6 +232,7 @@ def run_plan(device: Device, use_chat_template: bool, forward: Forward, referenc
         num_processes=accelerator.num_processes,
         reuse_host_memory=device.reuse_host_memory,
         chat_template=use_chat_template,
+        tokenized_cache=data.tokenized_cache,
         **forward.record(),
         precompute_ref_log_probs=reference.precomputed is not None,
         ref_batch_size=reference.batch_size,

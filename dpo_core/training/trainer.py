@@ -105,7 +105,7 @@ class Trainer:
         self.state = steps.setup_state(config, self.device, self.model, self.optimizer,
                                        len(self.data.train), resume_path)
         self.plan = steps.run_plan(self.device, self.use_chat_template, self.forward,
-                                   self.reference, self.batches, self.schedule)
+                                   self.data, self.reference, self.batches, self.schedule)
         logger.info(self.plan.describe(config))
         if self.is_main:
             run_files.write_json(config.output_dir, run_files.CONFIG_FILE, {
