@@ -91,6 +91,29 @@ def learnable_pairs(num: int, seed: int = 0) -> list[dict]:
     ]
 
 
+def preference_rows(num: int, seed: int = 0) -> list[dict]:
+    """UltraFeedback rows (message lists, a system turn on some), plain-text rows and
+    conversational rows, long enough that some are truncated."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(num):
+        prompt = random_text(rng, rng.randint(2, 30))
+        chosen, rejected = (random_text(rng, rng.randint(1, 30)) for _ in range(2))
+        if i % 3 == 0:
+            turns = [{"role": "user", "content": prompt}]
+            rows.append({"prompt": prompt,
+                         "chosen": turns + [{"role": "assistant", "content": chosen}],
+                         "rejected": turns + [{"role": "assistant", "content": rejected}]})
+        elif i % 3 == 1:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        else:
+            system = [{"role": "system", "content": "be brief"}] if i % 2 else []
+            rows.append({"prompt": system + [{"role": "user", "content": prompt}],
+                         "chosen": [{"role": "assistant", "content": chosen}],
+                         "rejected": rejected})
+    return rows
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> str:
     """A tiny Llama and its tokenizer saved like a Hub checkpoint, for the CLI tests."""

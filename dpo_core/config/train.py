@@ -357,6 +357,7 @@ class TrainConfig(LossSettings):
             if not ok:
                 raise ConfigError(message)
         self._validate_finetuning_type()
+        self._validate_streaming()
         self.check_loss_options()
         validate_loss_options(self, reference_free=self.reference_free,
                               precompute_ref_log_probs=bool(self.precompute_ref_log_probs))
@@ -365,6 +366,21 @@ class TrainConfig(LossSettings):
             if value and looks_like_local_path(value) and not os.path.exists(value):
                 raise ConfigError(f"--{flag}: path {value!r} does not exist")
         check_writable_dir("--output_dir", self.output_dir)
+
+    def _validate_streaming(self) -> None:
+        if not self.streaming:
+            return
+        if not self.max_steps:
+            raise ConfigError("--streaming needs --max_steps: how many pairs a stream holds is "
+                              "only known once it has been read (an epoch is one pass).")
+        if self.precompute_ref_log_probs:
+            raise ConfigError(
+                "--precompute_ref_log_probs needs every pair before training starts, and "
+                "--streaming reads pairs only as training uses them: drop one of the two "
+                "(with --streaming the reference runs on each batch).")
+        if self.group_by_length:
+            raise ConfigError("--group_by_length sorts all pairs by length before each epoch, "
+                              "which a stream cannot: drop one of the two.")
 
     def _validate_finetuning_type(self) -> None:
         if self.finetuning_type != "full":

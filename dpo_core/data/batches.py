@@ -152,6 +152,14 @@ class MicroBatchStream:
                             collate_fn=self.collator, generator=generator)
         return self.accelerator.prepare_data_loader(loader)
 
+    def resume(self, state) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches from where `state` (the TrainState) stands on."""
+        return self.iterate(state.micro_batches_seen)
+
+    def epoch(self, state) -> float:
+        """Epochs done, fractions included."""
+        return state.micro_batches_seen / self.batches_per_epoch
+
     def iterate(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         epoch, offset = divmod(start, self.batches_per_epoch)
         while True:

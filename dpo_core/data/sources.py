@@ -15,7 +15,7 @@ import dataclasses
 import io
 import json
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,9 +179,22 @@ class _BadLines:
 
     def add(self, where: str, reason: str, detail: str = "") -> None:
         if not self.skip:
-            raise DataError(
-                f"{self.name}: {where}: {reason}{detail} (--skip_bad_rows drops such rows)")
+            raise bad_row(f"{self.name}: {where}", reason, detail)
         self.dropped[reason] += 1
+
+
+def bad_row(location: str, reason: str, detail: str = "") -> DataError:
+    """A row that does not parse, named by its location; `reason` is what drops count."""
+    return DataError(f"{location}: {reason}{detail} (--skip_bad_rows drops such rows)",
+                     reason=reason)
+
+
+NOT_AN_OBJECT = "not a JSON object"
+
+
+def _not_an_object(value: Any) -> str:
+    return (f" (got {_json_type(value)}; one row per object, with 'prompt', 'chosen' and "
+            "'rejected' keys)")
 
 
 def _read_json(name: str, path: Path, skip_bad_rows: bool) -> RowSource:
@@ -195,8 +208,7 @@ def _read_json(name: str, path: Path, skip_bad_rows: bool) -> RowSource:
     rows, locations, columns = [], [], {}
     for where, value in entries:
         if not isinstance(value, dict):
-            bad.add(where, "not a JSON object", f" (got {_json_type(value)}; one row per "
-                    "object, with 'prompt', 'chosen' and 'rejected' keys)")
+            bad.add(where, NOT_AN_OBJECT, _not_an_object(value))
             continue
         columns.update(dict.fromkeys(value))
         rows.append({k: value[k] for k in DPO_COLUMNS if k in value})
@@ -216,7 +228,14 @@ def _json_lines_entries(name: str, path: Path, bad: _BadLines) -> Iterator[tuple
                     f"{name}: one JSON object spanning several lines; expected a JSON array "
                     "of rows ([{...}, {...}]) or JSON Lines (one row object per line)"
                 ) from None
-            bad.add(f"line {number}", "not valid JSON", f" ({error.msg} at column {error.colno})")
+            bad.add(f"line {number}", NOT_JSON, _json_error(error))
+
+
+NOT_JSON = "not valid JSON"
+
+
+def _json_error(error: json.JSONDecodeError) -> str:
+    return f" ({error.msg} at column {error.colno})"
 
 
 def _is_one_json_document(text: str) -> bool:
@@ -307,3 +326,59 @@ def _load_saved_dataset(path: Path, split: str) -> datasets.Dataset:
             raise DataError(f"{path}: no split {split!r} (splits: {', '.join(loaded)})")
         return loaded[split]
     return loaded
+
+
+# -- streaming: rows one at a time ----------------------------------------------------------
+
+# Rows converted per call when streaming a dataset that `load_rows` reads.
+_STREAM_BLOCK = 1024
+
+
+def stream_rows(name_or_path: str, split: str, keep: Callable[[int], bool], *,
+                skip_bad_rows: bool = False) -> Iterator[tuple[str, Any]]:
+    """(location, row) of each row whose 0-based index `keep` accepts, in file order, never
+    holding the whole dataset as Python objects.
+
+    A JSON Lines file is read line by line, and its row is the line's text, parsed by
+    `parse_row` only where it is used; a Hub dataset comes through `datasets`' streaming;
+    other local files and save_to_disk directories are read by `load_rows` (Parquet and
+    Arrow memory-mapped) and converted a block at a time.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and DATA_FILE_FORMATS.get(path.suffix.lower()) == "json" \
+            and not _starts_with_array(path):
+        for index, (number, text) in enumerate(text_lines(path)):
+            if keep(index):
+                yield f"{name_or_path}: line {number}", text
+        return
+    if path.exists() or looks_like_local_path(name_or_path):
+        source = load_rows(name_or_path, split, skip_bad_rows=skip_bad_rows)
+        for start in range(0, len(source), _STREAM_BLOCK):
+            indices = [i for i in range(start, min(start + _STREAM_BLOCK, len(source)))
+                       if keep(i)]
+            for index, row in zip(indices, source.take(indices), strict=True):
+                yield f"{source.name}: {source.location(index)}", row
+        return
+    try:
+        rows = datasets.load_dataset(name_or_path, split=split, streaming=True)
+    except (OSError, ValueError) as error:
+        raise DataError(f"Could not stream dataset '{name_or_path}' ({type(error).__name__}: "
+                        f"{first_line(error)})") from None
+    for index, row in enumerate(rows):
+        if keep(index):
+            yield f"{name_or_path}: row {index + 1}", {k: row[k] for k in DPO_COLUMNS
+                                                       if k in row}
+
+
+def parse_row(location: str, row: Any) -> Mapping[str, Any]:
+    """A row `stream_rows` gave: a JSON line parsed (the columns DPO reads), any other row
+    as it is; a line that is not a JSON object is a `DataError` (see `bad_row`)."""
+    if not isinstance(row, str):
+        return row
+    try:
+        value = json.loads(row)
+    except json.JSONDecodeError as error:
+        raise bad_row(location, NOT_JSON, _json_error(error)) from None
+    if not isinstance(value, dict):
+        raise bad_row(location, NOT_AN_OBJECT, _not_an_object(value))
+    return {k: value[k] for k in DPO_COLUMNS if k in value}

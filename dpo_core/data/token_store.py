@@ -175,7 +175,7 @@ def tokenize_to_store(tokenizer, pairs: Sequence[PreferencePair], writer: StoreW
     chunks = (pairs[i:i + CHUNK_PAIRS] for i in range(0, len(pairs), CHUNK_PAIRS))
     drops: DropCounts = Counter()
     identical = 0
-    with tqdm(total=len(pairs), desc=desc, unit="pair", disable=disable) as progress:
+    with tqdm(total=len(pairs), desc=desc, unit="pair", disable=disable or not pairs) as progress:
         for chunk in _encoded_chunks(tokenizer, chunks, workers, options):
             writer.append(chunk.tokens, chunk.lengths)
             drops.update(chunk.drops)

@@ -101,10 +101,12 @@ def tokenize_pair(
     _check_lengths(max_length, max_prompt_length)
     if use_chat_template and end_of_turn is None:
         end_of_turn = end_of_turn_ids(tokenizer)
-    (result,) = _tokenize_batch(tokenizer, [pair], use_chat_template, end_of_turn or [])
+    (result,) = tokenize_batch(tokenizer, [pair], max_length=max_length,
+                               max_prompt_length=max_prompt_length,
+                               use_chat_template=use_chat_template, end_of_turn=end_of_turn or [])
     if isinstance(result, DataError):
         raise result
-    return truncate(*result, max_length, max_prompt_length)
+    return result
 
 
 def _check_lengths(max_length: int, max_prompt_length: int) -> None:
@@ -154,14 +156,34 @@ def tokenize_pairs(
     drops: DropCounts = Counter()
     progress = tqdm(pairs, desc=desc, unit="pair", disable=disable)
     for batch in _batches(progress, ENCODE_BATCH):
-        for result in _tokenize_batch(tokenizer, batch, use_chat_template, end_of_turn):
+        for result in tokenize_batch(tokenizer, batch, max_length=max_length,
+                                     max_prompt_length=max_prompt_length,
+                                     use_chat_template=use_chat_template,
+                                     end_of_turn=end_of_turn):
             if isinstance(result, DataError):
                 if not skip_bad_rows:
                     raise result
                 drops[result.reason] += 1
             else:
-                kept.append(truncate(*result, max_length, max_prompt_length))
+                kept.append(result)
     return kept, drops
+
+
+def tokenize_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[PreferencePair],
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    use_chat_template: bool,
+    end_of_turn: Sequence[int],
+) -> list[TokenizedPair | DataError]:
+    """Each pair tokenized and truncated, or the DataError that rejects it, in order, with
+    one tokenizer call (`end_of_turn`: `end_of_turn_ids(tokenizer)`, or [] without the
+    template)."""
+    return [result if isinstance(result, DataError)
+            else truncate(*result, max_length, max_prompt_length)
+            for result in _tokenize_batch(tokenizer, pairs, use_chat_template, end_of_turn)]
 
 
 Ids = tuple[list[int], list[int], list[int]]  # prompt, chosen response, rejected response

@@ -14,6 +14,7 @@ where every training pair is one stops before it starts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 from dpo_core.config.train import TrainConfig
 from dpo_core.console import logger
 from dpo_core.data.pairs import load_pairs, split_pairs
+from dpo_core.data.streaming import PairStream
 from dpo_core.data.templates import pair_view
 from dpo_core.data.token_store import StoreWriter, TokenStore, tokenize_to_store
 from dpo_core.data.tokenization import TokenizedPair
@@ -46,10 +48,15 @@ class TrainingData:
     """Tokenized pairs, the first `num_sample_prompts` eval prompts as they were (messages or
     text) for samples.md, and what the tokenized cache did (CACHE_*)."""
 
-    train: Sequence[TokenizedPair]
+    train: Sequence[TokenizedPair] | PairStream
     eval: Sequence[TokenizedPair]
     sample_prompts: list
     tokenized_cache: str = CACHE_OFF
+
+    @property
+    def num_train(self) -> int | None:
+        """Training pairs; None when they are streamed."""
+        return None if isinstance(self.train, PairStream) else len(self.train)
 
 
 class _Notes:
@@ -67,7 +74,8 @@ class _Notes:
 def cache_parts(config: TrainConfig, tokenizer, use_chat_template: bool) -> dict:
     """Everything that changes a run's token ids, or which pairs it has (the cache key)."""
     return {
-        "train_data": source_fingerprint(config.dataset_name, config.dataset_split),
+        "train_data": (None if config.streaming  # streamed: only the eval set is cached
+                       else source_fingerprint(config.dataset_name, config.dataset_split)),
         "eval_data": (source_fingerprint(config.eval_dataset, "train")
                       if config.eval_dataset else None),
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -85,7 +93,20 @@ def build_training_data(config: TrainConfig, tokenizer, use_chat_template: bool,
                         show_progress: bool = True) -> TrainingData:
     """Load `--dataset_name` (and `--eval_dataset`, or hold out `--eval_fraction`), then
     tokenize and truncate both splits, or find them in the tokenized cache; ConfigError if no
-    training pair is left."""
+    training pair is left. With --streaming the training pairs are a `PairStream`, and only
+    --eval_dataset is tokenized here."""
+    data = _training_data(config, tokenizer, use_chat_template, show_progress)
+    if not config.streaming:
+        return data
+    stream = PairStream(config.dataset_name, config.dataset_split, config.seed,
+                        config.shuffle_buffer_size, config.num_samples or None,
+                        config.skip_bad_rows, tokenizer, config.max_length,
+                        config.max_prompt_length, use_chat_template)
+    return dataclasses.replace(data, train=stream)
+
+
+def _training_data(config: TrainConfig, tokenizer, use_chat_template: bool,
+                   show_progress: bool) -> TrainingData:
     count = config.num_sample_prompts
     if not config.tokenized_cache:
         built = _tokenize(config, tokenizer, use_chat_template, None, show_progress)
@@ -123,9 +144,13 @@ def _tokenize(config: TrainConfig, tokenizer, use_chat_template: bool, directory
     """Load, sample, split and tokenize the run's data into stores in `directory` (None: in
     memory)."""
     notes = _Notes()
-    pairs, drops = load_pairs(config.dataset_name, split=config.dataset_split,
-                              num_samples=config.num_samples or None, seed=config.seed,
-                              skip_bad_rows=config.skip_bad_rows)
+    if config.streaming:
+        pairs, drops = [], {}
+        _say_what_streams(notes, config)
+    else:
+        pairs, drops = load_pairs(config.dataset_name, split=config.dataset_split,
+                                  num_samples=config.num_samples or None, seed=config.seed,
+                                  skip_bad_rows=config.skip_bad_rows)
     _report_drops(notes, config.dataset_name, drops)
     if config.eval_dataset:
         train_pairs = pairs
@@ -133,7 +158,8 @@ def _tokenize(config: TrainConfig, tokenizer, use_chat_template: bool, directory
                                             seed=config.seed, skip_bad_rows=config.skip_bad_rows)
         _report_drops(notes, config.eval_dataset, eval_drops)
     else:
-        train_pairs, eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
+        train_pairs, eval_pairs = split_pairs(pairs, 0.0 if config.streaming
+                                              else config.eval_fraction, config.seed)
     del pairs
     if config.num_sample_prompts and not eval_pairs:
         notes.say("warning", f"No {SAMPLES_FILE}: its prompts come from the eval set, and this "
@@ -150,10 +176,21 @@ def _tokenize(config: TrainConfig, tokenizer, use_chat_template: bool, directory
         if warning := check_identical_pairs(identical, len(stores[name]), name,
                                             config.max_length):
             notes.say("warning", warning)
-    notes.say("info", f"Pairs: {len(stores['train'])} train, {len(stores['eval'])} eval.")
-    if not len(stores["train"]):
+    train = "streamed" if config.streaming else len(stores["train"])
+    notes.say("info", f"Pairs: {train} train, {len(stores['eval'])} eval.")
+    if not config.streaming and not len(stores["train"]):
         raise ConfigError("no training pairs left after loading and truncation")
     return _Tokenized(stores, prompts, notes.kept)
+
+
+def _say_what_streams(notes: _Notes, config: TrainConfig) -> None:
+    """What of the data settings a stream reads differently."""
+    if config.num_samples:
+        notes.say("warning", f"--streaming reads only the first {config.num_samples} rows of "
+                  f"{config.dataset_name} (--num_samples {config.num_samples}; 0 reads all).")
+    if not config.eval_dataset and config.eval_fraction:
+        notes.say("info", "--streaming holds no rows out for evaluation (--eval_fraction "
+                  "applies to data read whole); pass --eval_dataset to evaluate.")
 
 
 def _write_prompts(path: Path, prompts: list) -> None:

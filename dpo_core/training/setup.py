@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from dpo_core.config.train import TrainConfig
 from dpo_core.console import logger
 from dpo_core.data.batches import MicroBatchStream, eval_loader
+from dpo_core.data.streaming import PairStream, StreamingBatches
 from dpo_core.data.templates import resolve_chat_template
 from dpo_core.data.tokenization import TokenizedPair
 from dpo_core.data.training_data import TrainingData, build_training_data
@@ -76,7 +77,7 @@ class Reference:
 class Batches:
     """The training stream and the eval loader (None without eval pairs)."""
 
-    stream: MicroBatchStream
+    stream: MicroBatchStream | StreamingBatches
     eval_loader: DataLoader | None
     eval_batch_size: int
 
@@ -151,7 +152,7 @@ def setup_reference(config: TrainConfig, device: Device, model: torch.nn.Module,
     """Which network is the reference and, where the plan says so, the reference log-probs of
     every pair in one no-grad pass, cached on disk."""
     accelerator = device.accelerator
-    precompute = resolve_precompute(config, objective.uses_reference, len(data.train),
+    precompute = resolve_precompute(config, objective.uses_reference, data.num_train,
                                     accelerator.num_processes)
     context = reference_for(config, model, accelerator, precomputed=precompute)
     if not precompute:
@@ -166,8 +167,9 @@ def setup_reference(config: TrainConfig, device: Device, model: torch.nn.Module,
 
 def setup_batches(config: TrainConfig, device: Device, forward: Forward, data: TrainingData,
                   reference: Reference, collator) -> Batches:
-    """The seeded micro-batch stream over the training pairs, and the eval loader; with
-    precomputed reference log-probs, the batches carry them."""
+    """The seeded micro-batch stream over the training pairs (or, --streaming, over the
+    stream), and the eval loader; with precomputed reference log-probs, the batches carry
+    them."""
     def lengths(pairs) -> list[int] | None:  # None: no length grouping
         return forward.pair_lengths(pairs) if config.group_by_length else None
 
@@ -180,8 +182,11 @@ def setup_batches(config: TrainConfig, device: Device, forward: Forward, data: T
         collator = ReferenceLogpsCollator(collator)
 
     accelerator = device.accelerator
-    stream = MicroBatchStream(accelerator, train_pairs, config.batch_size, collator,
-                              config.seed, train_lengths)
+    if isinstance(data.train, PairStream):
+        stream = StreamingBatches(accelerator, data.train, config.batch_size, collator)
+    else:
+        stream = MicroBatchStream(accelerator, train_pairs, config.batch_size, collator,
+                                  config.seed, train_lengths)
     eval_batch_size = config.eval_batch_size or config.batch_size
     loader = (eval_loader(accelerator, eval_pairs, eval_batch_size, collator, eval_lengths)
               if len(eval_pairs) else None)
@@ -200,7 +205,7 @@ def setup_schedule(config: TrainConfig, batches: Batches) -> Schedule:
 
 
 def setup_state(config: TrainConfig, device: Device, model: torch.nn.Module,
-                optimizer: torch.optim.Optimizer, num_train_pairs: int,
+                optimizer: torch.optim.Optimizer, num_train_pairs: int | None,
                 resume_path: str | None) -> checkpoint.TrainState:
     """A fresh TrainState (an earlier run's files cleared), or the checkpoint's: weights,
     optimizer, RNG and data position restored, after checking that its data order and
@@ -232,6 +237,7 @@ def run_plan(device: Device, use_chat_template: bool, forward: Forward, data: Tr
         num_processes=accelerator.num_processes,
         reuse_host_memory=device.reuse_host_memory,
         chat_template=use_chat_template,
+        streaming=isinstance(data.train, PairStream),
         tokenized_cache=data.tokenized_cache,
         **forward.record(),
         precompute_ref_log_probs=reference.precomputed is not None,

@@ -7,12 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import FAMILIES, family_tokenizer, random_text, write_jsonl
+from conftest import FAMILIES, family_tokenizer, preference_rows, write_jsonl
 
 import dpo_core.data.token_store as token_store
 import dpo_core.data.training_data as training_data
@@ -31,29 +30,6 @@ from dpo_core.data.training_data import (
 from dpo_core.errors import DataError
 
 LENGTHS = {"max_length": 48, "max_prompt_length": 24}  # some pairs are cut
-
-
-def preference_rows(num: int, seed: int = 0) -> list[dict]:
-    """UltraFeedback rows (message lists, a system turn on some), plain-text rows and
-    conversational rows, long enough that some are truncated."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(num):
-        prompt = random_text(rng, rng.randint(2, 30))
-        chosen, rejected = (random_text(rng, rng.randint(1, 30)) for _ in range(2))
-        if i % 3 == 0:
-            turns = [{"role": "user", "content": prompt}]
-            rows.append({"prompt": prompt,
-                         "chosen": turns + [{"role": "assistant", "content": chosen}],
-                         "rejected": turns + [{"role": "assistant", "content": rejected}]})
-        elif i % 3 == 1:
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-        else:
-            system = [{"role": "system", "content": "be brief"}] if i % 2 else []
-            rows.append({"prompt": system + [{"role": "user", "content": prompt}],
-                         "chosen": [{"role": "assistant", "content": chosen}],
-                         "rejected": rejected})
-    return rows
 
 
 @pytest.fixture(scope="module")
