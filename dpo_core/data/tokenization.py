@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from jinja2.exceptions import TemplateError
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from dpo_core.data.pairs import PreferencePair
 from dpo_core.data.sources import DropCounts
@@ -212,7 +213,7 @@ def _tokenize_batch(
             rendered.append(error)
     texts = [text for r in rendered if not isinstance(r, DataError) for text in r]
     # A template writes its own special tokens; plain text gets the tokenizer's usual ones.
-    encoded = iter(tokenizer(texts, add_special_tokens=not use_chat_template)["input_ids"]
+    encoded = iter(encode(tokenizer, texts, add_special_tokens=not use_chat_template)
                    if texts else [])
     results: list[Ids | DataError] = []
     for pair, texts_of_pair in zip(pairs, rendered, strict=True):
@@ -227,6 +228,24 @@ def _tokenize_batch(
         except DataError as error:
             results.append(error)
     return results
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str],
+           add_special_tokens: bool) -> list[list[int]]:
+    """`tokenizer(texts, add_special_tokens=...)["input_ids"]`, faster where that call is the
+    plain one: a fast tokenizer of a class that keeps transformers' own encoding, no
+    truncation or padding set on its backend, special tokens not split. The backend then
+    encodes without computing character offsets (`encode_batch_fast`), which is what that
+    call does, less the offsets and the conversion. Anything else takes the call itself."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (type(tokenizer)._encode_plus is not TokenizersBackend._encode_plus
+            or type(tokenizer).__call__ is not PreTrainedTokenizerBase.__call__
+            or backend is None or not hasattr(backend, "encode_batch_fast")
+            or backend.truncation is not None or backend.padding is not None
+            or backend.encode_special_tokens != tokenizer.split_special_tokens):
+        return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    return [encoding.ids for encoding in
+            backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
 
 
 def _render_texts(

@@ -19,7 +19,7 @@ from dpo_core.config.train import TrainConfig
 from dpo_core.data.batches import MicroBatchStream, PreferenceCollator, pair_lengths
 from dpo_core.data.pairs import load_pairs, split_pairs
 from dpo_core.data.token_store import StoreWriter, TokenStore, tokenize_to_store
-from dpo_core.data.tokenization import tokenize_pairs
+from dpo_core.data.tokenization import encode, tokenize_pairs
 from dpo_core.data.training_data import (
     CACHE_HIT,
     CACHE_MISS,
@@ -66,6 +66,29 @@ def test_cached_ids_are_tokenize_pairs_ids_on_published_templates(
         assert isinstance(data.train, TokenStore)
         assert list(data.train) == train and list(data.eval) == evaluation
         assert data.train.tokens.dtype == "int32"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fast_encoding_gives_the_tokenizer_calls_ids(family, family_base_tokenizer):
+    tokenizer = family_tokenizer(family_base_tokenizer, family)
+    conversation = [{"role": "user", "content": " why is the sky\n\nblue "},
+                    {"role": "assistant", "content": "the sky\n is blue  "}]
+    texts = [tokenizer.apply_chat_template(conversation, tokenize=False),
+             tokenizer.apply_chat_template(conversation[:1], tokenize=False,
+                                           add_generation_prompt=True),
+             "plain text, with  spaces\tand\n\n\nnewlines", "", " ", "é ü 日本"]
+    for add_special_tokens in (True, False):
+        expected = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        assert encode(tokenizer, texts, add_special_tokens) == expected
+    # What the plain call would change first (truncation set on the backend, special tokens
+    # split): the call itself is used.
+    tokenizer.backend_tokenizer.enable_truncation(3)
+    (ids,) = encode(tokenizer, texts[:1], False)
+    assert ids == expected[0] and len(ids) > 3
+    tokenizer.split_special_tokens = True
+    assert encode(tokenizer, texts[:1], False) == tokenizer(texts[:1],
+                                                            add_special_tokens=False)["input_ids"]
+    assert encode(tokenizer, texts[:1], False) != expected[:1]  # special tokens split
 
 
 def test_worker_processes_give_the_same_ids_and_the_same_first_error(
