@@ -16,6 +16,9 @@ same load on a shared machine.
     python -m benchmarks.data_scale --pairs 10000,30000,61135 \\
         --json benchmarks/results/data-scale.json --markdown benchmarks/results/data-scale.md \\
         --plot benchmarks/results/data-scale.png
+
+    # The cache's int32 files against a datasets Arrow table, read back
+    python -m benchmarks.data_scale compare-stores <cache dir>/<entry>
 """
 
 from __future__ import annotations
@@ -287,10 +290,65 @@ def plot(rows: list[dict], path: str) -> None:
     figure.savefig(path, dpi=110)
 
 
+def compare_stores(entry: str, reads: int = 20_000) -> dict:
+    """The cache entry's train split read back two ways, in one process: as this project
+    maps it (`TokenStore` on memory-mapped int32 files) and as a `datasets` Arrow table
+    (`save_to_disk` / `load_from_disk`, int32 list columns): seconds to open, seconds for
+    `reads` random pairs, resident MB added by each, and the Arrow table's bytes per token
+    (the cache's are 4)."""
+    import random as rand
+
+    import datasets
+    import psutil
+
+    from dpo_core.data.token_store import open_store
+
+    manifest = json.loads((Path(entry) / "manifest.json").read_text())
+    me = psutil.Process()
+    store = open_store(Path(entry), "train", manifest["digests"]["train"])
+    arrow_dir = Path(entry).parent / "arrow-copy"
+    if not arrow_dir.is_dir():
+        features = datasets.Features({k: datasets.Sequence(datasets.Value("int32"))
+                                      for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
+        rows = {k: [] for k in features}
+        for pair in store:
+            for key in rows:
+                rows[key].append(getattr(pair, key))
+        datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(arrow_dir))
+        del rows
+    generator = rand.Random(0)
+    order = [generator.randrange(len(store)) for _ in range(reads)]
+    num_tokens = len(store.tokens)
+    del store  # unmapped: the pages it touched leave this process's RSS
+    result = {}
+    for name, opener in (("int32 file read per pair (TokenStore)",
+                          lambda: open_store(Path(entry), "train",
+                                             manifest["digests"]["train"])),
+                         ("datasets Arrow", lambda: datasets.load_from_disk(str(arrow_dir)))):
+        before = me.memory_info().rss
+        started = time.perf_counter()
+        opened = opener()
+        opened_s = time.perf_counter() - started
+        started = time.perf_counter()
+        tokens = sum(len(opened[i]["chosen_ids"]) if isinstance(opened, datasets.Dataset)
+                     else len(opened[i].chosen_ids) for i in order)
+        result[name] = {"open_s": round(opened_s, 3),
+                        f"{reads}_random_pairs_s": round(time.perf_counter() - started, 2),
+                        "rss_added_mb": round((me.memory_info().rss - before) / 2**20),
+                        "chosen_tokens": tokens}
+    result["bytes_per_token"] = round(
+        sum(p.stat().st_size for p in arrow_dir.glob("*.arrow"))
+        / num_tokens, 2)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["trl-worker"]:
         trl_worker(*argv[1:])
+        return 0
+    if argv[:1] == ["compare-stores"]:
+        print(json.dumps(compare_stores(argv[1]), indent=1))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", default=f"10000,30000,{ULTRAFEEDBACK_PAIRS}")

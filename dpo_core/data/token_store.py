@@ -4,8 +4,9 @@ A `TokenStore` is the `Sequence[TokenizedPair]` the rest of the pipeline reads (
 epoch order, the reference pass): `tokens` holds every pair's prompt, chosen and rejected ids
 back to back as int32, `lengths` [N, 3] the three lengths of each pair. Item i is cut from the
 two arrays when asked for, so N pairs cost 4 bytes a token and 20 a pair instead of a Python
-list per pair (~36 bytes a token). The arrays may be memory-mapped files (the tokenized cache):
-then every process of a machine reads the same pages, through the page cache.
+list per pair (~36 bytes a token). In the tokenized cache the tokens stay in their file
+(`TokenFile`): each pair's ids are read when it is batched, through the page cache that every
+process of a machine shares, and no process holds the whole array.
 
 `tokenize_to_store` fills a `StoreWriter` (files, or memory) chunk by chunk, in worker
 processes when there are enough pairs to pay for starting them; the ids and their order are
@@ -154,15 +155,39 @@ class StoreWriter:
         return open_store(self.directory, self.name, self.digest.hexdigest())
 
 
-def open_store(directory: Path, name: str, digest: str) -> TokenStore:
-    """The store `StoreWriter(directory, name)` wrote, memory-mapped read-only."""
-    def mapped(kind: str) -> np.ndarray:
-        path = directory / f"{name}.{kind}"
-        if os.path.getsize(path) == 0:  # an empty file cannot be mapped
-            return np.zeros(0, dtype=TOKEN_DTYPE)
-        return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+class TokenFile:
+    """A file of int32 token ids, read a slice at a time (`os.pread`): the array's interface
+    for `TokenStore` without mapping the file into the process."""
 
-    return TokenStore(mapped("tokens"), mapped("lengths").reshape(-1, 3), digest)
+    dtype = np.dtype(TOKEN_DTYPE)
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.size = os.path.getsize(path) // self.dtype.itemsize
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, part: slice) -> np.ndarray:
+        start, stop, _ = part.indices(self.size)
+        count = max(stop - start, 0)
+        data = os.pread(self.fd, count * self.dtype.itemsize, start * self.dtype.itemsize)
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def __reduce__(self):  # another process opens the file for itself
+        return TokenFile, (self.path,)
+
+    def __del__(self):
+        if hasattr(self, "fd"):
+            os.close(self.fd)
+
+
+def open_store(directory: Path, name: str, digest: str) -> TokenStore:
+    """The store `StoreWriter(directory, name)` wrote: lengths in memory, tokens read from
+    their file as pairs are asked for."""
+    lengths = np.fromfile(directory / f"{name}.lengths", dtype=TOKEN_DTYPE).reshape(-1, 3)
+    return TokenStore(TokenFile(directory / f"{name}.tokens"), lengths, digest)
 
 
 def tokenize_to_store(tokenizer, pairs: Sequence[PreferencePair], writer: StoreWriter, *,
@@ -171,7 +196,10 @@ def tokenize_to_store(tokenizer, pairs: Sequence[PreferencePair], writer: StoreW
     """`tokenize_pairs(tokenizer, pairs, **options)` into `writer`: (the store, dropped rows
     by reason, pairs identical after truncation). `num_proc` worker processes (0: one per
     core, fewer for few pairs; 1: this process)."""
-    workers = worker_count(len(pairs), num_proc)
+    # A tokenizer class from outside transformers (trust_remote_code) may not unpickle in a
+    # fresh worker process: this process tokenizes.
+    transformers_class = type(tokenizer).__module__.startswith("transformers.")
+    workers = worker_count(len(pairs), num_proc) if transformers_class else 1
     chunks = (pairs[i:i + CHUNK_PAIRS] for i in range(0, len(pairs), CHUNK_PAIRS))
     drops: DropCounts = Counter()
     identical = 0

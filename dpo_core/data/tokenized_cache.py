@@ -179,7 +179,7 @@ class TokenizedCache:
     def commit(self, directory: Path, digests: dict[str, str], notes: list[list[str]],
                parts: dict[str, Any]) -> CachedData:
         """Write the manifest and rename `directory` into place (a concurrent run that got
-        there first wins: its identical entry is used); the entry, memory-mapped."""
+        there first wins: its identical entry is used); the entry, opened."""
         files = {path.name: [path.stat().st_size, file_digest(path)]
                  for path in sorted(directory.iterdir())}
         manifest = {"key": self.key, "parts": parts, "digests": digests, "notes": notes,
