@@ -17,6 +17,9 @@ same load on a shared machine.
         --json benchmarks/results/data-scale.json --markdown benchmarks/results/data-scale.md \\
         --plot benchmarks/results/data-scale.png
 
+    # Warm runs again, this trainer and trl alternating (after a full run in that workdir)
+    python -m benchmarks.data_scale warm-rounds <workdir> 61135 3
+
     # The cache's int32 files against a datasets Arrow table, read back
     python -m benchmarks.data_scale compare-stores <cache dir>/<entry>
 """
@@ -199,6 +202,15 @@ def trl(model_dir: Path, data: Path, out: Path) -> list[str]:
             str(model_dir), str(out)]
 
 
+def command_for(system: str, model_dir: Path, data: Path, out: Path, cache: Path,
+                processes: int) -> tuple[list[str], dict]:
+    """(command line, environment) of one run; `cache` is the tokenized cache (ours) or the
+    datasets cache (trl)."""
+    if system == "ours":
+        return ours(model_dir, data, out, cache, processes), {}
+    return trl(model_dir, data, out), {"HF_DATASETS_CACHE": str(cache)}
+
+
 # (variant, processes, cache state): every cold run is followed by its warm rerun.
 VARIANTS = {"ours": [(1, "cold"), (1, "warm"), (2, "cold"), (2, "warm")],
             "trl": [(1, "cold"), (1, "warm")]}
@@ -215,15 +227,32 @@ def run_size(workdir: Path, model_dir: Path, num_pairs: int, systems: list[str])
             shutil.rmtree(out, ignore_errors=True)
             if cache_state == "cold":
                 shutil.rmtree(cache, ignore_errors=True)
-            if system == "ours":
-                command, env = ours(model_dir, data, out, cache, processes), {}
-            else:
-                command, env = trl(model_dir, data, out), {"HF_DATASETS_CACHE": str(cache)}
+            command, env = command_for(system, model_dir, data, out, cache, processes)
             result = measure(command, out / "train_log.jsonl", env,
                              workdir / "runs" / f"{name}.log")
             rows.append({"system": system, "processes": processes, "cache": cache_state,
                          "pairs": num_pairs, "data_mb": round(data.stat().st_size / 2**20),
                          **result})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def warm_rounds(workdir: Path, num_pairs: int, rounds: int) -> list[dict]:
+    """This trainer's and trl's warm one-process runs again, alternating, `rounds` times, on
+    the caches a full run left in `workdir`: the warm ratio with both seeing the same load."""
+    data, model_dir = workdir / f"pairs-{num_pairs}.jsonl", workdir / "model"
+    rows = []
+    for round_index in range(rounds):
+        for system in ("ours", "trl"):
+            name = f"{system}-1p-warm-{num_pairs}-round{round_index}"
+            out, cache = workdir / "runs" / name, workdir / f"cache-{system}-1p"
+            if not cache.is_dir():
+                raise SystemExit(f"{cache}: no cache; run the full benchmark in {workdir} first")
+            shutil.rmtree(out, ignore_errors=True)
+            command, env = command_for(system, model_dir, data, out, cache, 1)
+            rows.append({"system": system, "round": round_index, "pairs": num_pairs,
+                         **measure(command, out / "train_log.jsonl", env,
+                                   workdir / "runs" / f"{name}.log")})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -349,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[:1] == ["compare-stores"]:
         print(json.dumps(compare_stores(argv[1]), indent=1))
+        return 0
+    if argv[:1] == ["warm-rounds"]:
+        workdir, num_pairs, rounds = Path(argv[1]), int(argv[2]), int(argv[3])
+        rows = warm_rounds(workdir, num_pairs, rounds)
+        (workdir / f"warm-rounds-{num_pairs}.json").write_text(json.dumps(rows, indent=1))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", default=f"10000,30000,{ULTRAFEEDBACK_PAIRS}")

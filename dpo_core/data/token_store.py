@@ -45,7 +45,8 @@ MIN_PAIRS_PER_WORKER = 2000
 class TokenStore(Sequence[TokenizedPair]):
     """N pairs' token ids in two int32 arrays (module docstring); `digest` names the content."""
 
-    def __init__(self, tokens: np.ndarray, lengths: np.ndarray, digest: str | None = None):
+    def __init__(self, tokens: np.ndarray | TokenFile, lengths: np.ndarray,
+                 digest: str | None = None):
         if lengths.ndim != 2 or lengths.shape[1] != 3:
             raise ValueError(f"lengths must be [N, 3], got {lengths.shape}")
         self.tokens, self.lengths = tokens, lengths
