@@ -113,9 +113,10 @@ def _tree_rss(process) -> dict[int, tuple[str, int]]:
 def measure(command: list[str], first_step: Path, env: dict | None = None,
             log: Path | None = None) -> dict:
     """Run `command` from the repository root: seconds until `first_step` (a file the run
-    writes after its first optimizer step) holds a train record, and the peak resident
-    memory of the whole process tree (sum over its processes, sampled every 0.1 s) and of
-    each training process. Raises if the command fails."""
+    writes after its first optimizer step) holds a train record, the CPU seconds of the
+    whole run (every process of it; on a shared machine steadier than wall time), and the
+    peak resident memory of the whole process tree (sum over its processes, sampled every
+    0.1 s) and of each training process. Raises if the command fails."""
     import psutil
 
     started = time.perf_counter()
@@ -124,7 +125,11 @@ def measure(command: list[str], first_step: Path, env: dict | None = None,
                                  stdout=out, stderr=subprocess.STDOUT)
     process, peak, to_first_step = psutil.Process(child.pid), 0, None
     peaks: dict[int, tuple[str, int]] = {}
-    while child.poll() is None:
+    while True:
+        # wait4: the run's CPU time, its reaped descendants' (the tokenizing workers) included.
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            break
         sizes = _tree_rss(process)
         peak = max(peak, sum(rss for _, rss in sizes.values()))
         for pid, (what, rss) in sizes.items():
@@ -132,14 +137,17 @@ def measure(command: list[str], first_step: Path, env: dict | None = None,
         if to_first_step is None and first_step.is_file() and '"train"' in first_step.read_text():
             to_first_step = time.perf_counter() - started
         time.sleep(0.1)
-    if child.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:4])} ... exited with {child.returncode} "
+    returncode = os.waitstatus_to_exitcode(status)
+    child.returncode = returncode  # reaped here, not by Popen
+    if returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} ... exited with {returncode} "
                            f"(log: {log})")
     total = time.perf_counter() - started
     trainers = sorted((rss for what, rss in peaks.values()
                        if ("train.py" in what or "trl-worker" in what)
                        and "accelerate" not in what), reverse=True)
     return {"first_step_s": round(to_first_step or total, 2), "total_s": round(total, 2),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
             "peak_rss_mb": round(peak / 2**20), "process_peaks_mb": [round(r / 2**20)
                                                                    for r in trainers],
             "loadavg": round(os.getloadavg()[0], 2)}
@@ -216,12 +224,15 @@ VARIANTS = {"ours": [(1, "cold"), (1, "warm"), (2, "cold"), (2, "warm")],
             "trl": [(1, "cold"), (1, "warm")]}
 
 
-def run_size(workdir: Path, model_dir: Path, num_pairs: int, systems: list[str]) -> list[dict]:
+def run_size(workdir: Path, model_dir: Path, num_pairs: int, systems: list[str],
+             max_processes: int = 2) -> list[dict]:
     data = write_pairs(workdir / f"pairs-{num_pairs}.jsonl", num_pairs)
     (workdir / "runs").mkdir(exist_ok=True)
     rows = []
     for system in systems:
         for processes, cache_state in VARIANTS[system]:
+            if processes > max_processes:
+                continue
             name = f"{system}-{processes}p-{cache_state}-{num_pairs}"
             out, cache = workdir / "runs" / name, workdir / f"cache-{system}-{processes}p"
             shutil.rmtree(out, ignore_errors=True)
@@ -286,13 +297,14 @@ def slopes(rows: list[dict]) -> dict[str, dict]:
 
 
 def markdown(rows: list[dict], fits: dict[str, dict]) -> str:
-    lines = ["| pairs (JSONL MB) | system | processes | cache | first step (s) | peak RSS, "
-             "tree (MB) | peak RSS per training process (MB) | load avg |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| pairs (JSONL MB) | system | processes | cache | first step (s) | CPU s, whole "
+             "run | peak RSS, tree (MB) | peak RSS per training process (MB) | load avg |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['pairs']:,} ({r['data_mb']}) | {r['system']} | {r['processes']} | "
-                     f"{r['cache']} | {r['first_step_s']:.1f} | {r['peak_rss_mb']:,} | "
-                     f"{', '.join(map(str, r['process_peaks_mb']))} | {r['loadavg']} |")
+                     f"{r['cache']} | {r['first_step_s']:.1f} | {r.get('cpu_s', '-')} | "
+                     f"{r['peak_rss_mb']:,} | {', '.join(map(str, r['process_peaks_mb']))} | "
+                     f"{r['loadavg']} |")
     lines += ["", "| variant | s per 10k pairs | MB per 10k pairs | 1M pairs: first step (s) "
               "| 1M pairs: peak RSS (MB) |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {f['s_per_10k']} | {f['mb_per_10k']} | {f['1m_pairs_s']:,} | "
@@ -387,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", default=f"10000,30000,{ULTRAFEEDBACK_PAIRS}")
     parser.add_argument("--systems", default="ours,trl")
+    parser.add_argument("--one_process", action="store_true",
+                        help="leave out the two-process runs")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dpo-data-scale"))
     parser.add_argument("--json")
     parser.add_argument("--markdown")
@@ -397,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = build_model(workdir)
     rows = []
     for num_pairs in map(int, args.pairs.split(",")):
-        rows += run_size(workdir, model_dir, num_pairs, args.systems.split(","))
+        rows += run_size(workdir, model_dir, num_pairs, args.systems.split(","),
+                         max_processes=1 if args.one_process else 2)
     fits = slopes(rows)
     table = markdown(rows, fits)
     print(table)
