@@ -49,6 +49,10 @@ class DataError(UserError, ValueError):
         super().__init__(message)
         self.reason = reason or message
 
+    def __reduce__(self):
+        # Raised in a tokenizing worker process and re-raised here: keep the reason.
+        return type(self), (str(self), self.reason)
+
 
 class ModelLoadError(UserError, RuntimeError):
     """The model or tokenizer could not be loaded; the message names it and says what to do."""

@@ -10,7 +10,13 @@ import re
 import pytest
 import torch
 
-from dpo_core.testing import templated_tokenizer, tiny_family, tiny_llama, train_tokenizer
+from dpo_core.testing import (
+    LLAMA3_SPLIT_PATTERN,
+    templated_tokenizer,
+    tiny_family,
+    tiny_llama,
+    train_tokenizer,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,6 +35,20 @@ def random_text(rng: random.Random, num_words: int) -> str:
 def _few_threads():
     # The CI machine has two cores; tiny models run fastest without oversubscription.
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _datasets_cache(tmp_path_factory):
+    """The tokenized cache's default home (under the datasets cache) in a session directory,
+    for runs in this process and the processes they start: never the user's own cache."""
+    import datasets
+
+    path = tmp_path_factory.mktemp("hf_datasets_cache")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(datasets.config, "HF_DATASETS_CACHE", path)
+    patch.setenv("HF_DATASETS_CACHE", str(path))
+    yield path
+    patch.undo()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -75,6 +95,29 @@ def learnable_pairs(num: int, seed: int = 0) -> list[dict]:
         }
         for _ in range(num)
     ]
+
+
+def preference_rows(num: int, seed: int = 0) -> list[dict]:
+    """UltraFeedback rows (message lists, a system turn on some), plain-text rows and
+    conversational rows, long enough that some are truncated."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(num):
+        prompt = random_text(rng, rng.randint(2, 30))
+        chosen, rejected = (random_text(rng, rng.randint(1, 30)) for _ in range(2))
+        if i % 3 == 0:
+            turns = [{"role": "user", "content": prompt}]
+            rows.append({"prompt": prompt,
+                         "chosen": turns + [{"role": "assistant", "content": chosen}],
+                         "rejected": turns + [{"role": "assistant", "content": rejected}]})
+        elif i % 3 == 1:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        else:
+            system = [{"role": "system", "content": "be brief"}] if i % 2 else []
+            rows.append({"prompt": system + [{"role": "user", "content": prompt}],
+                         "chosen": [{"role": "assistant", "content": chosen}],
+                         "rejected": rejected})
+    return rows
 
 
 @pytest.fixture(scope="session")
@@ -151,6 +194,16 @@ def train_records(out) -> list[dict]:
 # Published chat templates of model families with their special tokens (tests/fixtures).
 with open(os.path.join(ROOT, "tests", "fixtures", "chat_templates.json")) as f:
     FAMILIES = json.load(f)["families"]
+
+
+@pytest.fixture(scope="session")
+def family_base_tokenizer():
+    """Byte-level BPE split like Llama-3 / Qwen, with merges for runs of newlines."""
+    rng = random.Random(1)
+    texts = [random_text(rng, 12) for _ in range(1000)]
+    texts += [random_text(rng, 3) + "\n\n" + random_text(rng, 3) + "\n" for _ in range(300)]
+    return train_tokenizer(texts, vocab_size=400, chat_template=None,
+                           split_pattern=LLAMA3_SPLIT_PATTERN)
 
 
 def family_tokenizer(base, family: str, eos_token: str | None = None):

@@ -141,6 +141,36 @@ class TrainConfig(LossSettings):
     skip_bad_rows: bool = setting(
         False, "Drop malformed rows (and print how many and why) instead of stopping.", DATA
     )
+    tokenized_cache: bool = setting(
+        True,
+        "Save the token ids of the data under --tokenized_cache_dir, keyed by everything that "
+        "changes them (data, tokenizer, chat template, lengths, sampling, split), and reuse "
+        "them: a rerun, a resume or another experiment on the same data starts without "
+        "tokenizing. --no-tokenized_cache tokenizes every run, in memory.",
+        DATA,
+    )
+    tokenized_cache_dir: str | None = setting(
+        None,
+        "Directory of the tokenized cache (default: dpo_tokenized under the Hugging Face "
+        "datasets cache, HF_DATASETS_CACHE).",
+        DATA,
+    )
+    tokenize_num_proc: int = setting(
+        0,
+        "Processes that tokenize the data (0 = one per CPU core, fewer for small datasets; "
+        "1 = the training process alone).",
+        DATA,
+    )
+    streaming: bool = setting(
+        False,
+        "Read --dataset_name as a stream, for data that does not fit in memory: rows are read, "
+        "shuffled in a seeded buffer (--shuffle_buffer_size) and tokenized on the fly by a "
+        "background worker. Needs --max_steps; evaluation uses --eval_dataset only.",
+        DATA,
+    )
+    shuffle_buffer_size: int = setting(
+        10000, "Rows in the seeded shuffle buffer of --streaming.", DATA
+    )
     # -- optimisation -----------------------------------------------------------------------
     epochs: float = setting(1, "Passes over the training pairs (fractions allowed).", TRAIN)
     max_steps: int = setting(0, "Stop after this many optimizer steps (0 = use --epochs).", TRAIN)
@@ -334,6 +364,8 @@ class TrainConfig(LossSettings):
             (self.ref_batch_size >= 0, "--ref_batch_size must be >= 0"),
             (self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,
              "--router_aux_loss_coef must be >= 0 (0 = off)"),
+            (self.tokenize_num_proc >= 0, "--tokenize_num_proc must be >= 0 (0 = one per core)"),
+            (self.shuffle_buffer_size >= 1, "--shuffle_buffer_size must be >= 1"),
             (
                 self.warmup_ratio is None or 0 <= self.warmup_ratio < 1,
                 "--warmup_ratio must be in [0, 1)",
@@ -343,6 +375,7 @@ class TrainConfig(LossSettings):
             if not ok:
                 raise ConfigError(message)
         self._validate_finetuning_type()
+        self._validate_streaming()
         self.check_loss_options()
         validate_loss_options(self, reference_free=self.reference_free,
                               precompute_ref_log_probs=bool(self.precompute_ref_log_probs))
@@ -351,6 +384,21 @@ class TrainConfig(LossSettings):
             if value and looks_like_local_path(value) and not os.path.exists(value):
                 raise ConfigError(f"--{flag}: path {value!r} does not exist")
         check_writable_dir("--output_dir", self.output_dir)
+
+    def _validate_streaming(self) -> None:
+        if not self.streaming:
+            return
+        if not self.max_steps:
+            raise ConfigError("--streaming needs --max_steps: how many pairs a stream holds is "
+                              "only known once it has been read (an epoch is one pass).")
+        if self.precompute_ref_log_probs:
+            raise ConfigError(
+                "--precompute_ref_log_probs needs every pair before training starts, and "
+                "--streaming reads pairs only as training uses them: drop one of the two "
+                "(with --streaming the reference runs on each batch).")
+        if self.group_by_length:
+            raise ConfigError("--group_by_length sorts all pairs by length before each epoch, "
+                              "which a stream cannot: drop one of the two.")
 
     def _validate_finetuning_type(self) -> None:
         if self.finetuning_type != "full":

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
+from dpo_core.data.token_store import token_counts
 from dpo_core.data.tokenization import IGNORE_INDEX, TokenizedPair
 
 
@@ -85,18 +87,16 @@ def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: 
 MEGABATCH_BATCHES = 50
 
 
-def pair_length(pair: TokenizedPair, prefix_sharing: bool) -> int:
-    """Tokens the forward pass spends on one pair's row(s), padding aside.
+def pair_lengths(pairs: Sequence[TokenizedPair], prefix_sharing: bool) -> list[int]:
+    """Tokens the forward pass spends on each pair's row(s), padding aside.
 
     Standard: chosen and rejected rows padded to one width, prompt + longer response.
     Prefix sharing: one row, prompt + chosen + rejected.
     """
-    responses = (
-        len(pair.chosen_ids) + len(pair.rejected_ids)
-        if prefix_sharing
-        else max(len(pair.chosen_ids), len(pair.rejected_ids))
-    )
-    return len(pair.prompt_ids) + responses
+    counts = token_counts(pairs).astype(np.int64)
+    responses = (counts[:, 1] + counts[:, 2] if prefix_sharing
+                 else np.maximum(counts[:, 1], counts[:, 2]))
+    return (counts[:, 0] + responses).tolist()
 
 
 def epoch_order(
@@ -145,7 +145,7 @@ class MicroBatchStream:
     `lengths` when given), so any position in the stream can be reproduced from the number of
     micro-batches already consumed."""
 
-    def __init__(self, accelerator: Accelerator, pairs: list[TokenizedPair], batch_size: int,
+    def __init__(self, accelerator: Accelerator, pairs: Sequence[TokenizedPair], batch_size: int,
                  collator: PreferenceCollator, seed: int, lengths: list[int] | None = None):
         self.accelerator, self.pairs, self.batch_size = accelerator, pairs, batch_size
         self.collator, self.seed, self.lengths = collator, seed, lengths
@@ -161,6 +161,14 @@ class MicroBatchStream:
                             collate_fn=self.collator, generator=generator)
         return self.accelerator.prepare_data_loader(loader)
 
+    def resume(self, state) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches from where `state` (the TrainState) stands on."""
+        return self.iterate(state.micro_batches_seen)
+
+    def epoch(self, state) -> float:
+        """Epochs done, fractions included."""
+        return state.micro_batches_seen / self.batches_per_epoch
+
     def iterate(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         epoch, offset = divmod(start, self.batches_per_epoch)
         while True:
@@ -171,7 +179,7 @@ class MicroBatchStream:
             epoch, offset = epoch + 1, 0
 
 
-def eval_loader(accelerator: Accelerator, pairs: list[TokenizedPair], batch_size: int,
+def eval_loader(accelerator: Accelerator, pairs: Sequence[TokenizedPair], batch_size: int,
                 collator: PreferenceCollator, lengths: list[int] | None = None) -> DataLoader:
     """Every eval pair once per evaluation; with `lengths`, longest first (evaluation order
     does not change its metrics, and sorted by length it pads least)."""

@@ -15,7 +15,7 @@ import dataclasses
 import io
 import json
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,9 +85,9 @@ def load_rows(name_or_path: str, split: str = "train", *, skip_bad_rows: bool = 
             )
         if file_format == "parquet":
             return _dataset_source(str(name_or_path), _load_parquet(path))
-        text = read_utf8(path)
-        read = _read_csv if file_format == "csv" else _read_json
-        return read(str(name_or_path), text, skip_bad_rows)
+        if file_format == "csv":
+            return _read_csv(str(name_or_path), read_utf8(path), skip_bad_rows)
+        return _read_json(str(name_or_path), path, skip_bad_rows)
     if looks_like_local_path(name_or_path):
         raise DataError(f"{name_or_path}: no such file or directory")
     try:
@@ -120,17 +120,54 @@ def read_utf8(path: Path) -> str:
     UTF-8 by line and column."""
     raw = path.read_bytes()
     if not raw.strip():
-        raise DataError(f"{path}: the file is empty" if not raw else
-                        f"{path}: the file holds only blank lines, no rows")
+        raise DataError(_no_rows(path, raw))
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = raw.count(b"\n", 0, error.start) + 1
         column = error.start - raw.rfind(b"\n", 0, error.start)
-        raise DataError(
-            f"{path}: line {line}, column {column}: byte 0x{raw[error.start]:02x} is not UTF-8; "
-            "save the file with UTF-8 encoding"
-        ) from None
+        raise _not_utf8(path, line, column, raw[error.start]) from None
+
+
+def _no_rows(path: Path, raw: bytes) -> str:
+    return f"{path}: the file is empty" if not raw else \
+        f"{path}: the file holds only blank lines, no rows"
+
+
+def _not_utf8(path: Path, line: int, column: int, byte: int) -> DataError:
+    return DataError(f"{path}: line {line}, column {column}: byte 0x{byte:02x} is not UTF-8; "
+                     "save the file with UTF-8 encoding")
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of each line of a UTF-8 file that is not blank, read one
+    line at a time (a large file is never held whole). Lines end at "\\n" only (never at
+    U+2028 inside a string); the first non-UTF-8 byte is a `DataError` by line and column, a
+    file without a non-blank line one saying so."""
+    seen_text, size = False, path.stat().st_size
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            raw = raw.removesuffix(b"\n")
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise _not_utf8(path, number, error.start + 1, raw[error.start]) from None
+            seen_text = True
+            yield number, text
+    if not seen_text:
+        raise DataError(_no_rows(path, b"" if not size else b" "))
+
+
+def _starts_with_array(path: Path) -> bool:
+    """Whether the first character that is not whitespace (or a byte-order mark) is '['."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            head = chunk.lstrip(b"\xef\xbb\xbf \t\r\n")
+            if head:
+                return head.startswith(b"[")
+    return False
 
 
 class _BadLines:
@@ -142,24 +179,36 @@ class _BadLines:
 
     def add(self, where: str, reason: str, detail: str = "") -> None:
         if not self.skip:
-            raise DataError(
-                f"{self.name}: {where}: {reason}{detail} (--skip_bad_rows drops such rows)")
+            raise bad_row(f"{self.name}: {where}", reason, detail)
         self.dropped[reason] += 1
 
 
-def _read_json(name: str, text: str, skip_bad_rows: bool) -> RowSource:
+def bad_row(location: str, reason: str, detail: str = "") -> DataError:
+    """A row that does not parse, named by its location; `reason` is what drops count."""
+    return DataError(f"{location}: {reason}{detail} (--skip_bad_rows drops such rows)",
+                     reason=reason)
+
+
+NOT_AN_OBJECT = "not a JSON object"
+
+
+def _not_an_object(value: Any) -> str:
+    return (f" (got {_json_type(value)}; one row per object, with 'prompt', 'chosen' and "
+            "'rejected' keys)")
+
+
+def _read_json(name: str, path: Path, skip_bad_rows: bool) -> RowSource:
     """A JSON array of row objects, or JSON Lines (one object per line, blank lines allowed);
     rows keep only the columns DPO reads, so a large file holds little memory."""
     bad = _BadLines(name, skip_bad_rows)
-    if text.lstrip().startswith("["):
-        entries = _json_array_entries(name, text)
+    if _starts_with_array(path):
+        entries = _json_array_entries(name, read_utf8(path))
     else:
-        entries = _json_lines_entries(name, text, bad)
+        entries = _json_lines_entries(name, path, bad)
     rows, locations, columns = [], [], {}
     for where, value in entries:
         if not isinstance(value, dict):
-            bad.add(where, "not a JSON object", f" (got {_json_type(value)}; one row per "
-                    "object, with 'prompt', 'chosen' and 'rejected' keys)")
+            bad.add(where, NOT_AN_OBJECT, _not_an_object(value))
             continue
         columns.update(dict.fromkeys(value))
         rows.append({k: value[k] for k in DPO_COLUMNS if k in value})
@@ -169,23 +218,24 @@ def _read_json(name: str, text: str, skip_bad_rows: bool) -> RowSource:
     return RowSource(name, rows, list(columns), locations, bad.dropped)
 
 
-def _json_lines_entries(name: str, text: str, bad: _BadLines) -> list[tuple[str, Any]]:
-    entries = []
-    # Split on newlines only: str.splitlines would also split on U+2028 inside a string.
-    lines = text.split("\n")
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+def _json_lines_entries(name: str, path: Path, bad: _BadLines) -> Iterator[tuple[str, Any]]:
+    for number, line in text_lines(path):
         try:
-            entries.append((f"line {number}", json.loads(line)))
+            yield f"line {number}", json.loads(line)
         except json.JSONDecodeError as error:
-            if number == 1 and _is_one_json_document(text):
+            if number == 1 and _is_one_json_document(read_utf8(path)):
                 raise DataError(
                     f"{name}: one JSON object spanning several lines; expected a JSON array "
                     "of rows ([{...}, {...}]) or JSON Lines (one row object per line)"
                 ) from None
-            bad.add(f"line {number}", "not valid JSON", f" ({error.msg} at column {error.colno})")
-    return entries
+            bad.add(f"line {number}", NOT_JSON, _json_error(error))
+
+
+NOT_JSON = "not valid JSON"
+
+
+def _json_error(error: json.JSONDecodeError) -> str:
+    return f" ({error.msg} at column {error.colno})"
 
 
 def _is_one_json_document(text: str) -> bool:
@@ -276,3 +326,59 @@ def _load_saved_dataset(path: Path, split: str) -> datasets.Dataset:
             raise DataError(f"{path}: no split {split!r} (splits: {', '.join(loaded)})")
         return loaded[split]
     return loaded
+
+
+# -- streaming: rows one at a time ----------------------------------------------------------
+
+# Rows converted per call when streaming a dataset that `load_rows` reads.
+_STREAM_BLOCK = 1024
+
+
+def stream_rows(name_or_path: str, split: str, keep: Callable[[int], bool], *,
+                skip_bad_rows: bool = False) -> Iterator[tuple[str, Any]]:
+    """(location, row) of each row whose 0-based index `keep` accepts, in file order, never
+    holding the whole dataset as Python objects.
+
+    A JSON Lines file is read line by line, and its row is the line's text, parsed by
+    `parse_row` only where it is used; a Hub dataset comes through `datasets`' streaming;
+    other local files and save_to_disk directories are read by `load_rows` (Parquet and
+    Arrow memory-mapped) and converted a block at a time.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and DATA_FILE_FORMATS.get(path.suffix.lower()) == "json" \
+            and not _starts_with_array(path):
+        for index, (number, text) in enumerate(text_lines(path)):
+            if keep(index):
+                yield f"{name_or_path}: line {number}", text
+        return
+    if path.exists() or looks_like_local_path(name_or_path):
+        source = load_rows(name_or_path, split, skip_bad_rows=skip_bad_rows)
+        for start in range(0, len(source), _STREAM_BLOCK):
+            indices = [i for i in range(start, min(start + _STREAM_BLOCK, len(source)))
+                       if keep(i)]
+            for index, row in zip(indices, source.take(indices), strict=True):
+                yield f"{source.name}: {source.location(index)}", row
+        return
+    try:
+        rows = datasets.load_dataset(name_or_path, split=split, streaming=True)
+    except (OSError, ValueError) as error:
+        raise DataError(f"Could not stream dataset '{name_or_path}' ({type(error).__name__}: "
+                        f"{first_line(error)})") from None
+    for index, row in enumerate(rows):
+        if keep(index):
+            yield f"{name_or_path}: row {index + 1}", {k: row[k] for k in DPO_COLUMNS
+                                                       if k in row}
+
+
+def parse_row(location: str, row: Any) -> Mapping[str, Any]:
+    """A row `stream_rows` gave: a JSON line parsed (the columns DPO reads), any other row
+    as it is; a line that is not a JSON object is a `DataError` (see `bad_row`)."""
+    if not isinstance(row, str):
+        return row
+    try:
+        value = json.loads(row)
+    except json.JSONDecodeError as error:
+        raise bad_row(location, NOT_JSON, _json_error(error)) from None
+    if not isinstance(value, dict):
+        raise bad_row(location, NOT_AN_OBJECT, _not_an_object(value))
+    return {k: value[k] for k in DPO_COLUMNS if k in value}

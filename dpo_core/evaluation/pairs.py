@@ -24,9 +24,9 @@ from dpo_core.evaluation.models import RunModels
 from dpo_core.training.metrics import merged_metrics
 from dpo_core.training.objective import evaluate_pairs
 from dpo_core.training.reference_logps import (
+    PairsWithReference,
     ReferenceLogpsCollator,
     compute_reference_logps,
-    with_values,
 )
 
 
@@ -64,8 +64,8 @@ def pair_metrics(models: RunModels, pairs: Sequence[TokenizedPair],
     over `pairs` with their `reference_pair_logps`, batched as the run's evaluation was
     (`batch_size`, longest first with `group_by_length`)."""
     collator = ReferenceLogpsCollator(models.forward.collator(models.pad_token_id))
-    lengths = [models.forward.pair_length(p) for p in pairs] if group_by_length else None
-    loader = eval_loader(models.accelerator, with_values(pairs, reference_logps), batch_size,
+    lengths = models.forward.pair_lengths(pairs) if group_by_length else None
+    loader = eval_loader(models.accelerator, PairsWithReference(pairs, reference_logps), batch_size,
                          collator, lengths)
     stats = evaluate_pairs(models.objective, models.model, loader, models.reference,
                            models.accelerator)

@@ -3,7 +3,7 @@
 Chosen once per run by `choose_forward`, from the model's attention and the `--padding_free`
 and `--prefix_sharing` settings, then asked by everything that depends on it: the log-prob
 function (`logps`), the collator that lays batches out on the CPU (`collator`), the length a
-pair costs (`pair_length`, for length grouping and the reference pass) and the run plan
+pair costs (`pair_lengths`, for length grouping and the reference pass) and the run plan
 (`record`). `prepare(model)` makes the one change a path needs in the model: padding-free rows
 under SDPA switch it to the per-block packed SDPA attention (the same numbers for any other
 input). Every path gives the same log-probs; tests/forward checks each against the others.
@@ -12,13 +12,13 @@ input). Every path gives the same log-probs; tests/forward checks each against t
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from dpo_core.console import logger
-from dpo_core.data.batches import PreferenceCollator, pair_length
+from dpo_core.data.batches import PreferenceCollator, pair_lengths
 from dpo_core.data.tokenization import TokenizedPair
 from dpo_core.forward.attention import (
     LAYOUT_ATTENTION,
@@ -114,9 +114,9 @@ class Forward:
         return PaddingFreeCollator(collator,
                                    prefix_shared=self.prefix_sharing is PrefixSharing.ALWAYS)
 
-    def pair_length(self, pair: TokenizedPair) -> int:
-        """Tokens a pair costs this forward, padding aside."""
-        return pair_length(pair, self.prefix_sharing is PrefixSharing.ALWAYS)
+    def pair_lengths(self, pairs: Sequence[TokenizedPair]) -> list[int]:
+        """Tokens each pair costs this forward, padding aside."""
+        return pair_lengths(pairs, self.prefix_sharing is PrefixSharing.ALWAYS)
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Switch `model` to the attention this forward runs (idempotent)."""

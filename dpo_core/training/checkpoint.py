@@ -53,6 +53,9 @@ class TrainState:
     data_order: dict = field(default_factory=dict)
     # What the run trains from (`started_from` below): its reference belongs to that start.
     started_from: dict = field(default_factory=dict)
+    # --streaming: this process's place in its stream ([epoch, rows taken]); each process
+    # saves and restores its own (`streaming.StreamingBatches`).
+    stream_position: list | None = None
 
 
 def started_from(config) -> dict:
@@ -61,13 +64,18 @@ def started_from(config) -> dict:
     return {"--model_name": config.model_name, "--adapter_path": config.adapter_path}
 
 
-def data_order(config, num_processes: int, train_pairs: int) -> dict:
-    """What decides which pairs make up step N (`config`: the TrainConfig); a checkpoint
-    records it, and resuming under anything else is refused."""
-    return {"--batch_size": config.batch_size,
-            "--gradient_accumulation_steps": config.gradient_accumulation_steps,
-            "--seed": config.seed, "--group_by_length": config.group_by_length,
-            "processes": num_processes, "training pairs": train_pairs}
+def data_order(config, num_processes: int, train_pairs: int | None) -> dict:
+    """What decides which pairs make up step N (`config`: the TrainConfig; `train_pairs`:
+    None when streamed); a checkpoint records it, and resuming under anything else is
+    refused."""
+    order = {"--batch_size": config.batch_size,
+             "--gradient_accumulation_steps": config.gradient_accumulation_steps,
+             "--seed": config.seed, "--group_by_length": config.group_by_length,
+             "processes": num_processes, "training pairs": train_pairs,
+             "--streaming": config.streaming}
+    if config.streaming:
+        order["--shuffle_buffer_size"] = config.shuffle_buffer_size
+    return order
 
 
 def _rng_state() -> dict:
@@ -124,8 +132,10 @@ def save_checkpoint(
             _remove_partial(output_dir)
             os.makedirs(tmp)
         accelerator.wait_for_everyone()
-        # Each process has its own RNG streams; the optimizer state is replicated under DDP.
-        torch.save(_rng_state(), _rng_file(tmp, accelerator.process_index))
+        # Each process has its own RNG streams (and stream position); the optimizer state is
+        # replicated under DDP.
+        torch.save({**_rng_state(), "stream_position": state.stream_position},
+                   _rng_file(tmp, accelerator.process_index))
         save_trained_weights(accelerator, model,
                              os.path.join(tmp, _weights_dir(accelerator.unwrap_model(model))))
         sharded = is_fsdp2_model(model)
@@ -274,6 +284,7 @@ def load_checkpoint(
             _set_rng_state(rng_state)
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise _damaged(path, rng_file, error) from None
+        state.stream_position = rng_state.get("stream_position")  # this process's own
     return state
 
 

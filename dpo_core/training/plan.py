@@ -31,6 +31,8 @@ class RunPlan:
     max_prompt_length: int | None = None
     router_aux_loss_coef: float | None = None  # None for a dense model
     chat_template: bool | None = None  # whether prompts are rendered with the tokenizer's
+    streaming: bool | None = None  # training pairs read and tokenized as they are used
+    tokenized_cache: str | None = None  # "hit", "miss", "off", ... (data.training_data)
     attn_implementation: str | None = None  # the attention the model runs
     padding_free: bool | None = None  # one packed row per micro-batch
     prefix_sharing: str | None = None  # "always", "per batch" or "off"
@@ -70,6 +72,8 @@ def _asked(config: TrainConfig, name: str):
             f"--epochs {config.epochs}"
     if name == "warmup_steps" and config.warmup_ratio is not None:
         return f"--warmup_ratio {config.warmup_ratio}"
+    if name == "tokenized_cache":  # an outcome; the flag is on or off
+        return None
     value = getattr(config, name, None)
     if name in ("ref_batch_size", "eval_batch_size") and value == 0:
         return "auto"
@@ -87,10 +91,13 @@ def covers_every_pair(config: TrainConfig, num_pairs: int, num_processes: int) -
     return config.epochs >= 1
 
 
-def resolve_precompute(config: TrainConfig, uses_reference: bool, num_pairs: int,
+def resolve_precompute(config: TrainConfig, uses_reference: bool, num_pairs: int | None,
                        num_processes: int) -> bool:
     """--precompute_ref_log_probs given: as given. Unset: when the loss has a reference and
-    every pair's reference log-probs are needed anyway."""
+    every pair's reference log-probs are needed anyway (never for a stream: `num_pairs`
+    None)."""
     if config.precompute_ref_log_probs is not None:
         return config.precompute_ref_log_probs
+    if num_pairs is None:  # streamed: the pairs are not all there before training
+        return False
     return uses_reference and covers_every_pair(config, num_pairs, num_processes)

@@ -22,7 +22,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
@@ -33,7 +32,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dpo_core.console import logger
-from dpo_core.data.batches import PreferenceCollator, length_sorted_order, pair_length
+from dpo_core.data.batches import PreferenceCollator, length_sorted_order, pair_lengths
+from dpo_core.data.token_store import digest_of
 from dpo_core.data.tokenization import TokenizedPair
 from dpo_core.forward.logps import LogpsFn
 from dpo_core.modeling.adapters import POLICY_ADAPTER
@@ -41,7 +41,7 @@ from dpo_core.modeling.loading import base_model_of, eval_mode
 from dpo_core.modeling.reference import ReferenceContext, policy_itself
 from dpo_core.training.objective import PreferenceObjective
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 # Elements hashed per weight tensor (evenly spaced), plus the tensor's exact fp64 sum: cheap
 # even for billions of weights, and any real change of a checkpoint moves both.
@@ -75,12 +75,30 @@ class ReferenceLogpsCollator:
         return batch
 
 
+class PairsWithReference(Sequence[PairWithReference]):
+    """Pairs and their reference log-probs ([N, 2] fp32: chosen, rejected), joined per item:
+    the pairs stay as compact as they were."""
+
+    def __init__(self, pairs: Sequence[TokenizedPair], values: torch.Tensor):
+        self.pairs, self.values = pairs, values.numpy()
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int | slice) -> PairWithReference | list[PairWithReference]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        pair, (chosen, rejected) = self.pairs[index], self.values[index].tolist()
+        return PairWithReference(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids,
+                                 chosen, rejected)
+
+
 @dataclass(frozen=True)
 class ReferencePass:
     """What `with_reference_logps` did: the pairs with their values, the cache file, whether
     the values came from it, and the seconds spent (hashing, loading or computing)."""
 
-    pairs: list[PairWithReference]
+    pairs: Sequence[PairWithReference]
     cache_path: str | None
     from_cache: bool
     seconds: float
@@ -116,15 +134,6 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
-    """sha256 of every pair's prompt, chosen and rejected token ids, in order."""
-    digest = hashlib.sha256()
-    for pair in pairs:
-        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
-            digest.update(np.asarray([len(ids), *ids], dtype=np.int64).tobytes())
-    return digest.hexdigest()
-
-
 def reference_cache_key(
     model: torch.nn.Module, pairs: Sequence[TokenizedPair], settings: Mapping[str, object],
     weights: str | None = None,
@@ -138,7 +147,7 @@ def reference_cache_key(
         "format": CACHE_FORMAT,
         "config": config,
         "weights": weights or weights_fingerprint(model),
-        "data": data_fingerprint(pairs),
+        "data": digest_of(pairs),
         "settings": dict(settings),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -161,7 +170,7 @@ def compute_reference_logps(
     Processes share the batches and gather the results; pairs go longest first so each batch
     pads little. The model runs in eval mode (no dropout) and returns to its previous mode.
     """
-    order = length_sorted_order([pair_length(p, prefix_sharing=True) for p in pairs])
+    order = length_sorted_order(pair_lengths(pairs, prefix_sharing=True))
 
     def collate(indices: list[int]) -> dict[str, torch.Tensor]:
         batch = collator([pairs[i] for i in indices])
@@ -255,18 +264,12 @@ def with_reference_logps(
         if accelerator.is_main_process:
             _save(path, key, values)
     accelerator.wait_for_everyone()
+    joined = PairsWithReference(pairs, values)
     seconds = time.perf_counter() - started
     if show_progress and accelerator.is_main_process:
         how = "loaded from" if from_cache else f"computed in {seconds:.1f} s and cached to"
         logger.info(f"Reference log-probs of {len(pairs)} pairs {how} {path}.")
-    return ReferencePass(with_values(pairs, values), path, from_cache, seconds)
-
-
-def with_values(pairs: Sequence[TokenizedPair], values: torch.Tensor) -> list[PairWithReference]:
-    """`pairs` with their reference log-probs, `values` [N, 2] (chosen, rejected)."""
-    chosen, rejected = values[:, 0].tolist(), values[:, 1].tolist()
-    return [PairWithReference(p.prompt_ids, p.chosen_ids, p.rejected_ids, c, r)
-            for p, c, r in zip(pairs, chosen, rejected, strict=True)]
+    return ReferencePass(joined, path, from_cache, seconds)
 
 
 def precompute_reference(config, splits: Sequence[Sequence[TokenizedPair]], *,

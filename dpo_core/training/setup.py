@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from dpo_core.config.train import TrainConfig
 from dpo_core.console import logger
 from dpo_core.data.batches import MicroBatchStream, eval_loader
+from dpo_core.data.streaming import PairStream, StreamingBatches
 from dpo_core.data.templates import resolve_chat_template
 from dpo_core.data.tokenization import TokenizedPair
 from dpo_core.data.training_data import TrainingData, build_training_data
@@ -84,7 +85,7 @@ class Reference:
 class Batches:
     """The training stream and the eval loader (None without eval pairs)."""
 
-    stream: MicroBatchStream
+    stream: MicroBatchStream | StreamingBatches
     eval_loader: DataLoader | None
     eval_batch_size: int
 
@@ -157,12 +158,13 @@ def setup_forward(config: TrainConfig, model: torch.nn.Module) -> Forward:
 
 def setup_data(config: TrainConfig, device: Device, tokenizer,
                use_chat_template: bool) -> TrainingData:
-    """Tokenized train and eval pairs (the main process first, so a Hub download happens
-    once)."""
+    """Tokenized train and eval pairs. The main process of each machine goes first: it
+    tokenizes (or finds the tokenized cache entry), and the other processes then map the
+    entry it wrote instead of tokenizing again."""
     accelerator = device.accelerator
-    with accelerator.main_process_first():
+    with accelerator.local_main_process_first():
         return build_training_data(config, tokenizer, use_chat_template,
-                                   show_progress=accelerator.is_main_process)
+                                   show_progress=accelerator.is_local_main_process)
 
 
 def setup_backend(config: TrainConfig, device: Device, model: torch.nn.Module):
@@ -182,7 +184,7 @@ def setup_reference(config: TrainConfig, device: Device, model: torch.nn.Module,
     """Which network is the reference and, where the plan says so, the reference log-probs of
     every pair in one no-grad pass, cached on disk."""
     accelerator = device.accelerator
-    precompute = resolve_precompute(config, objective.uses_reference, len(data.train),
+    precompute = resolve_precompute(config, objective.uses_reference, data.num_train,
                                     accelerator.num_processes)
     context = reference_for(config, model, accelerator, precomputed=precompute)
     if not precompute:
@@ -197,23 +199,29 @@ def setup_reference(config: TrainConfig, device: Device, model: torch.nn.Module,
 
 def setup_batches(config: TrainConfig, device: Device, forward: Forward, data: TrainingData,
                   reference: Reference, collator) -> Batches:
-    """The seeded micro-batch stream over the training pairs, and the eval loader; with
-    precomputed reference log-probs, the batches carry them."""
+    """The seeded micro-batch stream over the training pairs (or, --streaming, over the
+    stream), and the eval loader; with precomputed reference log-probs, the batches carry
+    them."""
+    def lengths(pairs) -> list[int] | None:  # None: no length grouping
+        return forward.pair_lengths(pairs) if config.group_by_length else None
+
+    # Measured on the plain pairs: the pairs with reference values are the same, in order.
+    train_lengths, eval_lengths = lengths(data.train), lengths(data.eval)
     train_pairs: Sequence[TokenizedPair] = data.train
     eval_pairs: Sequence[TokenizedPair] = data.eval
     if reference.precomputed:
         train_pairs, eval_pairs = (p.pairs for p in reference.precomputed)
         collator = ReferenceLogpsCollator(collator)
 
-    def lengths(pairs) -> list[int] | None:  # None: no length grouping
-        return [forward.pair_length(p) for p in pairs] if config.group_by_length else None
-
     accelerator = device.accelerator
-    stream = MicroBatchStream(accelerator, train_pairs, config.batch_size, collator,
-                              config.seed, lengths(train_pairs))
+    if isinstance(data.train, PairStream):
+        stream = StreamingBatches(accelerator, data.train, config.batch_size, collator)
+    else:
+        stream = MicroBatchStream(accelerator, train_pairs, config.batch_size, collator,
+                                  config.seed, train_lengths)
     eval_batch_size = config.eval_batch_size or config.batch_size
-    loader = (eval_loader(accelerator, eval_pairs, eval_batch_size, collator, lengths(eval_pairs))
-              if eval_pairs else None)
+    loader = (eval_loader(accelerator, eval_pairs, eval_batch_size, collator, eval_lengths)
+              if len(eval_pairs) else None)
     return Batches(stream, loader, eval_batch_size)
 
 
@@ -229,7 +237,7 @@ def setup_schedule(config: TrainConfig, batches: Batches) -> Schedule:
 
 
 def setup_state(config: TrainConfig, device: Device, model: torch.nn.Module,
-                optimizer: torch.optim.Optimizer, num_train_pairs: int,
+                optimizer: torch.optim.Optimizer, num_train_pairs: int | None,
                 resume_path: str | None) -> checkpoint.TrainState:
     """A fresh TrainState (an earlier run's files cleared), or the checkpoint's: weights,
     optimizer, RNG and data position restored, after checking that its data order and
@@ -249,6 +257,7 @@ def setup_state(config: TrainConfig, device: Device, model: torch.nn.Module,
 
 
 def run_plan(device: Device, fit: ModelFit, use_chat_template: bool, forward: Forward,
+             data: TrainingData,
              reference: Reference, batches: Batches, schedule: Schedule) -> RunPlan:
     """What each "auto" setting resolved to, from the steps that resolved them."""
     accelerator = device.accelerator
@@ -265,6 +274,8 @@ def run_plan(device: Device, fit: ModelFit, use_chat_template: bool, forward: Fo
         max_prompt_length=fit.config.max_prompt_length,
         router_aux_loss_coef=fit.config.router_aux_loss_coef,
         chat_template=use_chat_template,
+        streaming=isinstance(data.train, PairStream),
+        tokenized_cache=data.tokenized_cache,
         **forward.record(),
         precompute_ref_log_probs=reference.precomputed is not None,
         ref_batch_size=reference.batch_size,

@@ -106,9 +106,9 @@ class Trainer:
                                            self.reference, collator)
         self.schedule = steps.setup_schedule(config, self.batches)
         self.state = steps.setup_state(config, self.device, self.model, self.optimizer,
-                                       len(self.data.train), resume_path)
+                                       self.data.num_train, resume_path)
         self.plan = steps.run_plan(self.device, fit, self.use_chat_template, self.forward,
-                                   self.reference, self.batches, self.schedule)
+                                   self.data, self.reference, self.batches, self.schedule)
         logger.info(self.plan.describe(asked))
         if self.is_main:
             run_files.write_json(config.output_dir, run_files.CONFIG_FILE, {
@@ -123,7 +123,7 @@ class Trainer:
         schedule; then `_finish`. Returns the final metrics."""
         config, state, schedule = self.config, self.state, self.schedule
         window = MetricWindow()
-        batches = self.batches.stream.iterate(state.micro_batches_seen)
+        batches = self.batches.stream.resume(state)
         progress = tqdm(total=self.schedule.total_steps, initial=state.step, desc="DPO",
                         disable=not self.is_main, dynamic_ncols=True)
         last_train, last_eval = {}, {}
@@ -153,8 +153,7 @@ class Trainer:
             if logging and window.stats:
                 window.tokens = self.accelerator.reduce(window.tokens, "sum")
                 last_train = {"step": state.step,
-                              "epoch": (state.micro_batches_seen
-                                        / self.batches.stream.batches_per_epoch),
+                              "epoch": self.batches.stream.epoch(state),
                               "split": "train", **window.metrics(), "learning_rate": lr}
                 self._log(last_train)
                 window = MetricWindow()
@@ -179,7 +178,7 @@ class Trainer:
             "num_processes": self.plan.num_processes,
             "distributed_type": self.plan.distributed_type,
             "fsdp_version": self.plan.fsdp_version,
-            "train_pairs": len(self.data.train),
+            "train_pairs": self.data.num_train,
             "eval_pairs": len(self.data.eval),
             "train_runtime_s": time.perf_counter() - started,
             "reference_pass_s": self.reference.seconds,

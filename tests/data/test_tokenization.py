@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import FAMILIES, family_tokenizer, random_text, write_jsonl
+from conftest import FAMILIES, family_tokenizer, write_jsonl
 from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -29,7 +29,6 @@ from dpo_core.data.tokenization import (
 )
 from dpo_core.data.training_data import build_training_data
 from dpo_core.errors import DataError
-from dpo_core.testing import LLAMA3_SPLIT_PATTERN, train_tokenizer
 
 ROOMY = {"max_length": 1000, "max_prompt_length": 500}
 
@@ -440,16 +439,6 @@ def conversations(with_system: bool) -> list[tuple[list[dict], str, str]]:
             "\tno idea ",
         ),
     ]
-
-
-@pytest.fixture(scope="module")
-def family_base_tokenizer():
-    """Byte-level BPE split like Llama-3 / Qwen, with merges for runs of newlines."""
-    rng = random.Random(1)
-    texts = [random_text(rng, 12) for _ in range(1000)]
-    texts += [random_text(rng, 3) + "\n\n" + random_text(rng, 3) + "\n" for _ in range(300)]
-    return train_tokenizer(texts, vocab_size=400, chat_template=None,
-                           split_pattern=LLAMA3_SPLIT_PATTERN)
 
 
 def decode(tokenizer, token_ids) -> str:

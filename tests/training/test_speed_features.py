@@ -29,7 +29,7 @@ from dpo_core.data.batches import (
     PreferenceCollator,
     epoch_order,
     length_sorted_order,
-    pair_length,
+    pair_lengths,
 )
 from dpo_core.data.pairs import PreferencePair
 from dpo_core.data.tokenization import TokenizedPair, tokenize_pairs
@@ -304,7 +304,7 @@ def test_length_grouped_order_is_a_deterministic_permutation_with_less_padding()
 
 def test_grouped_stream_resumes_exactly_and_keeps_each_epoch(tiny_tokenizer):
     pairs = tokenized_pairs(tiny_tokenizer, num=11)
-    lengths = [pair_length(p, prefix_sharing=False) for p in pairs]
+    lengths = pair_lengths(pairs, prefix_sharing=False)
     stream = MicroBatchStream(Accelerator(), pairs, batch_size=3,
                               collator=PreferenceCollator(tiny_tokenizer.eos_token_id), seed=5,
                               lengths=lengths)
