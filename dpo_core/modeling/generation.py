@@ -6,6 +6,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from dpo_core.data.templates import encode_prompt, stop_token_ids
+from dpo_core.modeling.backends import forward_is_collective
 from dpo_core.modeling.loading import eval_mode
 
 
@@ -42,7 +43,8 @@ def generate_replies(
 
     Prompts are left-padded so every row's reply starts at the same column; the reply is
     the ids after that column, up to the first stop token (`stop_token_ids`: EOS, and with the
-    template its end-of-turn token), so nothing depends on string lengths.
+    template its end-of-turn token), so nothing depends on string lengths. With weights
+    sharded across processes (FSDP2, ZeRO-3) every process must call it with the same prompts.
     """
     replies: list[str] = []
     pad_id = tokenizer.pad_token_id
@@ -50,6 +52,9 @@ def generate_replies(
         pad_id = tokenizer.eos_token_id
     device = next(model.parameters()).device
     stop_ids = model_stop_ids(model, tokenizer, use_chat_template)
+    # Sharded weights: every process generates the same prompts, each stepping until all
+    # are done (`synced_gpus`), since each forward gathers the weights from all of them.
+    synced = forward_is_collective(model)
     with eval_mode(model):
         for start in range(0, len(prompts), batch_size):
             encoded = [encode_prompt(tokenizer, p, use_chat_template)
@@ -66,6 +71,7 @@ def generate_replies(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad_id,
                 eos_token_id=stop_ids,
+                synced_gpus=synced,
                 **sampling,
             )
             for row in output[:, width:].tolist():

@@ -135,11 +135,13 @@ def setup_data(config: TrainConfig, device: Device, tokenizer,
 
 def setup_backend(config: TrainConfig, device: Device, model: torch.nn.Module):
     """(model, optimizer) prepared for the backend: AdamW over the trainable weights, wrapped
-    (DDP) or sharded (FSDP2) with the model."""
+    (DDP), sharded (FSDP2) or run by a DeepSpeed engine with the model."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=config.learning_rate, weight_decay=config.weight_decay)
-    backends.prepare_for_backend(device.accelerator, config.batch_size)
-    model, optimizer = backends.prepare_model(device.accelerator, model, optimizer)
+    backends.configure_deepspeed(device.accelerator, config)
+    # Together: FSDP2 points the optimizer at the sharded parameters, DeepSpeed wraps both in
+    # its engine.
+    model, optimizer = device.accelerator.prepare(model, optimizer)
     logger.info(backends.describe_backend(device.accelerator, model))
     return model, optimizer
 
@@ -226,6 +228,7 @@ def run_plan(device: Device, use_chat_template: bool, forward: Forward, referenc
         gradient_checkpointing=device.gradient_checkpointing,
         distributed_type=accelerator.distributed_type.value,
         fsdp_version=backends.fsdp_version(accelerator),
+        zero_stage=backends.zero_stage(accelerator),
         num_processes=accelerator.num_processes,
         reuse_host_memory=device.reuse_host_memory,
         chat_template=use_chat_template,

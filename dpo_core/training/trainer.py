@@ -15,7 +15,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -176,6 +175,7 @@ class Trainer:
             "num_processes": self.plan.num_processes,
             "distributed_type": self.plan.distributed_type,
             "fsdp_version": self.plan.fsdp_version,
+            "zero_stage": self.plan.zero_stage,
             "train_pairs": len(self.data.train),
             "eval_pairs": len(self.data.eval),
             "train_runtime_s": time.perf_counter() - started,
@@ -192,7 +192,9 @@ class Trainer:
         By default the update is applied without the host reading anything, and `_settle`
         judges the step later. With --skip_nonfinite_steps (skipping needs the decision now)
         or fp16 loss scaling the step is read at once: a non-finite loss or gradient skips the
-        update while --skip_nonfinite_steps allows, else raises NonFiniteError."""
+        update while --skip_nonfinite_steps allows, else raises NonFiniteError. A DeepSpeed
+        engine clips and applies the update inside the last backward (`optimizer.step` is then
+        a no-op) and `clip_grad_norm_` reads the norm it clipped by."""
         config, state, accelerator = self.config, self.state, self.accelerator
         accumulation = config.gradient_accumulation_steps
         micro_batches = [next(batches) for _ in range(accumulation)]
@@ -204,10 +206,9 @@ class Trainer:
             group["lr"] = lr
         step_losses = []
         for i, batch in enumerate(micro_batches):
-            last_micro = i == accumulation - 1
-            with nullcontext() if last_micro else accelerator.no_sync(self.model):
+            with backends.micro_batch(accelerator, self.model, last=i == accumulation - 1):
                 stats = self.objective(self.model, batch, self.reference.context)
-                accelerator.backward(stats["losses"].sum() / pairs_in_step)
+                backends.backward(accelerator, stats["losses"].sum() / pairs_in_step)
             gathered = accelerator.gather({k: v.detach() for k, v in stats.items()})
             window.stats.append(gathered)
             step_losses.append(gathered["losses"])
