@@ -10,7 +10,6 @@ that first can, and `run_plan` collects what they resolved to.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -89,16 +88,13 @@ class Schedule:
 
 def setup_device(config: TrainConfig) -> Device:
     """The accelerator (with the --report_to tracker; its backend checked against what this
-    loop can run), dtype, 4-bit and gradient checkpointing resolved, the seed set, output_dir
-    made."""
+    loop can run), dtype, 4-bit and gradient checkpointing resolved, the seed set."""
     dtype = resolve_dtype(config.dtype)
     quantize = resolve_quantization(config.quantization, config.finetuning_type == "full")
     accelerator = backends.make_accelerator(
         dtype, trackers.tracker_options(config.report_to, config.output_dir))
     backends.check_backend(config, accelerator.state, quantize)
     set_seed(config.seed)
-    if accelerator.is_main_process:
-        os.makedirs(config.output_dir, exist_ok=True)
     reuse = (config.reuse_host_memory and accelerator.device.type == "cpu"
              and host_memory.reuse_freed_host_memory())
     return Device(accelerator, dtype, quantize,

@@ -2,8 +2,9 @@
 
 `Trainer.setup` builds the run in dependency order, one plain step each
 (`dpo_core.training.setup`: device -> model -> tokenizer -> forward -> objective -> data ->
-backend -> reference -> batches -> schedule -> state), and collects what every "auto" setting
-resolved to in the run plan. `Trainer.train` then takes optimizer steps, each over
+backend -> reference -> batches -> schedule -> state), once the run has claimed its output_dir
+(`run_claim`: one run per directory, all processes agreeing), and collects what every "auto"
+setting resolved to in the run plan. `Trainer.train` then takes optimizer steps, each over
 `gradient_accumulation_steps` micro-batches from a seeded, epoch-by-epoch shuffled stream, so
 the step number alone says where in the data a run is: that is what makes resuming exact.
 """
@@ -29,10 +30,12 @@ from dpo_core.modeling.adapters import save_merged_model
 from dpo_core.modeling.generation import generate_replies
 from dpo_core.modeling.loading import eval_mode
 from dpo_core.reporting import curves, samples, trackers
+from dpo_core.run_lock import RunLock
 from dpo_core.training import checkpoint
 from dpo_core.training import setup as steps
 from dpo_core.training.metrics import MetricWindow, ZeroGradientWatch, format_record, merged_metrics
 from dpo_core.training.objective import PreferenceObjective
+from dpo_core.training.run_claim import claim_output_dir
 from dpo_core.training.schedule import get_lr
 from dpo_core.training.stops import (
     StopOnInterrupt,
@@ -55,10 +58,17 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None,
     metrics. `make_objective` builds what each micro-batch is trained on (a subclass of
     `PreferenceObjective` changes the loss or watches the steps)."""
     trainer = Trainer(config, evaluation_hook, make_objective)
-    with run_files.removed_if_left_empty(config.output_dir):
-        trainer.setup()
-    with trainer.interrupt:  # Ctrl-C stops at the next step boundary
-        return trainer.train()
+    try:
+        with run_files.removed_if_left_empty(config.output_dir):
+            try:
+                trainer.setup()
+            except BaseException:
+                trainer.release_output_dir()  # first: the lock alone is no reason to keep it
+                raise
+        with trainer.interrupt:  # Ctrl-C stops at the next step boundary
+            return trainer.train()
+    finally:
+        trainer.release_output_dir()
 
 
 class Trainer:
@@ -70,6 +80,12 @@ class Trainer:
         self.make_objective = make_objective
         self.interrupt = StopOnInterrupt()
         self.gradients = ZeroGradientWatch()
+        self.lock: RunLock | None = None  # output_dir's, held by the main process
+
+    def release_output_dir(self) -> None:
+        """Let another run use output_dir (the run ends, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def is_main(self) -> bool:
@@ -89,6 +105,7 @@ class Trainer:
                        if config.resume_from_checkpoint else None)
         self.device = steps.setup_device(config)
         self.accelerator = self.device.accelerator
+        self.lock = claim_output_dir(config, self.accelerator)
         model = steps.setup_model(config, self.device)
         self.tokenizer, self.use_chat_template = steps.setup_tokenizer(config)
         self.forward = steps.setup_forward(config, model)

@@ -54,9 +54,11 @@ def test_killed_mid_accumulation_window_resumes_as_one_process(
                   if name.endswith("optim_states.pt")]
     assert sorted(partitions) == [f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
                                   for rank in (0, 1)]
+    assert (out / "run.lock").is_file()  # the killed run could not remove it
 
     resumed = launch(accelerate_launch(config_file),
                      [*args, "--resume_from_checkpoint", "latest"], tmp_path)
+    assert f"Taking over the lock of {str(out)!r} left by a run that stopped" in resumed.stdout
     assert f"Resumed from {checkpoint} at step 6." in resumed.stdout
     assert_same_run(out, engine_reference)
     # DeepSpeed clipped by --max_grad_norm as the one process did (same updates above), and it
@@ -70,6 +72,7 @@ def test_killed_mid_accumulation_window_resumes_as_one_process(
     plan = json.loads((out / "training_config.json").read_text())["run_plan"]
     assert (plan["distributed_type"], plan["zero_stage"]) == ("DEEPSPEED", stage)
     assert resumed.stdout.count("Saved the adapter") == 1
+    assert not (out / "run.lock").exists()
 
 
 # The bundled demo model, every weight trained (the embeddings and the head too), a checkpoint
