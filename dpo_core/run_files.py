@@ -9,6 +9,7 @@ and the tests all read and write the same files:
     training_curves.png    drawn from the log by `dpo_core.reporting.curves`
     samples.md             greedy replies of the base and the trained model
     checkpoint-<step>/     resumable checkpoints (`dpo_core.training.checkpoint`)
+    run.lock               while a run writes here: who it is (`dpo_core.run_lock`)
 
 and what `dpo-eval` adds (`dpo_core.evaluation`): eval.json, eval_samples.md, eval.png.
 """
@@ -33,6 +34,7 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 EVAL_FILE = "eval.json"
 EVAL_SAMPLES_FILE = "eval_samples.md"
 EVAL_PLOT_FILE = "eval.png"
+LOCK_FILE = "run.lock"
 # training_config.json keeps, beside the settings, what each "auto" one resolved to under this
 # key; a --config file may hold it (a finished run's file fed back), and it is not a setting.
 RUN_PLAN_KEY = "run_plan"

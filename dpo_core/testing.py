@@ -115,6 +115,19 @@ def tiny_llama(
     return LlamaForCausalLM(config)
 
 
+def random_lora_adapter(model_dir: str, path, seed: int) -> str:
+    """A LoRA adapter for the model saved in `model_dir`, with random, non-zero A and B (as
+    after SFT: base + adapter != base), saved to `path`; returns `path`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                        init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(base, config).save_pretrained(path)
+    return str(path)
+
+
 def templated_tokenizer(base: PreTrainedTokenizerFast, spec: dict,
                         eos_token: str | None = None) -> PreTrainedTokenizerFast:
     """A copy of `base` with a model family's special tokens, BOS/EOS and published chat

@@ -209,3 +209,23 @@ def family_base_tokenizer():
 def family_tokenizer(base, family: str, eos_token: str | None = None):
     """`base` with the family's special tokens, bos/eos and published template."""
     return templated_tokenizer(base, FAMILIES[family], eos_token)
+
+
+# A run that DeepSpeed and several-machine runs must reproduce: 8 optimizer steps of 8 pairs
+# (here one process, batch 4 x 2 micro-batches, padded; there 2 processes x batch 2 x 2), the
+# gradient clipped at 0.3 (the first steps' norms are above it), a checkpoint every 2 steps,
+# 2 samples, evaluation at the end. 36 training pairs make 9 micro-batches an epoch, so an
+# epoch ends inside an accumulation window.
+ENGINE_RUN = ("--max_steps", "8", "--gradient_accumulation_steps", "2", "--max_grad_norm", "0.3",
+              "--save_steps", "2", "--num_sample_prompts", "2")
+
+
+@pytest.fixture(scope="session")
+def engine_reference(tiny_model_dir, pairs_file, tmp_path_factory) -> str:
+    """ENGINE_RUN on one process (the output_dir)."""
+    import train
+
+    out = tmp_path_factory.mktemp("engine_reference")
+    assert train.main(train_args(tiny_model_dir, pairs_file, out, *ENGINE_RUN, "--batch_size",
+                                 "4", "--no-padding_free")) == 0
+    return str(out)

@@ -39,9 +39,10 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
-# train.py where only process INTERRUPT_RANK gets a Ctrl-C (a real SIGINT), during its
-# INTERRUPT_AT_CALL-th training micro-batch.
-INTERRUPTED_ON_ONE_RANK = """
+# train.py where the processes of SIGNAL_RANKS (e.g. "1" or "0,1") send themselves SIGNAL
+# (SIGINT: a real Ctrl-C; SIGKILL: a crash, no cleanup) during their SIGNAL_AT_CALL-th training
+# micro-batch (the reference and evaluation passes, without gradients, are not counted).
+SIGNALLED_AT_CALL = """
 import os, signal, sys
 sys.path.insert(0, os.getcwd())
 import torch
@@ -50,16 +51,16 @@ from dpo_core.training.objective import PreferenceObjective
 
 calls = []
 
-class InterruptedOnOneRank(PreferenceObjective):
+class SignalledAtCall(PreferenceObjective):
     def __call__(self, model, batch, reference=None):
-        if torch.is_grad_enabled() and os.environ["RANK"] == os.environ["INTERRUPT_RANK"]:
+        if torch.is_grad_enabled() and os.environ["RANK"] in os.environ["SIGNAL_RANKS"].split(","):
             calls.append(1)
-            if len(calls) == int(os.environ["INTERRUPT_AT_CALL"]):
-                os.kill(os.getpid(), signal.SIGINT)
+            if len(calls) == int(os.environ["SIGNAL_AT_CALL"]):
+                os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
         return super().__call__(model, batch, reference)
 
 sys.argv = ["train.py", *sys.argv[1:]]
-sys.exit(train_main(make_objective=InterruptedOnOneRank.from_config))
+sys.exit(train_main(make_objective=SignalledAtCall.from_config))
 """
 
 
@@ -93,17 +94,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_environment(tmp_path, env: dict | None = None) -> dict:
+    """The environment of a launched run: offline, one thread per process, an empty HF_HOME
+    (no accelerate config file, only the flags and files given)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "HF_HOME": str(tmp_path / "hf_home"), **(env or {})}
+
+
 def launch(launcher: list[str], args: list[str], tmp_path, script: str = "train.py",
            check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `launcher script args` from the repository root. An empty HF_HOME: no accelerate
-    config file, only the flags and files given here."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "HF_HOME": str(tmp_path / "hf_home"), **(env or {})}
-    run = subprocess.run([*launcher, script, *args], cwd=ROOT, env=env, capture_output=True,
-                         text=True)
+    """Run `launcher script args` from the repository root."""
+    run = subprocess.run([*launcher, script, *args], cwd=ROOT,
+                         env=launch_environment(tmp_path, env), capture_output=True, text=True)
     if check:
         assert run.returncode == 0, run.stderr[-4000:]
     return run
+
+
+def launch_nodes(launchers: list[list[str]], args: list[str], tmp_path, *,
+                 cwds: list[str] | None = None, check: bool = True,
+                 script: str = os.path.join(ROOT, "train.py")) -> list[subprocess.CompletedProcess]:
+    """Several machines simulated on this one: `launcher script args` per node, all started
+    side by side (each from its own working directory in `cwds`, default the repository
+    root), waited for together."""
+    env = launch_environment(tmp_path)
+    nodes = [subprocess.Popen([*launcher, script, *args], cwd=cwd, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for launcher, cwd in zip(launchers, cwds or [ROOT] * len(launchers), strict=True)]
+    runs = [subprocess.CompletedProcess(node.args, 0, *node.communicate()) for node in nodes]
+    for run, node in zip(runs, nodes, strict=True):
+        run.returncode = node.returncode
+        if check:
+            assert run.returncode == 0, run.stderr[-4000:]
+    return runs
+
+
+def torchrun_node(node_rank: int, port: int, num_nodes: int = 2) -> list[str]:
+    """`torchrun` for one process on simulated node `node_rank` of `num_nodes`, all meeting
+    at 127.0.0.1:`port` (loopback only)."""
+    return [os.path.join(BIN, "torchrun"), "--nnodes", str(num_nodes), "--node_rank",
+            str(node_rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+            "--master_port", str(port)]
+
+
+def accelerate_launch_node(config_file: str, machine_rank: int, port: int) -> list[str]:
+    """`accelerate launch` with a shipped config for one of two simulated machines, one
+    process each."""
+    return [os.path.join(BIN, "accelerate"), "launch", "--config_file",
+            os.path.join(CONFIGS, config_file), "--num_machines", "2", "--machine_rank",
+            str(machine_rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+            "--main_process_port", str(port)]
 
 
 def accelerate_launch(config_file: str, num_processes: int = 2) -> list[str]:

@@ -18,6 +18,7 @@ The rules checked, for every one of those files:
    - any other `python -m M` / `python FILE.py`: M is importable, FILE exists;
    - `make T`: T is a Makefile target; `pip install '.[E]'`: E is an extra in setup.cfg;
      `bash FILE`: FILE exists.
+   A shell variable (`$NODE_RANK`, `"$MAIN_IP"`) stands for a value and is read as 0.
    The word `...` stands for more arguments and is dropped; other placeholders (`OUTPUT_DIR`,
    `runs/mine`) are fine values. A `--config` or `--config_file` value must be a file in the
    repository unless it is a placeholder (holds `<` or an UPPER_CASE word). Lines that run
@@ -69,6 +70,8 @@ COMMAND_BLOCKS = {"", "bash", "sh", "shell", "console"}
 # Flags of tools with no parser to ask, keyed by the word that names the tool in a paragraph.
 EXTERNAL_FLAGS = {
     "tensorboard": {"--logdir"},  # tensorboard --logdir DIR
+    # the #SBATCH lines of a Slurm script
+    "SBATCH": {"--job-name", "--nodes", "--ntasks-per-node", "--gpus-per-node", "--output"},
 }
 REPO_DIRS = ("dpo_core/", "tests/", "benchmarks/", "examples/", "scripts/", "docs/", ".ci/")
 REPO_FILES = {"train.py", "chat.py", "Makefile", "setup.cfg", "pyproject.toml", "ruff.toml"}
@@ -307,7 +310,7 @@ def pip_problems(args: list[str]) -> list[str]:
 def simple_command_problems(words: list[str]) -> list[str]:
     while words and re.match(r"[A-Za-z_]\w*=", words[0]):
         words = words[1:]
-    words = [w for w in words if w != "..."]
+    words = ["0" if re.fullmatch(r"\$\{?\w+\}?", w) else w for w in words if w != "..."]
     if not words:
         return []
     program, args = os.path.basename(words[0]), words[1:]

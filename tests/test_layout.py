@@ -18,7 +18,7 @@ import dpo_core
 PACKAGE = os.path.join(ROOT, "dpo_core")
 # Lowest first: a module may import from its own layer and the layers before it, never after.
 LAYERS = (
-    {"errors", "console", "run_files", "paths", "setting"},
+    {"errors", "console", "run_files", "run_lock", "paths", "setting"},
     {"losses"},
     {"config"},
     {"data"},

@@ -16,8 +16,8 @@ hidden states at label-predicting positions are gathered and `head_label_logps` 
 chunk at a time, each label's log-prob its logit minus a logsumexp in fp32, with a custom
 backward (frozen linear head) or per-chunk recomputation (any other head). Models whose logits
 are post-processed (soft-capping, scaling) are asked for their full logits instead, a trainable
-head sharded by FSDP2 projects the needed positions inside the model's forward, and
-`sequence_logps` works on given logits with the same chunking.
+head sharded by FSDP2 (or any head under ZeRO-3) projects the needed positions inside the
+model's forward, and `sequence_logps` works on given logits with the same chunking.
 
 `model` may be a Hugging Face causal LM, a PEFT model, or an Accelerate/DDP wrapper of either:
 it is always called at the top level so DDP hooks, autocast wrappers and
@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dpo_core.data.tokenization import IGNORE_INDEX
 from dpo_core.forward.router import recording
-from dpo_core.modeling.backends import is_fsdp2_model
+from dpo_core.modeling.backends import is_fsdp2_model, is_zero3_model
 from dpo_core.modeling.loading import base_model_of
 
 # fp32 elements per chunk of the logsumexp (16 MiB): large enough to keep the kernels efficient,
@@ -264,10 +264,12 @@ def predicted_logps(
     parts = _decoder_and_head(model)
     # FSDP2 gathers and frees the root unit's weights (the head's among them) around the root's
     # own forward and backward; a trainable head called outside it crashed (SIGSEGV, CPU, full
-    # fine-tuning). So the model projects the positions any target needs itself there:
-    # `logits_to_keep` as their column index.
-    sharded_head = parts is not None and is_fsdp2_model(model) and any(
-        p.requires_grad for p in parts[1].parameters())
+    # fine-tuning). ZeRO-3 holds the head's weight whole only inside the head's own forward. So
+    # the model projects the positions any target needs itself there: `logits_to_keep` as their
+    # column index.
+    sharded_head = parts is not None and (
+        is_fsdp2_model(model) and any(p.requires_grad for p in parts[1].parameters())
+        or is_zero3_model(parts[1]))
     if parts is not None and not sharded_head:
         token_logps, output = _hand_projected_logps(model, *parts, inputs, source_rows,
                                                     source_positions, targets, kept)

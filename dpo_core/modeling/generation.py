@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from dpo_core.data.templates import encode_prompt, stop_token_ids
+from dpo_core.modeling.backends import forward_is_collective
 from dpo_core.modeling.loading import eval_mode
 
 
@@ -73,6 +74,8 @@ def generate(
     (`stop_token_ids`: EOS, and with the template its end-of-turn token), so nothing depends
     on string lengths. Sampling draws from torch's global generator: seed it for repeatable
     replies. `progress`: the description of a progress bar over the batches (None: no bar).
+    With weights sharded across processes (FSDP2, ZeRO-3) every process must call it with the
+    same prompts.
     """
     replies: list[GeneratedReply] = []
     pad_id = tokenizer.pad_token_id
@@ -83,6 +86,9 @@ def generate(
     sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p}
                 if do_sample else {"do_sample": False})
     starts = range(0, len(prompts), batch_size)
+    # Sharded weights: every process generates the same prompts, each stepping until all
+    # are done (`synced_gpus`), since each forward gathers the weights from all of them.
+    synced = forward_is_collective(model)
     with eval_mode(model):
         for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None,
                           dynamic_ncols=True):
@@ -99,6 +105,7 @@ def generate(
                 pad_token_id=pad_id,
                 eos_token_id=stop_ids,
                 use_cache=True,
+                synced_gpus=synced,
                 **sampling,
             )
             for prompt_ids, row in zip(encoded, output[:, width:].tolist(), strict=True):

@@ -5,7 +5,7 @@ the module to run the reference pass on, and undoes whatever it switched on exit
 - `AdapterSwitched`: DPO started from an SFT adapter; the reference is a frozen copy of that
   adapter, a second adapter on the same base, switched in for the pass and out after it.
 - `FrozenCopy`: full fine-tuning whose reference could not be precomputed; a second,
-  non-trainable model in memory.
+  non-trainable model in memory (under ZeRO-3 partitioned like the policy, in its own engine).
 - `ReloadedModel`: full fine-tuning with precomputed reference log-probs; the reference is read
   from disk only if something outside the training loop (samples, a before/after evaluation)
   needs it, and freed afterwards.
@@ -28,6 +28,7 @@ from accelerate.utils import extract_model_from_parallel
 
 from dpo_core.config.train import TrainConfig
 from dpo_core.modeling.adapters import POLICY_ADAPTER, REFERENCE_ADAPTER
+from dpo_core.modeling.backends import is_deepspeed_engine, partitioned_model_runner
 from dpo_core.modeling.loading import load_run_base_model
 
 # (policy model, possibly wrapped by DDP/Accelerate) -> context yielding the reference module.
@@ -110,10 +111,14 @@ def reference_for(config: TrainConfig, model: torch.nn.Module, accelerator: Acce
     weights_dtype = next(model.parameters()).dtype  # the policy's (fp32 master weights)
 
     def load() -> torch.nn.Module:
-        return load_run_base_model(config, weights_dtype).to(
+        model = load_run_base_model(config, weights_dtype).to(
             accelerator.device).eval().requires_grad_(False)
+        return partitioned_model_runner(accelerator, model)  # ZeRO-3: in an engine of its own
 
     if precomputed:
         return ReloadedModel(load=load, autocast=accelerator.autocast)
+    copy = load()
+    if is_deepspeed_engine(copy):
+        return FrozenCopy(copy)
     # Prepared for evaluation: under the policy's autocast, never wrapped for DDP.
-    return FrozenCopy(accelerator.prepare_model(load(), evaluation_mode=True))
+    return FrozenCopy(accelerator.prepare_model(copy, evaluation_mode=True))

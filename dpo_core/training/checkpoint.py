@@ -9,7 +9,11 @@ safely: safetensors for weights, `torch.load(weights_only=True)` for the rest.
 Under FSDP2 no process holds the whole optimizer state: each process writes its own shards of
 the trainable weights and their AdamW state with `torch.distributed.checkpoint` (`sharded/`,
 one file per process plus `.metadata`) and reads them back the same way. The gathered adapter
-is saved beside them, so any checkpoint's `adapter/` loads into `chat.py`.
+is saved beside them, so any checkpoint's `adapter/` loads into `chat.py`. Under DeepSpeed
+the engine writes its own state the same way (`deepspeed/`: its partitions of the trainable
+weights and optimizer state, one file per process; the frozen weights left out) and reads it
+back with `engine.load_checkpoint`. DeepSpeed reads those files with pickle: resume only from
+checkpoints you trust, as with any DeepSpeed checkpoint.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from safetensors.torch import load_file
 
 from dpo_core.errors import CheckpointError, CheckpointSaveError, first_line
 from dpo_core.modeling.adapters import POLICY_ADAPTER
-from dpo_core.modeling.backends import is_fsdp2_model
+from dpo_core.modeling.backends import is_deepspeed_engine, is_fsdp2_model
 from dpo_core.run_files import PARTIAL_RE, checkpoint_dirs
 
 ADAPTER_DIR, MODEL_DIR = "adapter", "model"  # what a checkpoint's weights are, by name
@@ -39,6 +43,8 @@ ADAPTER_DIR, MODEL_DIR = "adapter", "model"  # what a checkpoint's weights are, 
 OPTIMIZER_FILE, STATE_FILE = "optimizer.pt", "trainer_state.json"
 
 SHARDED_DIR = "sharded"  # FSDP2: trainable weights and optimizer state, one file per process
+# DeepSpeed: the engine's checkpoint (its partitions, one file per process), under one tag.
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
 
 
 @dataclass
@@ -138,12 +144,15 @@ def save_checkpoint(
                    _rng_file(tmp, accelerator.process_index))
         save_trained_weights(accelerator, model,
                              os.path.join(tmp, _weights_dir(accelerator.unwrap_model(model))))
-        sharded = is_fsdp2_model(model)
-        if sharded:
+        per_process = is_fsdp2_model(model) or is_deepspeed_engine(model)
+        if is_fsdp2_model(model):
             save_sharded_state(model, optimizer, os.path.join(tmp, SHARDED_DIR))
+        elif is_deepspeed_engine(model):
+            model.save_checkpoint(os.path.join(tmp, DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                                  save_latest=False, exclude_frozen_parameters=True)
         accelerator.wait_for_everyone()  # every process's files are in before the rename
         if accelerator.is_main_process:
-            if not sharded:
+            if not per_process:
                 torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(asdict(state), f, indent=2)
@@ -184,8 +193,12 @@ def save_trained_weights(accelerator: Accelerator, model: torch.nn.Module,
     plain PEFT adapter on the base; a frozen reference adapter is not saved), or the whole
     model (`save_pretrained`, loadable by AutoModelForCausalLM). Call it on every process:
     under FSDP and ZeRO-3 each holds a shard of the weights, and gathering them is collective."""
-    state_dict = (gathered_trainable_state(model) if is_fsdp2_model(model)
-                  else accelerator.get_state_dict(model))
+    if is_fsdp2_model(model):
+        state_dict = gathered_trainable_state(model)
+    elif is_deepspeed_engine(model):
+        state_dict = deepspeed_trainable_state(model, keep=accelerator.is_main_process)
+    else:
+        state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
@@ -261,6 +274,8 @@ def load_checkpoint(
     rng_state = _load_plain(rng_file, path) if os.path.isfile(rng_file) else None
     if is_fsdp2_model(model):
         load_sharded_state(path, model, optimizer)
+    elif is_deepspeed_engine(model):
+        load_deepspeed_state(path, model)
     else:
         _check_not_sharded(path)
         if weights_dir == ADAPTER_DIR:
@@ -418,13 +433,59 @@ def load_sharded_state(path: str, model: torch.nn.Module,
                    options=StateDictOptions(strict=False, **_TRAINABLE_ONLY))
 
 
-def _check_not_sharded(path: str) -> None:
-    """A run without FSDP2 cannot resume an FSDP2 checkpoint (no optimizer.pt in it)."""
-    if not os.path.isfile(os.path.join(path, OPTIMIZER_FILE)) and os.path.isdir(
-            os.path.join(path, SHARDED_DIR)):
+def deepspeed_trainable_state(engine: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+    """The trainable weights of a DeepSpeed engine's model, whole, on the CPU where `keep`
+    (an empty dict elsewhere). Collective: every process must call it. Under ZeRO-3 each weight
+    is gathered from every process in turn, so no process ever holds the whole model; the
+    frozen base weights are left out, as under FSDP2."""
+    import deepspeed
+
+    state = {}
+    for name, param in engine.module.named_parameters():
+        if param.requires_grad:
+            # A no-op for a weight ZeRO-2 keeps whole.
+            with deepspeed.zero.GatheredParameters([param]):
+                if keep:
+                    state[name] = param.detach().to("cpu", copy=True)
+    return state
+
+
+def load_deepspeed_state(path: str, engine: torch.nn.Module) -> None:
+    """Read the engine state `save_checkpoint` wrote into checkpoint `path` back into the
+    DeepSpeed `engine`: trainable weights and optimizer state, each process its partitions.
+    Collective."""
+    directory = os.path.join(path, DEEPSPEED_DIR)
+    if not os.path.isdir(os.path.join(directory, DEEPSPEED_TAG)):
         raise CheckpointError(
-            f"checkpoint {path!r} holds sharded state saved under FSDP2; resume it under FSDP2 "
-            f"with the same number of processes (its adapter/ can still be used as an adapter)")
+            f"checkpoint {path!r} has no DeepSpeed engine state ({DEEPSPEED_DIR}/): it was "
+            "saved by a run without DeepSpeed. Resume it with the backend and number of "
+            "processes it was saved under.")
+    try:
+        # Not strict: the frozen base weights are not in the checkpoint, by design.
+        loaded, _ = engine.load_checkpoint(directory, tag=DEEPSPEED_TAG,
+                                           load_module_strict=False,
+                                           load_lr_scheduler_states=False)
+    except Exception as error:  # DeepSpeed raises assorted types for files it cannot use
+        loaded, problem = None, first_line(error)
+    else:
+        problem = "DeepSpeed found no state to load"
+    if loaded is None:
+        raise CheckpointError(
+            f"checkpoint {path!r}: DeepSpeed could not load its engine state ({problem}). "
+            "Resume it under the DeepSpeed config (ZeRO stage) and number of processes it "
+            "was saved under, or from an earlier checkpoint.")
+
+
+def _check_not_sharded(path: str) -> None:
+    """A run without FSDP2 or DeepSpeed cannot resume their checkpoints (no optimizer.pt)."""
+    if os.path.isfile(os.path.join(path, OPTIMIZER_FILE)):
+        return
+    for directory, backend in ((SHARDED_DIR, "FSDP2"), (DEEPSPEED_DIR, "DeepSpeed")):
+        if os.path.isdir(os.path.join(path, directory)):
+            raise CheckpointError(
+                f"checkpoint {path!r} holds per-process state saved under {backend}; resume "
+                f"it under {backend} with the same number of processes (its adapter/ can "
+                "still be used as an adapter)")
 
 
 def _damaged(checkpoint: str, file: str, error: Exception) -> CheckpointError:

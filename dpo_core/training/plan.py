@@ -24,6 +24,7 @@ class RunPlan:
     gradient_checkpointing: bool | None = None
     distributed_type: str | None = None  # as Accelerate names it: NO, MULTI_CPU, MULTI_GPU, ...
     fsdp_version: int | None = None  # 1 or 2 under FSDP
+    zero_stage: int | None = None  # DeepSpeed's ZeRO stage under DEEPSPEED
     num_processes: int | None = None
     reuse_host_memory: bool | None = None  # glibc's thresholds raised (CPU training only)
     lora_target_modules: str | None = None  # what the adapter adapts (last names; parameters)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -98,16 +97,13 @@ class Schedule:
 
 def setup_device(config: TrainConfig) -> Device:
     """The accelerator (with the --report_to tracker; its backend checked against what this
-    loop can run), dtype, 4-bit and gradient checkpointing resolved, the seed set, output_dir
-    made."""
+    loop can run), dtype, 4-bit and gradient checkpointing resolved, the seed set."""
     dtype = resolve_dtype(config.dtype)
     quantize = resolve_quantization(config.quantization, config.finetuning_type == "full")
     accelerator = backends.make_accelerator(
         dtype, trackers.tracker_options(config.report_to, config.output_dir))
     backends.check_backend(config, accelerator.state, quantize)
     set_seed(config.seed)
-    if accelerator.is_main_process:
-        os.makedirs(config.output_dir, exist_ok=True)
     reuse = (config.reuse_host_memory and accelerator.device.type == "cpu"
              and host_memory.reuse_freed_host_memory())
     return Device(accelerator, dtype, quantize,
@@ -169,11 +165,13 @@ def setup_data(config: TrainConfig, device: Device, tokenizer,
 
 def setup_backend(config: TrainConfig, device: Device, model: torch.nn.Module):
     """(model, optimizer) prepared for the backend: AdamW over the trainable weights, wrapped
-    (DDP) or sharded (FSDP2) with the model."""
+    (DDP), sharded (FSDP2) or run by a DeepSpeed engine with the model."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=config.learning_rate, weight_decay=config.weight_decay)
-    backends.prepare_for_backend(device.accelerator, config.batch_size)
-    model, optimizer = backends.prepare_model(device.accelerator, model, optimizer)
+    backends.configure_deepspeed(device.accelerator, config)
+    # Together: FSDP2 points the optimizer at the sharded parameters, DeepSpeed wraps both in
+    # its engine.
+    model, optimizer = device.accelerator.prepare(model, optimizer)
     logger.info(backends.describe_backend(device.accelerator, model))
     return model, optimizer
 
@@ -267,6 +265,7 @@ def run_plan(device: Device, fit: ModelFit, use_chat_template: bool, forward: Fo
         gradient_checkpointing=device.gradient_checkpointing,
         distributed_type=accelerator.distributed_type.value,
         fsdp_version=backends.fsdp_version(accelerator),
+        zero_stage=backends.zero_stage(accelerator),
         num_processes=accelerator.num_processes,
         reuse_host_memory=device.reuse_host_memory,
         lora_target_modules=fit.lora_target_modules,

@@ -2,10 +2,12 @@
 
 `Trainer.setup` builds the run in dependency order, one plain step each
 (`dpo_core.training.setup`: device -> model -> model fit -> tokenizer -> forward -> objective
--> data -> backend -> reference -> batches -> schedule -> state), and collects what every
-"auto" setting resolved to in the run plan. `Trainer.train` then takes optimizer steps, each over
-`gradient_accumulation_steps` micro-batches from a seeded, epoch-by-epoch shuffled stream, so
-the step number alone says where in the data a run is: that is what makes resuming exact.
+-> data -> backend -> reference -> batches -> schedule -> state), once the run has claimed its
+output_dir (`run_claim`: one run per directory, all processes agreeing), and collects what
+every "auto" setting resolved to in the run plan. `Trainer.train` then takes optimizer steps,
+each over `gradient_accumulation_steps` micro-batches from a seeded, epoch-by-epoch shuffled
+stream, so the step number alone says where in the data a run is: that is what makes resuming
+exact.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -29,10 +30,12 @@ from dpo_core.modeling import backends
 from dpo_core.modeling.adapters import save_merged_model
 from dpo_core.modeling.generation import generate_replies
 from dpo_core.reporting import curves, samples, trackers
+from dpo_core.run_lock import RunLock
 from dpo_core.training import checkpoint
 from dpo_core.training import setup as steps
 from dpo_core.training.metrics import MetricWindow, ZeroGradientWatch, format_record, merged_metrics
 from dpo_core.training.objective import PreferenceObjective, evaluate_pairs
+from dpo_core.training.run_claim import claim_output_dir
 from dpo_core.training.schedule import get_lr
 from dpo_core.training.stops import (
     StopOnInterrupt,
@@ -55,10 +58,17 @@ def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None,
     metrics. `make_objective` builds what each micro-batch is trained on (a subclass of
     `PreferenceObjective` changes the loss or watches the steps)."""
     trainer = Trainer(config, evaluation_hook, make_objective)
-    with run_files.removed_if_left_empty(config.output_dir):
-        trainer.setup()
-    with trainer.interrupt:  # Ctrl-C stops at the next step boundary
-        return trainer.train()
+    try:
+        with run_files.removed_if_left_empty(config.output_dir):
+            try:
+                trainer.setup()
+            except BaseException:
+                trainer.release_output_dir()  # first: the lock alone is no reason to keep it
+                raise
+        with trainer.interrupt:  # Ctrl-C stops at the next step boundary
+            return trainer.train()
+    finally:
+        trainer.release_output_dir()
 
 
 class Trainer:
@@ -70,6 +80,12 @@ class Trainer:
         self.make_objective = make_objective
         self.interrupt = StopOnInterrupt()
         self.gradients = ZeroGradientWatch()
+        self.lock: RunLock | None = None  # output_dir's, held by the main process
+
+    def release_output_dir(self) -> None:
+        """Let another run use output_dir (the run ends, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def is_main(self) -> bool:
@@ -89,6 +105,7 @@ class Trainer:
                        if config.resume_from_checkpoint else None)
         self.device = steps.setup_device(config)
         self.accelerator = self.device.accelerator
+        self.lock = claim_output_dir(config, self.accelerator)
         model = steps.setup_model(config, self.device)
         # From here on the run's settings are the asked ones fitted to the model (--max_length
         # to its positions, ...); training_config.json keeps what was asked.
@@ -178,6 +195,7 @@ class Trainer:
             "num_processes": self.plan.num_processes,
             "distributed_type": self.plan.distributed_type,
             "fsdp_version": self.plan.fsdp_version,
+            "zero_stage": self.plan.zero_stage,
             "train_pairs": self.data.num_train,
             "eval_pairs": len(self.data.eval),
             "train_runtime_s": time.perf_counter() - started,
@@ -194,7 +212,9 @@ class Trainer:
         By default the update is applied without the host reading anything, and `_settle`
         judges the step later. With --skip_nonfinite_steps (skipping needs the decision now)
         or fp16 loss scaling the step is read at once: a non-finite loss or gradient skips the
-        update while --skip_nonfinite_steps allows, else raises NonFiniteError."""
+        update while --skip_nonfinite_steps allows, else raises NonFiniteError. A DeepSpeed
+        engine clips and applies the update inside the last backward (`optimizer.step` is then
+        a no-op) and `clip_grad_norm_` reads the norm it clipped by."""
         config, state, accelerator = self.config, self.state, self.accelerator
         accumulation = config.gradient_accumulation_steps
         micro_batches = [next(batches) for _ in range(accumulation)]
@@ -206,10 +226,9 @@ class Trainer:
             group["lr"] = lr
         step_losses = []
         for i, batch in enumerate(micro_batches):
-            last_micro = i == accumulation - 1
-            with nullcontext() if last_micro else accelerator.no_sync(self.model):
+            with backends.micro_batch(accelerator, self.model, last=i == accumulation - 1):
                 stats = self.objective(self.model, batch, self.reference.context)
-                accelerator.backward(stats["losses"].sum() / pairs_in_step)
+                backends.backward(accelerator, stats["losses"].sum() / pairs_in_step)
             gathered = accelerator.gather({k: v.detach() for k, v in stats.items()})
             window.stats.append(gathered)
             step_losses.append(gathered["losses"])

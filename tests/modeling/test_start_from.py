@@ -40,7 +40,7 @@ from dpo_core.modeling.adapters import (
 )
 from dpo_core.modeling.loading import load_run_base_model, load_tokenizer, resolve_quantization
 from dpo_core.modeling.reference import AdapterSwitched
-from dpo_core.testing import tiny_llama
+from dpo_core.testing import random_lora_adapter, tiny_llama
 from dpo_core.training import trainer
 from dpo_core.training.objective import PreferenceObjective
 from dpo_core.training.reference_logps import reference_cache_key, weights_fingerprint
@@ -48,19 +48,9 @@ from dpo_core.training.reference_logps import reference_cache_key, weights_finge
 SWITCHED = AdapterSwitched(reference=REFERENCE_ADAPTER, policy=POLICY_ADAPTER)
 
 
-def save_sft_adapter(model_dir: str, path, seed: int) -> str:
-    """A LoRA adapter with random, non-zero A and B (as after SFT): base + adapter != base."""
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                        init_lora_weights=False, task_type="CAUSAL_LM")
-    get_peft_model(base, config).save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def sft_adapter(tiny_model_dir, tmp_path_factory) -> str:
-    return save_sft_adapter(tiny_model_dir, tmp_path_factory.mktemp("sft") / "adapter", seed=1)
+    return random_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("sft") / "adapter", seed=1)
 
 
 def policy_from(model_dir: str, adapter: str) -> PeftModel:
@@ -165,7 +155,7 @@ def test_cache_key_covers_the_starting_adapter_not_the_trained_one(
                 param.add_(1.0)
     assert reference_cache_key(model, batch_pairs, {}) == key
     # Another starting adapter on the same base: another reference, another key...
-    other = save_sft_adapter(tiny_model_dir, tmp_path / "other", seed=2)
+    other = random_lora_adapter(tiny_model_dir, tmp_path / "other", seed=2)
     assert reference_cache_key(policy_from(tiny_model_dir, other), batch_pairs, {}) != key
     # ...and the same one loaded again: the same key.
     assert weights_fingerprint(policy_from(tiny_model_dir, sft_adapter)) == \

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -13,8 +14,8 @@ from accelerate.utils import DistributedType
 from conftest import learnable_pairs, train_args, train_records, write_jsonl
 from launching import (
     BIN,
-    INTERRUPTED_ON_ONE_RANK,
     KILLED_DURING_SAVE,
+    SIGNALLED_AT_CALL,
     accelerate_launch,
     assert_same_run,
     free_port,
@@ -96,9 +97,10 @@ def test_ctrl_c_on_one_process_stops_every_process_after_the_same_step(
     out = tmp_path / "ddp"
     args = train_args(tiny_model_dir, pairs_file, out, *STEPS, "--batch_size", "2")
     script = tmp_path / "interrupted.py"
-    script.write_text(INTERRUPTED_ON_ONE_RANK)
+    script.write_text(SIGNALLED_AT_CALL)
     stopped = launch(accelerate_launch("ddp.yaml"), args, tmp_path, script=str(script),
-                     check=False, env={"INTERRUPT_RANK": "1", "INTERRUPT_AT_CALL": "2"})
+                     check=False,
+                     env={"SIGNAL": "SIGINT", "SIGNAL_RANKS": "1", "SIGNAL_AT_CALL": "2"})
     assert stopped.returncode != 0
     assert f"Stopped by Ctrl-C after step 3 of 4; saved {out / 'checkpoint-3'}." in (
         stopped.stdout + stopped.stderr)
@@ -187,18 +189,21 @@ def test_accumulation_over_uneven_micro_batches(tiny_model_dir, tmp_path):
 
 
 def backend_state(kind: str, *, zero_stage: int = 0, fsdp_version: int = 2,
-                  use_orig_params: bool = True) -> SimpleNamespace:
+                  use_orig_params: bool = True, ds_config: dict | None = None) -> SimpleNamespace:
     """The parts of an AcceleratorState that check_backend reads."""
     return SimpleNamespace(
         distributed_type=DistributedType[kind],
         fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version, use_orig_params=use_orig_params),
-        deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage))
+        deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage, deepspeed_config={
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+            **(ds_config or {})}))
 
 
 SHARDED_READY = {"save_steps": 0, "num_sample_prompts": 0, "gradient_accumulation_steps": 1}
-# What FSDP2 runs as on one process or DDP: checkpoints, resume, samples, demo, accumulation.
+# What runs on one process and DDP: checkpoints, resume, samples, demo, accumulation, skipping.
 EVERYTHING = {"save_steps": 2, "resume_from_checkpoint": "latest", "num_sample_prompts": 2,
               "demo": True, "gradient_accumulation_steps": 2, "skip_nonfinite_steps": 1}
+NO_SKIPPING = {**EVERYTHING, "skip_nonfinite_steps": 0}
 
 
 @pytest.mark.parametrize("state, settings, quantize, needs", [
@@ -207,8 +212,6 @@ EVERYTHING = {"save_steps": 2, "resume_from_checkpoint": "latest", "num_sample_p
     # FSDP2 too, except 4-bit weights.
     (backend_state("FSDP"), EVERYTHING, False, []),
     (backend_state("FSDP"), {**EVERYTHING, "finetuning_type": "full"}, False, []),
-    (backend_state("DEEPSPEED", zero_stage=3), {**SHARDED_READY, "finetuning_type": "full"},
-     False, ["--finetuning_type lora"]),
     (backend_state("FSDP", fsdp_version=1), {**SHARDED_READY, "finetuning_type": "full"},
      False, ["--finetuning_type lora"]),
     (backend_state("FSDP"), {}, True, ["--quantization none"]),
@@ -220,13 +223,24 @@ EVERYTHING = {"save_steps": 2, "resume_from_checkpoint": "latest", "num_sample_p
     (backend_state("FSDP", fsdp_version=1), SHARDED_READY, False, []),
     (backend_state("FSDP", fsdp_version=1), {**SHARDED_READY, "resume_from_checkpoint": "latest"},
      False, ["no --resume_from_checkpoint"]),
-    # ZeRO-2 keeps whole weights on every process: samples are fine, accumulation is not.
-    (backend_state("DEEPSPEED", zero_stage=2),
-     {"save_steps": 0, "skip_nonfinite_steps": 2}, False,
-     ["--gradient_accumulation_steps 1", "--skip_nonfinite_steps 0"]),
-    (backend_state("DEEPSPEED", zero_stage=3), SHARDED_READY, False, []),
-    (backend_state("DEEPSPEED", zero_stage=3), {**SHARDED_READY, "demo": True}, False,
-     ["no --demo"]),
+    # ZeRO-2 and ZeRO-3: checkpoints, resume, samples, demo, accumulation, full fine-tuning;
+    # QLoRA under ZeRO-2. Not: skipping a non-finite update the engine has applied already.
+    (backend_state("DEEPSPEED", zero_stage=2), NO_SKIPPING, True, []),
+    (backend_state("DEEPSPEED", zero_stage=3), {**NO_SKIPPING, "finetuning_type": "full"},
+     False, []),
+    (backend_state("DEEPSPEED", zero_stage=2), EVERYTHING, False, ["--skip_nonfinite_steps 0"]),
+    (backend_state("DEEPSPEED", zero_stage=3), NO_SKIPPING, True, ["--quantization none"]),
+    (backend_state("DEEPSPEED", zero_stage=1), NO_SKIPPING, False, ["zero_stage: 2 or 3"]),
+    # A DeepSpeed config that decides what the flags decide.
+    (backend_state("DEEPSPEED", zero_stage=3, ds_config={"optimizer": {"type": "AdamW"},
+                                                         "scheduler": {"type": "WarmupLR"}}),
+     NO_SKIPPING, False, ['no "optimizer" section', 'no "scheduler" section']),
+    (backend_state("DEEPSPEED", zero_stage=2, ds_config={"gradient_accumulation_steps": 4,
+                                                         "gradient_clipping": 1.0}),
+     NO_SKIPPING, False, ["the config says 4, --gradient_accumulation_steps is 2"]),
+    (backend_state("DEEPSPEED", zero_stage=2, ds_config={"gradient_accumulation_steps": 2,
+                                                         "gradient_clipping": 0.5}),
+     NO_SKIPPING, False, ["the config says 0.5, --max_grad_norm is 1"]),
 ])
 def test_backend_guard_names_what_fsdp_and_deepspeed_need(state, settings, quantize, needs):
     config = TrainConfig(**settings)
@@ -240,18 +254,29 @@ def test_backend_guard_names_what_fsdp_and_deepspeed_need(state, settings, quant
     assert message.count(";") == len(needs) - 1  # nothing else is asked for
 
 
-@pytest.mark.parametrize("variables, message", [
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+@pytest.mark.parametrize("variables, deepspeed_installed, message", [
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, True,
      "asks for FSDP, but this run would use NO instead (it runs 1 process: launch with "
      "--num_processes 2 or more"),
-    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "asks for DEEPSPEED that cannot start here"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, False,
+     "the Accelerate config asks for DeepSpeed, which is not installed: install it with "
+     '`pip install -e ".[deepspeed]"`'),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, True,
+     "asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED) but no launcher started this process: run "
+     "`accelerate launch --config_file examples/accelerate/deepspeed_zero3.yaml train.py"),
 ])
 def test_config_asking_for_a_sharded_backend_stops_instead_of_falling_back(
-        variables, message, tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys):
-    """What `accelerate launch --config_file fsdp.yaml --num_processes 1` (or a DeepSpeed
-    config without deepspeed) exports: train.py stops with the reason before any work."""
+        variables, deepspeed_installed, message, tiny_model_dir, pairs_file, tmp_path,
+        monkeypatch, capsys):
+    """What `accelerate launch --config_file fsdp.yaml --num_processes 1` exports, a DeepSpeed
+    config on a machine without deepspeed, or its variable without a launcher: train.py stops
+    with the reason before any work."""
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
+    if not deepspeed_installed:
+        monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` fails
+    elif "ACCELERATE_USE_DEEPSPEED" in variables:
+        pytest.importorskip("deepspeed")
     out = tmp_path / "out"
     assert train.main(train_args(tiny_model_dir, pairs_file, out)) == 2
     assert message in capsys.readouterr().err
