@@ -24,6 +24,7 @@ Attention, per device:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from dpo_core.data.tokenization import IGNORE_INDEX
 from dpo_core.forward.attention import PACKED_ATTENTION, Block, attn_implementation
-from dpo_core.forward.logps import PAIR_FIELDS, check_pair_batch, per_sequence, predicted_logps
+from dpo_core.forward.logps import PAIR_FIELDS, TokenLogps, check_pair_batch, predicted_logps
 from dpo_core.forward.prefix_sharing import PrefixSharedRows, prefix_shared_batch
 
 # Token kinds inside a block, for the mask builders: SHARED tokens are visible to both parts.
@@ -80,6 +81,21 @@ class PackedRow:
         return cls(blocks=[tuple(block) for block in batch["packed_blocks"]],
                    num_sequences=int(batch["packed_num_sequences"]),
                    **{name: batch[f"packed_{name}"] for name in cls._TENSORS})
+
+    def padded_to_multiple_of(self, multiple: int, pad_token_id: int) -> PackedRow:
+        """This row grown to a multiple of `multiple` tokens (`--pad_to_multiple_of`): the
+        padding is one more block of `pad_token_id`s that attends only to itself and predicts
+        nothing, so every real token's log-prob is unchanged."""
+        length = self.input_ids.shape[1]
+        padding = -length % multiple
+        if not padding:
+            return self
+        ids = self.input_ids.new_full((1, padding), pad_token_id)
+        positions = torch.arange(padding, device=ids.device)[None]
+        return dataclasses.replace(
+            self, input_ids=torch.cat([self.input_ids, ids], dim=1),
+            position_ids=torch.cat([self.position_ids, positions], dim=1),
+            blocks=[*self.blocks, (length, 0, padding, 0)])
 
     def token_kinds(self) -> tuple[Tensor, Tensor]:
         """(block index [T], kind [T] in SHARED / FIRST / SECOND) of every position."""
@@ -183,9 +199,9 @@ def pack_prefix_shared(
     )
 
 
-def _packed_logps(model: torch.nn.Module, row: PackedRow) -> tuple[Tensor, Tensor]:
-    """One forward over a packed row -> (chosen_logps [B], rejected_logps [B]) fp32; the
-    attention that keeps its sequences apart is chosen by the model's implementation."""
+def _packed_logps(model: torch.nn.Module, row: PackedRow, log_sum_sq_probs: bool) -> TokenLogps:
+    """One forward over a packed row -> its response tokens' `TokenLogps`; the attention that
+    keeps its sequences apart is chosen by the model's implementation."""
     attention = attn_implementation(model)
     inputs = dict(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False)
     if attention == PACKED_ATTENTION:
@@ -203,27 +219,38 @@ def _packed_logps(model: torch.nn.Module, row: PackedRow) -> tuple[Tensor, Tenso
             f"padding-free batches need attn_implementation 'sdpa' or 'eager' (or "
             f"'flex_attention' on CUDA); this model uses {attention!r}: load it with "
             "attn_implementation='sdpa', or turn --padding_free off")
-    token_logps = predicted_logps(model, inputs, torch.zeros_like(row.source_positions),
-                                   row.source_positions, row.targets,
-                                   kept=(row.kept_positions, row.kept_index))
-    logps = per_sequence(token_logps, row.sequence_index, row.num_sequences)
-    num_pairs = row.num_sequences // 2
-    return logps[:num_pairs], logps[num_pairs:]
+    token_logps, sum_sq = predicted_logps(model, inputs, torch.zeros_like(row.source_positions),
+                                          row.source_positions, row.targets,
+                                          kept=(row.kept_positions, row.kept_index),
+                                          log_sum_sq_probs=log_sum_sq_probs)
+    return TokenLogps(token_logps, row.sequence_index, row.num_sequences // 2, sum_sq)
+
+
+def padding_free_token_logps(model: torch.nn.Module, batch: dict[str, Tensor], *,
+                             log_sum_sq_probs: bool = False) -> TokenLogps:
+    """Chosen and rejected sequences packed into one row without padding -> the response
+    tokens' `TokenLogps`. Equals `concatenated_token_logps` up to float rounding."""
+    return _packed_logps(model, packed_row(batch, prefix_shared=False), log_sum_sq_probs)
+
+
+def padding_free_prefix_shared_token_logps(model: torch.nn.Module, batch: dict[str, Tensor], *,
+                                           log_sum_sq_probs: bool = False) -> TokenLogps:
+    """`[prompt | chosen | rejected]` of every pair packed into one row without padding -> the
+    response tokens' `TokenLogps`. Equals `concatenated_token_logps` up to float rounding;
+    each prompt is encoded once."""
+    return _packed_logps(model, packed_row(batch, prefix_shared=True), log_sum_sq_probs)
 
 
 def padding_free_forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Chosen and rejected sequences packed into one row without padding -> (chosen_logps [B],
-    rejected_logps [B]) fp32. Equals `concatenated_forward` up to float rounding."""
-    return _packed_logps(model, packed_row(batch, prefix_shared=False))
+    """(chosen_logps [B], rejected_logps [B]) fp32: the sums of `padding_free_token_logps`."""
+    return padding_free_token_logps(model, batch).sums()
 
 
-def padding_free_prefix_shared_forward(
-    model: torch.nn.Module, batch: dict[str, Tensor]
-) -> tuple[Tensor, Tensor]:
-    """`[prompt | chosen | rejected]` of every pair packed into one row without padding ->
-    (chosen_logps [B], rejected_logps [B]) fp32. Equals `concatenated_forward` up to float
-    rounding; each prompt is encoded once."""
-    return _packed_logps(model, packed_row(batch, prefix_shared=True))
+def padding_free_prefix_shared_forward(model: torch.nn.Module,
+                                       batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(chosen_logps [B], rejected_logps [B]) fp32: the sums of
+    `padding_free_prefix_shared_token_logps`."""
+    return padding_free_prefix_shared_token_logps(model, batch).sums()
 
 
 def packed_row(batch: dict, prefix_shared: bool) -> PackedRow:
@@ -249,12 +276,16 @@ class PaddingFreeCollator:
     """A pair collator whose batches also carry their packed layout (`PackedRow` fields),
     built here on the CPU, in the DataLoader: the padding-free forward then needs no host
     sync to find lengths and positions. The padded fields stay, for everything else that
-    reads the batch (lengths, token counts)."""
+    reads the batch (lengths, token counts). With the inner collator's `pad_to_multiple_of`
+    the packed row is grown to a multiple of it too (`PackedRow.padded_to_multiple_of`)."""
 
     def __init__(self, collator, prefix_shared: bool):
         self.collator, self.prefix_shared = collator, prefix_shared
 
     def __call__(self, pairs) -> dict:
         batch = self.collator(pairs)
-        batch.update(packed_row(batch, self.prefix_shared).to_batch(self.prefix_shared))
+        row = packed_row(batch, self.prefix_shared)
+        if multiple := self.collator.pad_to_multiple_of:
+            row = row.padded_to_multiple_of(multiple, self.collator.pad_token_id)
+        batch.update(row.to_batch(self.prefix_shared))
         return batch

@@ -19,9 +19,9 @@ from dpo_core.data.tokenization import IGNORE_INDEX
 from dpo_core.forward.attention import FOUR_D_MASK_ATTENTION, attn_implementation
 from dpo_core.forward.logps import (
     PAIR_FIELDS,
+    TokenLogps,
     check_pair_batch,
-    concatenated_forward,
-    per_sequence,
+    concatenated_token_logps,
     predicted_logps,
 )
 
@@ -149,13 +149,12 @@ def prefix_shared_batch(batch: dict[str, Tensor]) -> PrefixSharedRows:
     )
 
 
-def prefix_shared_forward(
-    model: torch.nn.Module, batch: dict[str, Tensor]
-) -> tuple[Tensor, Tensor]:
-    """Prompt encoded once per pair -> (chosen_logps [B], rejected_logps [B]) fp32.
+def prefix_shared_token_logps(model: torch.nn.Module, batch: dict[str, Tensor], *,
+                              log_sum_sq_probs: bool = False) -> TokenLogps:
+    """Prompt encoded once per pair -> the response tokens' `TokenLogps`.
 
-    Equals `concatenated_forward` up to float rounding. Needs an attention implementation that
-    takes a 4D mask unchanged (eager or sdpa); flash-attention models raise ValueError.
+    Equals `concatenated_token_logps` up to float rounding. Needs an attention implementation
+    that takes a 4D mask unchanged (eager or sdpa); flash-attention models raise ValueError.
     """
     attention = attn_implementation(model)
     if attention not in FOUR_D_MASK_ATTENTION:
@@ -168,11 +167,16 @@ def prefix_shared_forward(
     inputs = dict(input_ids=shared.input_ids,
                   attention_mask=shared.attention_mask(attention),
                   position_ids=shared.position_ids, use_cache=False)
-    token_logps = predicted_logps(model, inputs, shared.source_rows, shared.source_positions,
-                                   shared.targets)
-    num_pairs = shared.input_ids.shape[0]
-    logps = per_sequence(token_logps, shared.sequence_index, 2 * num_pairs)
-    return logps[:num_pairs], logps[num_pairs:]
+    token_logps, sum_sq = predicted_logps(model, inputs, shared.source_rows,
+                                          shared.source_positions, shared.targets,
+                                          log_sum_sq_probs=log_sum_sq_probs)
+    return TokenLogps(token_logps, shared.sequence_index, shared.input_ids.shape[0], sum_sq)
+
+
+def prefix_shared_forward(model: torch.nn.Module,
+                          batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(chosen_logps [B], rejected_logps [B]) fp32: the sums of `prefix_shared_token_logps`."""
+    return prefix_shared_token_logps(model, batch).sums()
 
 
 # Prefix sharing feeds fewer tokens but attends over rows about twice as long (with a dense
@@ -191,10 +195,11 @@ def prefix_sharing_pays(prompt_lengths: Tensor, chosen_lengths: Tensor,
     return bool(shared_width <= (1 - PREFIX_SHARING_MIN_SAVING) * two_rows_width)
 
 
-def prefix_sharing_when_it_pays(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple:
-    """`prefix_shared_forward` for batches where `prefix_sharing_pays` (long prompts), else
-    `concatenated_forward`. Both give the same log-probs, so the choice is per batch."""
-    if prefix_sharing_pays(batch["prompt_lengths"], batch["chosen_attention_mask"].sum(-1),
-                           batch["rejected_attention_mask"].sum(-1)):
-        return prefix_shared_forward(model, batch)
-    return concatenated_forward(model, batch)
+def prefix_sharing_when_it_pays(model: torch.nn.Module, batch: dict[str, Tensor], *,
+                                log_sum_sq_probs: bool = False) -> TokenLogps:
+    """`prefix_shared_token_logps` for batches where `prefix_sharing_pays` (long prompts), else
+    `concatenated_token_logps`. Both give the same log-probs, so the choice is per batch."""
+    shared = prefix_sharing_pays(batch["prompt_lengths"], batch["chosen_attention_mask"].sum(-1),
+                                 batch["rejected_attention_mask"].sum(-1))
+    path = prefix_shared_token_logps if shared else concatenated_token_logps
+    return path(model, batch, log_sum_sq_probs=log_sum_sq_probs)

@@ -220,7 +220,9 @@ def check_backend(config: TrainConfig, state, quantize: bool) -> None:
     - DeepSpeed: checkpoints hold no DeepSpeed engine state; ZeRO-3 shards the weights that
       generation on one process would need; DeepSpeed steps its optimizer inside backward,
       so no accumulation across this loop's micro-batches, and a non-finite step is applied
-      before the loop could skip it.
+      before the loop could skip it;
+    - a moving reference (--sync_ref_model) is saved and restored whole, not as shards
+      (tested with one process and DDP).
     """
     if state.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return
@@ -246,6 +248,9 @@ def check_backend(config: TrainConfig, state, quantize: bool) -> None:
         needs.append("--gradient_accumulation_steps 1 (raise --batch_size or add processes)")
     if not fsdp and config.skip_nonfinite_steps:
         needs.append("--skip_nonfinite_steps 0")
+    if config.sync_ref_model:
+        needs.append("no --sync_ref_model (its moving reference is checkpointed whole, not "
+                     "sharded: use one process or the DDP config)")
     if needs:
         backend = (f"FSDP{state.fsdp_plugin.fsdp_version}" if fsdp
                    else f"DeepSpeed ZeRO-{zero_stage}")

@@ -272,14 +272,14 @@ def precompute_reference(config, splits: Sequence[Sequence[TokenizedPair]], *,
                          quantize: bool) -> list[ReferencePass]:
     """`with_reference_logps` for each of a run's `splits` (train, eval), cached under
     --ref_cache_dir (default output_dir/reference_logps) and keyed also by what else changes
-    the values: the forward path (`forward_name`), attention, dtype, 4-bit. `config`: the
-    run's TrainConfig; `reference`: the run's reference network."""
+    the values: the forward path (`forward_name`), attention, dtype, 4-bit, --ld_alpha.
+    `config`: the run's TrainConfig; `reference`: the run's reference network."""
     # Full fine-tuning: the policy before its first step (and before a resumed checkpoint is
     # loaded) is the reference.
     if config.finetuning_type == "full":
         reference = policy_itself
     settings = {"logps_fn": forward_name, "attn_implementation": config.attn_implementation,
-                "dtype": str(dtype), "quantize": quantize}
+                "dtype": str(dtype), "quantize": quantize, "ld_alpha": config.ld_alpha}
     cache_dir = config.ref_cache_dir or os.path.join(config.output_dir, "reference_logps")
     # One fingerprint for every split: it reads (under FSDP2 gathers) every weight.
     weights = weights_fingerprint(model) if any(splits) else None
