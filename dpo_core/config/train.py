@@ -206,7 +206,8 @@ class TrainConfig(LossSettings):
         SPEED,
     )
     ref_batch_size: int = setting(
-        0, "Pairs per batch of the reference pass (0 = 4 x --batch_size).", SPEED
+        0, "Pairs per batch of the reference pass (0 = 4 x --batch_size); trl calls it "
+        "precompute_ref_batch_size.", SPEED, aliases=("precompute_ref_batch_size",)
     )
     ref_cache_dir: str | None = setting(
         None,
