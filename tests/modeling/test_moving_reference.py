@@ -15,20 +15,29 @@ import torch
 from accelerate.utils import DistributedType
 from conftest import train_args, train_records
 from launching import BIN, assert_same_run, free_port, launch
+from peft import PeftModel
 from safetensors.torch import load_file
 from test_start_from import preference_batch, save_sft_adapter
+from transformers import AutoModelForCausalLM
 
 import train
 from dpo_core.config.train import TrainConfig
 from dpo_core.errors import CheckpointError, ConfigError
+from dpo_core.forward.logps import concatenated_token_logps
 from dpo_core.modeling.adapters import (
     POLICY_ADAPTER,
     REFERENCE_ADAPTER,
     add_lora,
     add_reference_adapter,
+    load_trainable_adapter,
 )
 from dpo_core.modeling.backends import check_backend
-from dpo_core.modeling.reference import AdapterSwitched, adapter_disabled, reference_sync
+from dpo_core.modeling.reference import (
+    AdapterSwitched,
+    adapter_disabled,
+    reference_sync,
+    starting_model_for,
+)
 from dpo_core.training.checkpoint import REFERENCE_FILE
 from dpo_core.training.objective import PreferenceObjective
 
@@ -105,6 +114,38 @@ def test_soft_sync_mixes_each_lora_factor_and_round_trips(tiny_model):
         assert torch.equal(weight, before[name])
     with pytest.raises(CheckpointError, match="moving reference of other weights"):
         sync.load_state_dict({k: v for k, v in list(saved.items())[1:]}, "checkpoint-x")
+
+
+def test_the_start_is_the_sft_adapter_read_again_after_the_reference_moved(
+        tiny_model_dir, tiny_tokenizer, tmp_path):
+    """DPO from an SFT adapter with --sync_ref_model: once the reference adapter has moved,
+    the starting model (samples.md's "before") is the adapter read from disk again, equal to
+    the SFT model itself; afterwards only the policy and reference adapters remain, the
+    policy active."""
+    sft = save_sft_adapter(tiny_model_dir, tmp_path / "sft", seed=1)
+    config = TrainConfig(model_name=tiny_model_dir, adapter_path=sft, sync_ref_model=True,
+                         ref_model_mixup_alpha=1.0)
+    model = load_trainable_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sft,
+                                   gradient_checkpointing=False, quantized=False)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.requires_grad:  # the policy trained ...
+                weight.add_(0.1)
+    reference_sync(config, model, SWITCHED)()  # ... and the reference followed it
+    start = starting_model_for(config, model, None, SWITCHED)
+    batch = preference_batch(tiny_tokenizer)
+    objective = PreferenceObjective()
+    sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                          sft)
+    with torch.no_grad():
+        moved = objective.reference_logps(model, batch, SWITCHED)
+        started = objective.reference_logps(model, batch, start)
+        expected = objective.sequence_logps(concatenated_token_logps(sft_model, batch))
+    for got, want, other in zip(started, expected, moved, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        assert (other - want).abs().max() > 1e-3
+    assert set(model.peft_config) == {POLICY_ADAPTER, REFERENCE_ADAPTER}
+    assert model.active_adapter == POLICY_ADAPTER
 
 
 # ---------------------------------------------------------------- train.py end to end
