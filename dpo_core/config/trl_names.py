@@ -36,6 +36,11 @@ def _scheduler(value: Any) -> Any:
     return "constant" if value == "constant_with_warmup" else value
 
 
+def _no_limit(value: Any) -> Any:
+    # trl's max_steps -1 ("train for num_train_epochs") is our 0.
+    return 0 if value == -1 else value
+
+
 def _drop_auto(value: Any) -> Any:
     # trl's "auto" pads to 128 on AWS Neuron only, which this project does not run on.
     return None if value == "auto" else value
@@ -60,6 +65,10 @@ TRL_KEYS: dict[str, TrlKey] = {
     "use_peft": TrlKey("finetuning_type", lambda value: "lora" if value else "full"),
     "load_in_4bit": TrlKey("quantization", lambda value: "4bit" if value else "none"),
     "precompute_ref_batch_size": TrlKey("ref_batch_size"),
+    # Our names too, where trl writes its default differently (null: left out).
+    "max_steps": TrlKey("max_steps", _no_limit),
+    "eval_steps": TrlKey("eval_steps"),
+    "save_total_limit": TrlKey("save_total_limit"),
     "pad_to_multiple_of": TrlKey("pad_to_multiple_of", _drop_auto),
     # -- no counterpart ---------------------------------------------------------------------
     "optim": TrlKey(None, why=_OPTIMIZER),

@@ -44,6 +44,8 @@ pad_to_multiple_of: auto
 use_weighting: true
 sync_ref_model: false
 ref_model_mixup_alpha: 0.6
+max_steps: -1
+eval_steps: null
 """
 
 
@@ -60,6 +62,7 @@ def test_trl_style_yaml_is_read_with_each_mapping_said(tmp_path, capsys):
     assert (config.dtype, config.finetuning_type, config.ref_batch_size) == ("bfloat16", "full",
                                                                              32)
     assert config.pad_to_multiple_of is None and config.use_weighting
+    assert (config.max_steps, config.eval_steps) == (0, 50)  # 50: our default
     out = capsys.readouterr().out
     for said in ("model_name_or_path -> model_name", "dataset_train_split -> dataset_split",
                  "per_device_train_batch_size -> batch_size",
@@ -67,7 +70,8 @@ def test_trl_style_yaml_is_read_with_each_mapping_said(tmp_path, capsys):
                  "lr_scheduler_type -> lr_scheduler 'constant'", "bf16 -> dtype 'bfloat16'",
                  "fp16: False left out", "use_peft -> finetuning_type 'full'",
                  "precompute_ref_batch_size -> ref_batch_size",
-                 "pad_to_multiple_of: 'auto' left out"):
+                 "pad_to_multiple_of: 'auto' left out", "max_steps -> max_steps 0",
+                 "eval_steps: None left out"):
         assert said in out
     assert "beta ->" not in out  # trl's name and ours: nothing to say
 
