@@ -28,6 +28,7 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import MistralConfig, MistralForCausalLM
@@ -43,10 +44,12 @@ from dpo_core.testing import tiny_llama
 
 
 def realistic_batches(vocab: int, max_length: int, batch_size: int, count: int,
-                      seed: int = 0, data: str = "ultrafeedback") -> list[dict]:
+                      seed: int = 0, data: str = "ultrafeedback", collate=None) -> list[dict]:
+    """`count` micro-batches of `data`-shaped random pairs, laid out by `collate` (default:
+    padded rows)."""
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
-    collate = PreferenceCollator(pad_token_id=0)
+    collate = collate or PreferenceCollator(pad_token_id=0)
     batches = []
     for _ in range(count):
         pairs = [TokenizedPair(*(torch.randint(3, vocab, (n,), generator=generator).tolist()
@@ -56,24 +59,55 @@ def realistic_batches(vocab: int, max_length: int, batch_size: int, count: int,
     return batches
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def interleaved_rounds(step: Callable[[str], float], names: list[str],
+                       rounds: int) -> tuple[dict[str, list[float]], list[float]]:
+    """`step(name)` (returning CPU seconds) for every name once as a warm-up, then `rounds`
+    rounds of every name in turn: (name -> the rounds' times, the 1-minute load average after
+    each round)."""
+    times: dict[str, list[float]] = {name: [] for name in names}
+    loads = []
+    for name in names:
+        step(name)
+    for _ in range(rounds):
+        for name in names:
+            times[name].append(step(name))
+        loads.append(os.getloadavg()[0])
+    return times, loads
+
+
+def timing_parser(description: str, batches: int) -> argparse.ArgumentParser:
+    """The options of a CPU-time benchmark: model preset, micro-batches per round, rounds,
+    torch threads."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", choices=list(MODEL_PRESETS), default="cpu-small")
-    parser.add_argument("--batches", type=int, default=6, help="micro-batches per round")
+    parser.add_argument("--batches", type=int, default=batches, help="micro-batches per round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    return parser
+
+
+def preset_model(preset: str) -> tuple[torch.nn.Module, int, int]:
+    """(a random SDPA Llama of the preset's shape, its max_length, its batch size)."""
+    shape = MODEL_PRESETS[preset]
+    _, max_length, batch_size = RUN_DEFAULTS[preset]
+    model = tiny_llama(vocab_size=shape.vocab, hidden_size=shape.hidden,
+                       num_layers=shape.layers, num_heads=shape.heads,
+                       num_kv_heads=shape.kv_heads, intermediate_size=shape.intermediate,
+                       attn_implementation="sdpa")
+    return model, max_length, batch_size
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = timing_parser(__doc__.split("\n\n")[0], batches=6)
     parser.add_argument("--data", choices=["ultrafeedback", "short", "prompt-heavy"],
                         default="ultrafeedback")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--sliding_window", type=int, default=0,
                         help="a Mistral with this attention window instead of a Llama")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     shape = MODEL_PRESETS[args.preset]
-    _, max_length, batch_size = RUN_DEFAULTS[args.preset]
-    base = tiny_llama(vocab_size=shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers,
-                      num_heads=shape.heads, num_kv_heads=shape.kv_heads,
-                      intermediate_size=shape.intermediate, attn_implementation="sdpa")
+    base, max_length, batch_size = preset_model(args.preset)
     if args.sliding_window:
         config = MistralConfig(**base.config.to_dict())
         config.sliding_window = args.sliding_window
@@ -108,14 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         model.zero_grad(set_to_none=True)
         return time.process_time() - started
 
-    times: dict[str, list[float]] = {name: [] for name in options}
-    loads = []
-    for name in options:  # warm-up
-        step(name)
-    for _ in range(args.rounds):
-        for name in options:
-            times[name].append(step(name))
-        loads.append(os.getloadavg()[0])
+    times, loads = interleaved_rounds(step, list(options), args.rounds)
     base_time = statistics.median(times["padded"])
     for name, runs in times.items():
         median = statistics.median(runs)

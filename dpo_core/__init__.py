@@ -18,6 +18,8 @@ Log-probs (fp32 sums of response-token log-probs, [B] each):
     prefix_shared_forward(model, batch)         the prompt encoded once per pair
     padding_free_forward(model, batch)          the micro-batch as one row, no padding
     padding_free_prefix_shared_forward(model, batch)
+    TokenLogps              the same before summing: each response token's log-prob (.sums())
+    concatenated_token_logps(model, batch, *, log_sum_sq_probs)     (likewise for each path)
     Forward, choose_forward(model, padding_free, prefix_sharing)    the path a run takes
 Loss:
     LossSettings            every loss option, checked when built
@@ -46,6 +48,8 @@ _EXPORTS = {
     "PreferenceCollator": "dpo_core.data.batches",
     "sequence_logps": "dpo_core.forward.logps",
     "concatenated_forward": "dpo_core.forward.logps",
+    "TokenLogps": "dpo_core.forward.logps",
+    "concatenated_token_logps": "dpo_core.forward.logps",
     "prefix_shared_forward": "dpo_core.forward.prefix_sharing",
     "padding_free_forward": "dpo_core.forward.packing",
     "padding_free_prefix_shared_forward": "dpo_core.forward.packing",

@@ -11,9 +11,11 @@ import dataclasses
 from typing import Any
 
 
-def setting(default: Any, help: str, group: str, **argparse_kwargs: Any) -> Any:
-    """A dataclass field with its `--help` text, its `--help` group and any further
-    `argparse.add_argument` keywords (e.g. `choices`); `positional=True` makes it a required
-    operand instead of a flag."""
-    metadata = {"help": help, "group": group, "argparse": argparse_kwargs}
+def setting(default: Any, help: str, group: str, aliases: tuple[str, ...] = (),
+            **argparse_kwargs: Any) -> Any:
+    """A dataclass field with its `--help` text, its `--help` group, other names it answers
+    to on the command line and in config files (`aliases`, e.g. trl's name for it) and any
+    further `argparse.add_argument` keywords (e.g. `choices`); `positional=True` makes it a
+    required operand instead of a flag."""
+    metadata = {"help": help, "group": group, "aliases": aliases, "argparse": argparse_kwargs}
     return dataclasses.field(default=default, metadata=metadata)

@@ -17,6 +17,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from dpo_core.config.trl_names import from_trl_names
+from dpo_core.console import logger
 from dpo_core.errors import ConfigError
 from dpo_core.run_files import RUN_PLAN_KEY
 
@@ -88,12 +90,13 @@ def build_parser(cls: type, description: str, epilog: str | None = None,
             group.add_argument(f.name, metavar=f.name.upper(), help=meta["help"], **kwargs)
             continue
         help_text = f"{meta['help']} (default: {f.default})"
+        names = [f"--{name}" for name in (f.name, *meta.get("aliases", ()))]
         if f.type in ("bool", bool, "bool | None"):
             # --flag / --no-flag unless the default is off; None means "decide at run time".
             action = "store_true" if f.default is False else argparse.BooleanOptionalAction
-            group.add_argument(f"--{f.name}", action=action, help=help_text, **kwargs)
+            group.add_argument(*names, dest=f.name, action=action, help=help_text, **kwargs)
             continue
-        group.add_argument(f"--{f.name}", type=_field_type(f), help=help_text, **kwargs)
+        group.add_argument(*names, dest=f.name, type=_field_type(f), help=help_text, **kwargs)
     return parser
 
 
@@ -104,8 +107,9 @@ def _field_type(f: dataclasses.Field) -> type:
 
 def load_config_file(path: str, cls: type) -> dict[str, Any]:
     """The settings in a YAML or JSON file (JSON is read as YAML too), keyed by field name of
-    `cls` and type-checked like the flags; ConfigError naming the file and the key (and the
-    closest valid key) for anything else."""
+    `cls` or by trl's name for it (`dpo_core.config.trl_names`: a trl-style DPOConfig YAML;
+    each key mapped is said once), and type-checked like the flags; ConfigError naming the
+    file and the key (and the closest valid key) for anything else."""
     import yaml
 
     try:
@@ -121,6 +125,13 @@ def load_config_file(path: str, cls: type) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: expected a mapping of setting: value, "
                           f"got a {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    try:
+        values, notices = from_trl_names(values, set(fields), f"--config {path}")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if notices:
+        logger.info(f"--config {path}: read trl's names as this program's: "
+                    f"{'; '.join(notices)}.")
     settings = {}
     for key, value in values.items():
         if key == RUN_PLAN_KEY:

@@ -208,6 +208,22 @@ class TrainConfig(LossSettings):
         "Unset: the model config's router_aux_loss_coef; 0 = off. Dense models have none.",
         LOSS,
     )
+    sync_ref_model: bool = setting(
+        False,
+        "TR-DPO (arXiv 2404.09656), trl's name: move the reference toward the policy after "
+        "every --ref_model_sync_steps optimizer steps, weight by weight: reference = alpha * "
+        "policy + (1 - alpha) * reference. With LoRA/QLoRA the reference is a second adapter "
+        "(one adapter's memory), with --finetuning_type full a frozen copy of the model. Not "
+        "with precomputed reference log-probs (they would go stale).",
+        LOSS,
+    )
+    ref_model_mixup_alpha: float = setting(
+        0.6, "alpha of --sync_ref_model, in (0, 1] (1 = copy the policy), trl's default.", LOSS
+    )
+    ref_model_sync_steps: int = setting(
+        512, "Optimizer steps between two moves of the --sync_ref_model reference (TR-DPO's "
+        "tau), trl's default.", LOSS
+    )
     # -- speed and memory -------------------------------------------------------------------
     prefix_sharing: bool | None = setting(
         None,
@@ -235,7 +251,8 @@ class TrainConfig(LossSettings):
         SPEED,
     )
     ref_batch_size: int = setting(
-        0, "Pairs per batch of the reference pass (0 = 4 x --batch_size).", SPEED
+        0, "Pairs per batch of the reference pass (0 = 4 x --batch_size); trl calls it "
+        "precompute_ref_batch_size.", SPEED, aliases=("precompute_ref_batch_size",)
     )
     ref_cache_dir: str | None = setting(
         None,
@@ -247,6 +264,22 @@ class TrainConfig(LossSettings):
         False,
         "Batch pairs of similar length together (within windows of 50 batches, batch order "
         "shuffled) to cut padding; deterministic for --seed, so resuming stays exact.",
+        SPEED,
+    )
+    pad_to_multiple_of: int | None = setting(
+        None,
+        "Pad each batch's rows to a multiple of this many tokens (trl's name), e.g. for "
+        "tensor-core shapes or a compiler that compiles once per shape. Padding-free rows grow "
+        "by one padding block that attends only to itself; prefix-shared rows built per batch "
+        "keep their width. The log-probs do not change. Unset: no rounding.",
+        SPEED,
+    )
+    activation_offloading: bool = setting(
+        False,
+        "Keep the tensors the policy forward saves for its backward pass in (pinned) host "
+        "memory instead of on the accelerator, copied back when the backward pass needs them "
+        "(trl's name). Less accelerator memory, two copies of each; same numbers. On the CPU "
+        "activations are in host memory already: nothing moves.",
         SPEED,
     )
     reuse_host_memory: bool = setting(
@@ -366,6 +399,11 @@ class TrainConfig(LossSettings):
              "--router_aux_loss_coef must be >= 0 (0 = off)"),
             (self.tokenize_num_proc >= 0, "--tokenize_num_proc must be >= 0 (0 = one per core)"),
             (self.shuffle_buffer_size >= 1, "--shuffle_buffer_size must be >= 1"),
+            (self.pad_to_multiple_of is None or self.pad_to_multiple_of >= 1,
+             "--pad_to_multiple_of must be >= 1 (unset: no rounding)"),
+            (0 < self.ref_model_mixup_alpha <= 1,
+             "--ref_model_mixup_alpha must be in (0, 1] (0 would never move the reference)"),
+            (self.ref_model_sync_steps >= 1, "--ref_model_sync_steps must be >= 1"),
             (
                 self.warmup_ratio is None or 0 <= self.warmup_ratio < 1,
                 "--warmup_ratio must be in [0, 1)",
@@ -376,6 +414,7 @@ class TrainConfig(LossSettings):
                 raise ConfigError(message)
         self._validate_finetuning_type()
         self._validate_streaming()
+        self._validate_sync_ref_model()
         self.check_loss_options()
         validate_loss_options(self, reference_free=self.reference_free,
                               precompute_ref_log_probs=bool(self.precompute_ref_log_probs))
@@ -399,6 +438,20 @@ class TrainConfig(LossSettings):
         if self.group_by_length:
             raise ConfigError("--group_by_length sorts all pairs by length before each epoch, "
                               "which a stream cannot: drop one of the two.")
+
+    def _validate_sync_ref_model(self) -> None:
+        if not self.sync_ref_model:
+            return
+        if self.reference_free or not self.needs_reference:
+            raise ConfigError(
+                "--sync_ref_model moves the reference model, and this run uses none "
+                f"({'--reference_free' if self.reference_free else '--loss_type ' + self.loss_type}"
+                "): drop --sync_ref_model")
+        if self.precompute_ref_log_probs:
+            raise ConfigError(
+                "--sync_ref_model moves the reference during training, so reference log-probs "
+                "computed before it would go stale: drop --precompute_ref_log_probs (with "
+                "--sync_ref_model the reference pass runs with each step)")
 
     def _validate_finetuning_type(self) -> None:
         if self.finetuning_type != "full":

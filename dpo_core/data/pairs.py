@@ -9,6 +9,9 @@ Accepted row shapes (any extra columns are ignored):
 - Conversational: `prompt` a message list (optional system message first, then user and
   assistant turns alternating, ending with a user turn); `chosen` / `rejected` hold only the
   assistant reply (a one-message list, or a plain string).
+- Any of these may carry a `tools` column (trl's): the function schemas a tool-calling chat
+  template renders into the prompt (`apply_chat_template(..., tools=...)`), a list of JSON
+  objects or a JSON string of one; null or an empty list is no tools.
 - HH (Anthropic hh-rlhf): no `prompt` column; `chosen` / `rejected` are whole dialogues
   `"\n\nHuman: ...\n\nAssistant: ..."`. The prompt is the shared beginning up to and
   including the last `"\n\nAssistant:"`. Without a chat template that text and the
@@ -31,6 +34,7 @@ is always dropped and counted, never an error.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -62,7 +66,8 @@ class PreferencePair:
     `prompt` is either a message list (roles system/user/assistant, ending with a user turn)
     or plain text; `chosen` and `rejected` are the two assistant replies as text. `raw_text`
     (HH rows only): (prompt, chosen, rejected) exactly as the dataset writes them, used instead
-    when no chat template applies. `origin` names the row in error messages ("pairs.jsonl: line 7").
+    when no chat template applies. `tools`: the row's tool (function) schemas, for the chat
+    template. `origin` names the row in error messages ("pairs.jsonl: line 7").
     """
 
     prompt: list[dict[str, str]] | str
@@ -70,6 +75,7 @@ class PreferencePair:
     rejected: str
     raw_text: tuple[str, str, str] | None = None
     origin: str = dataclasses.field(default="", compare=False)
+    tools: list[dict[str, Any]] | None = None
 
 
 Fail = Callable[[str, str], DataError]
@@ -88,6 +94,13 @@ def to_pair(
     """
 
     fail = _failure(location)
+    pair = _pair_of(row, fail, prompt_column)
+    tools = _tools(row.get("tools"), fail)
+    return dataclasses.replace(pair, tools=tools) if tools else pair
+
+
+def _pair_of(row: Mapping[str, Any], fail: Fail, prompt_column: bool | None) -> PreferencePair:
+    """`to_pair` without the tools."""
     for field in ("chosen", "rejected"):
         if field not in row:
             raise fail(field, "is missing")
@@ -199,6 +212,22 @@ def split_pairs(pairs: Sequence[T], eval_fraction: float, seed: int) -> tuple[li
     train = [p for i, p in enumerate(pairs) if i not in eval_indices]
     evaluation = [p for i, p in enumerate(pairs) if i in eval_indices]
     return train, evaluation
+
+
+def _tools(value: Any, fail: Fail) -> list[dict[str, Any]] | None:
+    """The `tools` column: a list of JSON objects (or a JSON string of one); None when absent,
+    null or empty."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as error:
+            raise fail("tools", f"is not valid JSON ({error})") from None
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list) or not all(isinstance(tool, Mapping) for tool in value):
+        raise fail("tools", "must be a list of tool schemas (JSON objects), or a JSON string "
+                            "of one")
+    return [dict(tool) for tool in value]
 
 
 def _text(value: Any, field: str, fail: Fail) -> str:

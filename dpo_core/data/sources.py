@@ -25,8 +25,9 @@ import datasets
 from dpo_core.errors import DataError, first_line
 from dpo_core.paths import DATA_FILE_FORMATS, looks_like_local_path
 
-# The columns a preference row is read from; any others are never converted.
-DPO_COLUMNS = ("prompt", "chosen", "rejected")
+# The columns a preference row is read from (`tools`: trl's tool schemas, optional); any
+# others are never converted.
+DPO_COLUMNS = ("prompt", "chosen", "rejected", "tools")
 
 
 # Reason -> number of rows dropped for it.

@@ -44,17 +44,19 @@ def pair_view(pair: PreferencePair, use_chat_template: bool) -> tuple[Prompt, st
 
 
 def render_prompt(
-    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, use_chat_template: bool
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, use_chat_template: bool,
+    tools: list[dict] | None = None,
 ) -> str:
     """The prompt as text, ending where the assistant's reply begins.
 
-    With the chat template: the messages (`as_messages`) with the generation prompt. Without
-    it, a plain text prompt is used as is and messages become "role: content" lines then
-    "assistant: ". Raises jinja2's `TemplateError` if the template rejects the messages.
+    With the chat template: the messages (`as_messages`) with the generation prompt, and the
+    `tools` schemas passed to the template as trl passes them. Without it, a plain text prompt
+    is used as is and messages become "role: content" lines then "assistant: " (no tools).
+    Raises jinja2's `TemplateError` if the template rejects the messages.
     """
     if use_chat_template:
         return tokenizer.apply_chat_template(
-            as_messages(prompt), tokenize=False, add_generation_prompt=True
+            as_messages(prompt), tools=tools, tokenize=False, add_generation_prompt=True
         )
     if isinstance(prompt, str):
         return prompt

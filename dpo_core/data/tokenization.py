@@ -3,11 +3,13 @@
 With a chat template (`--chat_template auto` and the tokenizer has one):
     The template's rendering is what is trained. The prompt messages (a plain-text prompt is one
     user message) are rendered with the generation prompt, and prompt + each reply (one
-    assistant message) is rendered as a whole conversation; both texts are tokenized as they
-    are (no special tokens added: the template writes BOS itself if it wants one). The response
-    ids are the conversation's ids after the prompt's ids, so they hold whatever the template
-    writes around the reply: a think block (Qwen3), trimming (Llama-3, Gemma), the end-of-turn
-    marker (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`, `<|end|>`, `</s>`).
+    assistant message) is rendered as a whole conversation, both with the pair's `tools`
+    (trl's column; a tool-calling template writes their schemas into the prompt); both texts
+    are tokenized as they are (no special tokens added: the template writes BOS itself if it
+    wants one). The response ids are the conversation's ids after the prompt's ids, so they
+    hold whatever the template writes around the reply: a think block (Qwen3), trimming
+    (Llama-3, Gemma), the end-of-turn marker (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`,
+    `<|end|>`, `</s>`).
     - End of the response: the response stops right after the template's end-of-turn token
       (found once per tokenizer by `end_of_turn_ids`: the first special token the template writes
       after an assistant reply). What the template writes after that token (ChatML's and
@@ -255,6 +257,12 @@ def _render_texts(
     messages with the generation prompt and each whole conversation; else plain text."""
     prompt, chosen, rejected = pair_view(pair, use_chat_template)
     if not use_chat_template:
+        if pair.tools:
+            raise DataError(
+                f"{pair.origin or 'pair'}, field 'tools': tool schemas need a chat template to "
+                "render them, and this run uses plain text (--chat_template none, or the "
+                "tokenizer has no template); --skip_bad_rows drops such rows",
+                reason="tools: no chat template to render them")
         prompt_text = render_prompt(tokenizer, prompt, use_chat_template=False)
         return prompt_text, prompt_text + chosen, prompt_text + rejected
     messages = as_messages(prompt)
@@ -262,7 +270,8 @@ def _render_texts(
     def render(conversation: Messages, generation_prompt: bool) -> str:
         try:
             return tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=generation_prompt
+                conversation, tools=pair.tools, tokenize=False,
+                add_generation_prompt=generation_prompt
             )
         except TemplateError as error:
             raise DataError(

@@ -84,7 +84,7 @@ def load_run_models(run: TrainedRun, dtype: torch.dtype, quantize: bool) -> RunM
     return RunModels(accelerator, model,
                      reference_for(config, model, accelerator, precomputed=True), tokenizer,
                      use_chat_template, forward,
-                     PreferenceObjective.from_config(config, forward.logps), dtype)
+                     PreferenceObjective.from_config(config, forward.token_logps), dtype)
 
 
 def _load_policy(run: TrainedRun, dtype: torch.dtype, quantize: bool) -> torch.nn.Module:

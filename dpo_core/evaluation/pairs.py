@@ -35,7 +35,7 @@ def reference_pair_logps(models: RunModels, reference_model: torch.nn.Module,
     """[N, 2] (chosen, rejected) log-probs of `pairs` under `reference_model` (the network the
     reference context gave), by the run's forward path; every process takes part."""
     return compute_reference_logps(
-        reference_model, pairs, logps=models.forward.logps,
+        reference_model, pairs, logps=models.objective.logps,
         collator=models.forward.collator(models.pad_token_id), accelerator=models.accelerator,
         batch_size=batch_size)
 

@@ -1,12 +1,16 @@
 """Sequence log-probabilities of preference pairs under a causal LM: the kernels, and the
 standard forward.
 
-Entry points here, all returning fp32 sums of response-token log-probs:
+Every forward path computes `TokenLogps`: the fp32 log-prob of each response token, with the
+sequence it belongs to, before anything is summed; `TokenLogps.sums()` gives the per-sequence
+sums DPO compares, and the loss options that weigh tokens (LD-DPO's `--ld_alpha`, WPO's
+`--use_weighting`) read the tokens themselves. Entry points here:
 
-- `sequence_logps(logits, labels)`: from logits you already have.
-- `concatenated_forward(model, batch)`: chosen and rejected stacked into one forward of 2B rows.
-- `labelled_logps(model, input_ids, attention_mask, labels)`: any padded rows, e.g. generated
-  replies scored under the policy and the reference.
+- `sequence_logps(logits, labels)`: sums from logits you already have.
+- `concatenated_token_logps(model, batch)`: chosen and rejected stacked into one forward of 2B
+  rows; `concatenated_forward(model, batch)` is its sums.
+- `labelled_logps(model, input_ids, attention_mask, labels)`: sums for any padded rows, e.g.
+  generated replies scored under the policy and the reference.
 - `predicted_logps(model, inputs, ...)`: the one forward every layout goes through (the
   prefix-shared and padding-free layouts of `prefix_sharing.py` and `packing.py` included).
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,35 +62,67 @@ PAIR_FIELDS = (
     "rejected_labels",
 )
 
-# (model, batch) -> (chosen_logps [B], rejected_logps [B]), fp32 sums over response tokens.
+@dataclass(frozen=True)
+class TokenLogps:
+    """The response tokens' log-probs of a micro-batch of B pairs, before they are summed.
+
+    logps [N] fp32 (with grad): log p(label) of every scored response token.
+    sequence_index [N] long: whose token it is, b for pair b's chosen response, B + b for its
+        rejected one; the tokens of one sequence appear in position order.
+    num_pairs: B.
+    log_sum_sq_probs [N] fp32 or None: log sum_v p_v^2 of the distribution each token was
+        predicted from (WPO's normaliser), detached; computed only when asked for.
+    """
+
+    logps: Tensor
+    sequence_index: Tensor
+    num_pairs: int
+    log_sum_sq_probs: Tensor | None = None
+
+    def sums(self) -> tuple[Tensor, Tensor]:
+        """(chosen_logps [B], rejected_logps [B]): each sequence's summed log-prob."""
+        sums = per_sequence(self.logps, self.sequence_index, 2 * self.num_pairs)
+        return sums[:self.num_pairs], sums[self.num_pairs:]
+
+
+# (model, batch, *, log_sum_sq_probs=False) -> TokenLogps: one forward path.
+TokenLogpsFn = Callable[..., TokenLogps]
+# (model, batch) -> (chosen_logps [B], rejected_logps [B]), fp32: the log-probs a loss compares.
 LogpsFn = Callable[[torch.nn.Module, dict], tuple[Tensor, Tensor]]
 
 
 class _LabelLogProbs(torch.autograd.Function):
     """log p(target) for rows of a logits matrix, chunked over rows.
 
-    forward(logits [M, V] any float dtype, rows [N] long, targets [N] long) -> [N] fp32,
-    out[i] = log_softmax(logits[rows[i]])[targets[i]]. Rows may repeat (prefix sharing predicts
-    the first chosen and the first rejected token from the same position).
+    forward(logits [M, V] any float dtype, rows [N] long, targets [N] long, with_sum_sq bool)
+    -> ([N] fp32, [N] fp32 or None): out[i] = log_softmax(logits[rows[i]])[targets[i]], and with
+    `with_sum_sq` the non-differentiable log sum_v softmax(logits[rows[i]])_v^2. Rows may repeat
+    (prefix sharing predicts the first chosen and the first rejected token from one position).
     Peak extra memory: one fp32 chunk [rows_per_chunk, V], forward and backward (the gradient
     itself is [M, V] in the logits dtype, as autograd requires).
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, rows: Tensor, targets: Tensor) -> Tensor:
+    def forward(ctx, logits: Tensor, rows: Tensor, targets: Tensor,
+                with_sum_sq: bool) -> tuple[Tensor, Tensor | None]:
         token_logps = torch.empty(targets.shape[0], dtype=torch.float32, device=logits.device)
         logsumexps = torch.empty_like(token_logps)
+        sum_sq = torch.empty_like(token_logps) if with_sum_sq else None
         for chunk in _chunks(targets.shape[0], logits.shape[-1]):
             chunk_logits = logits.index_select(0, rows[chunk]).float()
             logsumexps[chunk] = torch.logsumexp(chunk_logits, dim=-1)
             picked = chunk_logits.gather(1, targets[chunk, None]).squeeze(1)
             token_logps[chunk] = picked - logsumexps[chunk]
+            if with_sum_sq:  # log sum p^2 = logsumexp(2 z) - 2 logsumexp(z)
+                sum_sq[chunk] = torch.logsumexp(2 * chunk_logits, dim=-1) - 2 * logsumexps[chunk]
         ctx.save_for_backward(logits, rows, targets, logsumexps)
-        return token_logps
+        if with_sum_sq:
+            ctx.mark_non_differentiable(sum_sq)
+        return token_logps, sum_sq
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_token_logps: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad_token_logps: Tensor, _grad_sum_sq) -> tuple[Tensor, None, None, None]:
         logits, rows, targets, logsumexps = ctx.saved_tensors
         grad_logits = torch.zeros_like(logits)
         for chunk in _chunks(targets.shape[0], logits.shape[-1]):
@@ -95,7 +132,7 @@ class _LabelLogProbs(torch.autograd.Function):
             chunk_grad.exp_().mul_(-grad)
             chunk_grad.scatter_add_(1, targets[chunk, None], grad)
             grad_logits.index_add_(0, rows[chunk], chunk_grad.to(logits.dtype))
-        return grad_logits, None, None
+        return grad_logits, None, None, None
 
 
 def _chunks(num_rows: int, vocab_size: int) -> list[slice]:
@@ -106,8 +143,10 @@ def _chunks(num_rows: int, vocab_size: int) -> list[slice]:
 class _FrozenHeadLabelLogProbs(torch.autograd.Function):
     """log p(target) through a frozen linear LM head, chunked over predictions.
 
-    forward(hidden [M, H], rows [N] long, targets [N] long, weight [V, H], bias [V] or None)
-    -> [N] fp32, out[i] = log_softmax(hidden[rows[i]] @ weight.T + bias)[targets[i]].
+    forward(hidden [M, H], rows [N] long, targets [N] long, weight [V, H], bias [V] or None,
+    with_sum_sq bool) -> ([N] fp32, [N] fp32 or None): out[i] = log_softmax(hidden[rows[i]] @
+    weight.T + bias)[targets[i]], and with `with_sum_sq` the non-differentiable log sum_v p_v^2
+    of the same distribution.
     The head is frozen, so the only gradient is the one to `hidden`, and it is linear in the
     upstream gradient: d out[i] / d hidden[rows[i]] = weight[targets[i]] - softmax_i @ weight.
     Forward computes that [N, H] Jacobian chunk by chunk (the matmul a backward would do), so
@@ -117,9 +156,10 @@ class _FrozenHeadLabelLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, rows: Tensor, targets: Tensor, weight: Tensor,
-                bias: Tensor | None) -> Tensor:
+                bias: Tensor | None, with_sum_sq: bool) -> tuple[Tensor, Tensor | None]:
         needs_grad = ctx.needs_input_grad[0]
         token_logps = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+        sum_sq = torch.empty_like(token_logps) if with_sum_sq else None
         jacobian = (torch.empty(targets.shape[0], hidden.shape[-1], dtype=hidden.dtype,
                                 device=hidden.device) if needs_grad else None)
         for chunk in _chunks(targets.shape[0], weight.shape[0]):
@@ -128,31 +168,37 @@ class _FrozenHeadLabelLogProbs(torch.autograd.Function):
             chunk_logps = torch.log_softmax(
                 F.linear(hidden.index_select(0, rows[chunk]), weight, bias).float(), dim=-1)
             token_logps[chunk] = chunk_logps.gather(1, targets[chunk, None]).squeeze(1)
+            if with_sum_sq:
+                sum_sq[chunk] = torch.logsumexp(2 * chunk_logps, dim=-1)
             if needs_grad:
                 probs = chunk_logps.exp_()
                 expected = probs.to(weight.dtype) @ weight  # [chunk, H]: E_softmax[weight row]
                 jacobian[chunk] = (weight[targets[chunk]] - expected).to(hidden.dtype)
         ctx.save_for_backward(rows, jacobian)
         ctx.num_hidden = hidden.shape[0]
-        return token_logps
+        if with_sum_sq:
+            ctx.mark_non_differentiable(sum_sq)
+        return token_logps, sum_sq
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_token_logps: Tensor) -> tuple[Tensor, None, None, None, None]:
+    def backward(ctx, grad_token_logps: Tensor,
+                 _grad_sum_sq) -> tuple[Tensor, None, None, None, None, None]:
         rows, jacobian = ctx.saved_tensors
         grad_hidden = torch.zeros(ctx.num_hidden, jacobian.shape[-1], dtype=jacobian.dtype,
                                   device=jacobian.device)
         scaled = jacobian * grad_token_logps[:, None].to(jacobian.dtype)
-        return grad_hidden.index_add_(0, rows, scaled), None, None, None, None
+        return grad_hidden.index_add_(0, rows, scaled), None, None, None, None, None
 
 
 def _frozen_linear(head: torch.nn.Module) -> bool:
     return type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())
 
 
-def head_label_logps(head: torch.nn.Module, hidden: Tensor, rows: Tensor,
-                     targets: Tensor) -> Tensor:
-    """log_softmax(head(hidden[rows[i]]))[targets[i]] -> [N] fp32, chunk by chunk.
+def head_label_logps(head: torch.nn.Module, hidden: Tensor, rows: Tensor, targets: Tensor,
+                     with_sum_sq: bool = False) -> tuple[Tensor, Tensor | None]:
+    """log_softmax(head(hidden[rows[i]]))[targets[i]] -> [N] fp32, chunk by chunk; with
+    `with_sum_sq` also log sum_v p_v^2 of each distribution ([N] fp32, detached), else None.
 
     hidden [M, H]; rows, targets [N]. A frozen `nn.Linear` head (LoRA's default: the head is
     not a target) goes through `_FrozenHeadLabelLogProbs`. Any other head (trainable, an
@@ -162,21 +208,29 @@ def head_label_logps(head: torch.nn.Module, hidden: Tensor, rows: Tensor,
     """
     targets = targets.long()
     if _frozen_linear(head):
-        return _FrozenHeadLabelLogProbs.apply(hidden, rows, targets, head.weight, head.bias)
+        return _FrozenHeadLabelLogProbs.apply(hidden, rows, targets, head.weight, head.bias,
+                                              with_sum_sq)
 
-    def chunk_logps(chunk_hidden: Tensor, chunk_targets: Tensor) -> Tensor:
+    def chunk_logps(chunk_hidden: Tensor, chunk_targets: Tensor) -> tuple[Tensor, Tensor]:
         chunk_logps = torch.log_softmax(head(chunk_hidden).float(), dim=-1)
-        return chunk_logps.gather(1, chunk_targets[:, None]).squeeze(1)
+        picked = chunk_logps.gather(1, chunk_targets[:, None]).squeeze(1)
+        sum_sq = (torch.logsumexp(2 * chunk_logps.detach(), dim=-1) if with_sum_sq
+                  else picked.new_zeros(0))
+        return picked, sum_sq
 
     vocab_size = getattr(head, "out_features", None) or head.weight.shape[0]
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
-    parts = [torch.zeros(0, dtype=torch.float32, device=hidden.device)]
+    empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
+    parts, sum_sq_parts = [empty], [empty]
     for chunk in _chunks(targets.shape[0], vocab_size):
         chunk_hidden = hidden.index_select(0, rows[chunk])
-        parts.append(checkpoint(chunk_logps, chunk_hidden, targets[chunk], use_reentrant=False)
-                     if needs_grad else chunk_logps(chunk_hidden, targets[chunk]))
-    return torch.cat(parts)
+        picked, sum_sq = (checkpoint(chunk_logps, chunk_hidden, targets[chunk],
+                                     use_reentrant=False)
+                          if needs_grad else chunk_logps(chunk_hidden, targets[chunk]))
+        parts.append(picked)
+        sum_sq_parts.append(sum_sq)
+    return torch.cat(parts), torch.cat(sum_sq_parts) if with_sum_sq else None
 
 
 def sequence_logps(logits: Tensor, labels: Tensor) -> Tensor:
@@ -193,9 +247,9 @@ def sequence_logps(logits: Tensor, labels: Tensor) -> Tensor:
         )
     batch_size, seq_len, vocab_size = logits.shape
     seq_index, positions = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
-    token_logps = _LabelLogProbs.apply(logits.reshape(batch_size * seq_len, vocab_size),
-                                       seq_index * seq_len + positions,
-                                       labels[seq_index, positions + 1].long())
+    token_logps, _ = _LabelLogProbs.apply(logits.reshape(batch_size * seq_len, vocab_size),
+                                          seq_index * seq_len + positions,
+                                          labels[seq_index, positions + 1].long(), False)
     return per_sequence(token_logps, seq_index, batch_size)
 
 
@@ -243,9 +297,11 @@ def predicted_logps(
     targets: Tensor,
     kept: tuple[Tensor, Tensor] | None = None,
     token_weights: Tensor | None = None,
-) -> Tensor:
+    log_sum_sq_probs: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """One forward over `inputs` (input_ids [R, L], masks, position ids, ...) -> [N] fp32:
-    log p(targets[i]) under the prediction at (source_rows[i], source_positions[i]).
+    log p(targets[i]) under the prediction at (source_rows[i], source_positions[i]); and with
+    `log_sum_sq_probs` the detached log sum_v p_v^2 of each prediction ([N] fp32), else None.
 
     The LM head only ever sees the hidden states of those positions, projected chunk by chunk
     by `head_label_logps`: no [tokens, vocab] logits tensor exists. Models that post-process
@@ -271,8 +327,9 @@ def predicted_logps(
         is_fsdp2_model(model) and any(p.requires_grad for p in parts[1].parameters())
         or is_zero3_model(parts[1]))
     if parts is not None and not sharded_head:
-        token_logps, output = _hand_projected_logps(model, *parts, inputs, source_rows,
-                                                    source_positions, targets, kept)
+        logps_and_sum_sq, output = _hand_projected_logps(model, *parts, inputs, source_rows,
+                                                         source_positions, targets, kept,
+                                                         log_sum_sq_probs)
     else:
         if parts is None:
             output = model(**inputs)  # logits [R, L, V]
@@ -281,18 +338,20 @@ def predicted_logps(
             columns, column_of = torch.unique(source_positions, return_inverse=True)
             output = model(**inputs, logits_to_keep=columns)  # logits [R, C, V]
             rows = source_rows * columns.numel() + column_of
-        token_logps = _LabelLogProbs.apply(output.logits.reshape(-1, output.logits.shape[-1]),
-                                           rows, targets.long())
+        logps_and_sum_sq = _LabelLogProbs.apply(
+            output.logits.reshape(-1, output.logits.shape[-1]), rows, targets.long(),
+            log_sum_sq_probs)
     if routed is not None:
         routed.add(getattr(output, "router_logits", None),
                    inputs["attention_mask"] if token_weights is None else token_weights)
-    return token_logps
+    return logps_and_sum_sq
 
 
 def _hand_projected_logps(model: torch.nn.Module, decoder: torch.nn.Module,
                           head: torch.nn.Module, inputs: dict, source_rows: Tensor,
                           source_positions: Tensor, targets: Tensor,
-                          kept: tuple[Tensor, Tensor] | None) -> tuple[Tensor, object]:
+                          kept: tuple[Tensor, Tensor] | None,
+                          log_sum_sq_probs: bool) -> tuple[tuple[Tensor, Tensor | None], object]:
     """`predicted_logps` through the decoder's hidden states at the kept positions and the
     head applied to them by `head_label_logps`; and the model's output."""
     shape = inputs["input_ids"].shape
@@ -300,7 +359,7 @@ def _hand_projected_logps(model: torch.nn.Module, decoder: torch.nn.Module,
         kept = torch.unique(source_rows * shape[1] + source_positions, return_inverse=True)
     hidden, output = _hidden_states(model, decoder, inputs)
     kept_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept[0])  # [M, H]
-    return head_label_logps(head, kept_hidden, kept[1], targets), output
+    return head_label_logps(head, kept_hidden, kept[1], targets, log_sum_sq_probs), output
 
 
 def check_pair_batch(batch: dict[str, Tensor], fields: tuple[str, ...]) -> None:
@@ -321,21 +380,27 @@ def check_pair_batch(batch: dict[str, Tensor], fields: tuple[str, ...]) -> None:
         )
 
 
-def concatenated_forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Chosen and rejected in ONE forward of 2B rows -> (chosen_logps [B], rejected_logps [B]) fp32.
+def concatenated_token_logps(model: torch.nn.Module, batch: dict[str, Tensor], *,
+                             log_sum_sq_probs: bool = False) -> TokenLogps:
+    """Chosen and rejected in ONE forward of 2B rows -> their response tokens' `TokenLogps`.
 
     Position ids come from the attention mask (cumsum - 1), so left and right padding give the
     same numbers, and each row is independent of the others in the batch.
     """
     check_pair_batch(batch, PAIR_FIELDS)
-    logps = labelled_logps(
+    token_logps, seq_index, sum_sq = _labelled_token_logps(
         model,
         torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
         torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
         torch.cat([batch["chosen_labels"], batch["rejected_labels"]]),
+        log_sum_sq_probs,
     )
-    num_pairs = batch["chosen_input_ids"].shape[0]
-    return logps[:num_pairs], logps[num_pairs:]
+    return TokenLogps(token_logps, seq_index, batch["chosen_input_ids"].shape[0], sum_sq)
+
+
+def concatenated_forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(chosen_logps [B], rejected_logps [B]) fp32: the sums of `concatenated_token_logps`."""
+    return concatenated_token_logps(model, batch).sums()
 
 
 def labelled_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
@@ -343,6 +408,15 @@ def labelled_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     """One forward of padded rows (input_ids, attention_mask, labels [R, T]) -> [R] fp32: each
     row's sum of log-probs of its labels (IGNORE_INDEX skipped). Position ids come from the
     attention mask, so left and right padding give the same numbers."""
+    token_logps, seq_index, _ = _labelled_token_logps(model, input_ids, attention_mask, labels)
+    return per_sequence(token_logps, seq_index, labels.shape[0])
+
+
+def _labelled_token_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                          labels: Tensor, log_sum_sq_probs: bool = False
+                          ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The log-prob [N] fp32 of every label of padded rows [R, T], the row of each [N], and
+    with `log_sum_sq_probs` WPO's log sum_v p_v^2 of each prediction [N] (else None)."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
     # Positions whose next token is a label. A real token must predict it: with an empty prompt
     # the first response token follows left padding (or nothing), and is not scored.
@@ -354,9 +428,10 @@ def labelled_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     # already the distinct, sorted kept positions.
     kept = (seq_index * input_ids.shape[1] + positions,
             torch.arange(len(seq_index), device=seq_index.device))
-    token_logps = predicted_logps(model, inputs, seq_index, positions,
-                                  labels[seq_index, positions + 1], kept)
-    return per_sequence(token_logps, seq_index, labels.shape[0])
+    token_logps, sum_sq = predicted_logps(model, inputs, seq_index, positions,
+                                          labels[seq_index, positions + 1], kept,
+                                          log_sum_sq_probs=log_sum_sq_probs)
+    return token_logps, seq_index, sum_sq
 
 
 def per_sequence(token_logps: Tensor, sequence_index: Tensor, num_sequences: int) -> Tensor:

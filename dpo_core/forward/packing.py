@@ -26,6 +26,7 @@ Attention, per device:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from dpo_core.data.tokenization import IGNORE_INDEX
 from dpo_core.forward.attention import LAYOUT_ATTENTION, attn_implementation
-from dpo_core.forward.logps import PAIR_FIELDS, check_pair_batch, per_sequence, predicted_logps
+from dpo_core.forward.logps import PAIR_FIELDS, TokenLogps, check_pair_batch, predicted_logps
 from dpo_core.forward.masks import FIRST, SECOND, SHARED, Block, RowLayout
 from dpo_core.forward.prefix_sharing import PrefixSharedRows, prefix_shared_batch
 
@@ -43,7 +44,8 @@ from dpo_core.forward.prefix_sharing import PrefixSharedRows, prefix_shared_batc
 class PackedRow:
     """One padding-free row and what it predicts.
 
-    input_ids, position_ids: [1, T]; blocks: the row's blocks in order, covering [0, T).
+    input_ids, position_ids: [1, T]; blocks: the row's blocks in order, covering [0, T), the
+    last `padding` tokens (`--pad_to_multiple_of`) a block of their own that is no sequence.
     Predictions: the hidden state at row position `source_positions[i]` predicts `targets[i]`,
     a label of sequence `sequence_index[i]` (of `num_sequences`).
     """
@@ -58,6 +60,7 @@ class PackedRow:
     # The distinct predicting positions [M] and which of them predicts target i [N].
     kept_positions: Tensor
     kept_index: Tensor
+    padding: int = 0
 
     LAYOUT_KEY = "packed_layout"
     _TENSORS = ("input_ids", "position_ids", "source_positions", "targets", "sequence_index",
@@ -70,7 +73,8 @@ class PackedRow:
     def to_batch(self, prefix_shared: bool) -> dict:
         """Batch fields (`packed_*`) that `from_batch` turns back into this row."""
         fields = {f"packed_{name}": getattr(self, name) for name in self._TENSORS}
-        fields.update(packed_blocks=self.blocks, packed_num_sequences=self.num_sequences)
+        fields.update(packed_blocks=self.blocks, packed_num_sequences=self.num_sequences,
+                      packed_padding=self.padding)
         fields[self.LAYOUT_KEY] = self.layout_name(prefix_shared)
         return fields
 
@@ -78,7 +82,23 @@ class PackedRow:
     def from_batch(cls, batch: dict) -> PackedRow:
         return cls(blocks=[tuple(block) for block in batch["packed_blocks"]],
                    num_sequences=int(batch["packed_num_sequences"]),
+                   padding=int(batch.get("packed_padding", 0)),
                    **{name: batch[f"packed_{name}"] for name in cls._TENSORS})
+
+    def padded_to_multiple_of(self, multiple: int, pad_token_id: int) -> PackedRow:
+        """This row grown to a multiple of `multiple` tokens (`--pad_to_multiple_of`): the
+        padding is one more block of `pad_token_id`s that is no sequence (it sees only itself,
+        predicts nothing and weighs nothing), so every real token's log-prob is unchanged."""
+        length = self.input_ids.shape[1]
+        padding = -length % multiple
+        if not padding:
+            return self
+        ids = self.input_ids.new_full((1, padding), pad_token_id)
+        positions = torch.arange(padding, device=ids.device)[None]
+        return dataclasses.replace(
+            self, input_ids=torch.cat([self.input_ids, ids], dim=1),
+            position_ids=torch.cat([self.position_ids, positions], dim=1),
+            blocks=[*self.blocks, (length, 0, padding, 0)], padding=self.padding + padding)
 
     def token_kinds(self) -> tuple[Tensor, Tensor]:
         """(block index [T], kind [T] in SHARED / FIRST / SECOND) of every position."""
@@ -92,6 +112,9 @@ class PackedRow:
         """Who sees whom: each block is a group; the second part of a block sees its shared
         tokens and itself, never the first part."""
         owner, kind = self.token_kinds()
+        if self.padding:  # padding is no sequence: a group of its own, negative (weight 0)
+            owner = torch.where(torch.arange(owner.numel(), device=owner.device)
+                                >= owner.numel() - self.padding, -1, owner)
         return RowLayout(group_ids=owner[None], part_ids=kind[None],
                          position_ids=self.position_ids, blocks=self.blocks)
 
@@ -159,9 +182,9 @@ def pack_prefix_shared(
     )
 
 
-def _packed_logps(model: torch.nn.Module, row: PackedRow) -> tuple[Tensor, Tensor]:
-    """One forward over a packed row -> (chosen_logps [B], rejected_logps [B]) fp32; the
-    attention that keeps its sequences apart is chosen by the model's implementation."""
+def _packed_logps(model: torch.nn.Module, row: PackedRow, log_sum_sq_probs: bool) -> TokenLogps:
+    """One forward over a packed row -> its response tokens' `TokenLogps`; the attention that
+    keeps its sequences apart is chosen by the model's implementation."""
     attention = attn_implementation(model)
     on_cuda = row.input_ids.device.type == "cuda"
     if attention not in LAYOUT_ATTENTION and not (attention == "flex_attention" and on_cuda):
@@ -175,28 +198,38 @@ def _packed_logps(model: torch.nn.Module, row: PackedRow) -> tuple[Tensor, Tenso
                   position_ids=row.position_ids, use_cache=False)
     layout = row.layout()
     with layout.active():
-        token_logps = predicted_logps(model, inputs, torch.zeros_like(row.source_positions),
-                                       row.source_positions, row.targets,
-                                       kept=(row.kept_positions, row.kept_index),
-                                       token_weights=layout.token_weights())
-    logps = per_sequence(token_logps, row.sequence_index, row.num_sequences)
-    num_pairs = row.num_sequences // 2
-    return logps[:num_pairs], logps[num_pairs:]
+        token_logps, sum_sq = predicted_logps(
+            model, inputs, torch.zeros_like(row.source_positions), row.source_positions,
+            row.targets, kept=(row.kept_positions, row.kept_index),
+            token_weights=layout.token_weights(), log_sum_sq_probs=log_sum_sq_probs)
+    return TokenLogps(token_logps, row.sequence_index, row.num_sequences // 2, sum_sq)
+
+
+def padding_free_token_logps(model: torch.nn.Module, batch: dict[str, Tensor], *,
+                             log_sum_sq_probs: bool = False) -> TokenLogps:
+    """Chosen and rejected sequences packed into one row without padding -> the response
+    tokens' `TokenLogps`. Equals `concatenated_token_logps` up to float rounding."""
+    return _packed_logps(model, packed_row(batch, prefix_shared=False), log_sum_sq_probs)
+
+
+def padding_free_prefix_shared_token_logps(model: torch.nn.Module, batch: dict[str, Tensor], *,
+                                           log_sum_sq_probs: bool = False) -> TokenLogps:
+    """`[prompt | chosen | rejected]` of every pair packed into one row without padding -> the
+    response tokens' `TokenLogps`. Equals `concatenated_token_logps` up to float rounding;
+    each prompt is encoded once."""
+    return _packed_logps(model, packed_row(batch, prefix_shared=True), log_sum_sq_probs)
 
 
 def padding_free_forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Chosen and rejected sequences packed into one row without padding -> (chosen_logps [B],
-    rejected_logps [B]) fp32. Equals `concatenated_forward` up to float rounding."""
-    return _packed_logps(model, packed_row(batch, prefix_shared=False))
+    """(chosen_logps [B], rejected_logps [B]) fp32: the sums of `padding_free_token_logps`."""
+    return padding_free_token_logps(model, batch).sums()
 
 
-def padding_free_prefix_shared_forward(
-    model: torch.nn.Module, batch: dict[str, Tensor]
-) -> tuple[Tensor, Tensor]:
-    """`[prompt | chosen | rejected]` of every pair packed into one row without padding ->
-    (chosen_logps [B], rejected_logps [B]) fp32. Equals `concatenated_forward` up to float
-    rounding; each prompt is encoded once."""
-    return _packed_logps(model, packed_row(batch, prefix_shared=True))
+def padding_free_prefix_shared_forward(model: torch.nn.Module,
+                                       batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(chosen_logps [B], rejected_logps [B]) fp32: the sums of
+    `padding_free_prefix_shared_token_logps`."""
+    return padding_free_prefix_shared_token_logps(model, batch).sums()
 
 
 def packed_row(batch: dict, prefix_shared: bool) -> PackedRow:
@@ -222,12 +255,16 @@ class PaddingFreeCollator:
     """A pair collator whose batches also carry their packed layout (`PackedRow` fields),
     built here on the CPU, in the DataLoader: the padding-free forward then needs no host
     sync to find lengths and positions. The padded fields stay, for everything else that
-    reads the batch (lengths, token counts)."""
+    reads the batch (lengths, token counts). With the inner collator's `pad_to_multiple_of`
+    the packed row is grown to a multiple of it too (`PackedRow.padded_to_multiple_of`)."""
 
     def __init__(self, collator, prefix_shared: bool):
         self.collator, self.prefix_shared = collator, prefix_shared
 
     def __call__(self, pairs) -> dict:
         batch = self.collator(pairs)
-        batch.update(packed_row(batch, self.prefix_shared).to_batch(self.prefix_shared))
+        row = packed_row(batch, self.prefix_shared)
+        if multiple := self.collator.pad_to_multiple_of:
+            row = row.padded_to_multiple_of(multiple, self.collator.pad_token_id)
+        batch.update(row.to_batch(self.prefix_shared))
         return batch

@@ -20,9 +20,9 @@ from dpo_core.data.tokenization import IGNORE_INDEX
 from dpo_core.forward.attention import LAYOUT_ATTENTION, attn_implementation
 from dpo_core.forward.logps import (
     PAIR_FIELDS,
+    TokenLogps,
     check_pair_batch,
-    concatenated_forward,
-    per_sequence,
+    concatenated_token_logps,
     predicted_logps,
 )
 from dpo_core.forward.masks import FIRST, SECOND, SHARED, RowLayout
@@ -141,12 +141,11 @@ def prefix_shared_batch(batch: dict[str, Tensor]) -> PrefixSharedRows:
     )
 
 
-def prefix_shared_forward(
-    model: torch.nn.Module, batch: dict[str, Tensor]
-) -> tuple[Tensor, Tensor]:
-    """Prompt encoded once per pair -> (chosen_logps [B], rejected_logps [B]) fp32.
+def prefix_shared_token_logps(model: torch.nn.Module, batch: dict[str, Tensor], *,
+                              log_sum_sq_probs: bool = False) -> TokenLogps:
+    """Prompt encoded once per pair -> the response tokens' `TokenLogps`.
 
-    Equals `concatenated_forward` up to float rounding. Needs an attention implementation
+    Equals `concatenated_token_logps` up to float rounding. Needs an attention implementation
     whose masks follow a `RowLayout` (eager, sdpa); flash-attention models raise ValueError.
     """
     attention = attn_implementation(model)
@@ -164,12 +163,17 @@ def prefix_shared_forward(
                   position_ids=shared.position_ids, use_cache=False)
     layout = shared.layout()
     with layout.active():
-        token_logps = predicted_logps(model, inputs, shared.source_rows,
-                                       shared.source_positions, shared.targets,
-                                       token_weights=layout.token_weights())
-    num_pairs = shared.input_ids.shape[0]
-    logps = per_sequence(token_logps, shared.sequence_index, 2 * num_pairs)
-    return logps[:num_pairs], logps[num_pairs:]
+        token_logps, sum_sq = predicted_logps(model, inputs, shared.source_rows,
+                                              shared.source_positions, shared.targets,
+                                              token_weights=layout.token_weights(),
+                                              log_sum_sq_probs=log_sum_sq_probs)
+    return TokenLogps(token_logps, shared.sequence_index, shared.input_ids.shape[0], sum_sq)
+
+
+def prefix_shared_forward(model: torch.nn.Module,
+                          batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(chosen_logps [B], rejected_logps [B]) fp32: the sums of `prefix_shared_token_logps`."""
+    return prefix_shared_token_logps(model, batch).sums()
 
 
 # Prefix sharing feeds fewer tokens but attends over rows about twice as long (with a dense
@@ -188,10 +192,11 @@ def prefix_sharing_pays(prompt_lengths: Tensor, chosen_lengths: Tensor,
     return bool(shared_width <= (1 - PREFIX_SHARING_MIN_SAVING) * two_rows_width)
 
 
-def prefix_sharing_when_it_pays(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple:
-    """`prefix_shared_forward` for batches where `prefix_sharing_pays` (long prompts), else
-    `concatenated_forward`. Both give the same log-probs, so the choice is per batch."""
-    if prefix_sharing_pays(batch["prompt_lengths"], batch["chosen_attention_mask"].sum(-1),
-                           batch["rejected_attention_mask"].sum(-1)):
-        return prefix_shared_forward(model, batch)
-    return concatenated_forward(model, batch)
+def prefix_sharing_when_it_pays(model: torch.nn.Module, batch: dict[str, Tensor], *,
+                                log_sum_sq_probs: bool = False) -> TokenLogps:
+    """`prefix_shared_token_logps` for batches where `prefix_sharing_pays` (long prompts), else
+    `concatenated_token_logps`. Both give the same log-probs, so the choice is per batch."""
+    shared = prefix_sharing_pays(batch["prompt_lengths"], batch["chosen_attention_mask"].sum(-1),
+                                 batch["rejected_attention_mask"].sum(-1))
+    path = prefix_shared_token_logps if shared else concatenated_token_logps
+    return path(model, batch, log_sum_sq_probs=log_sum_sq_probs)

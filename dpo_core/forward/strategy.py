@@ -2,8 +2,8 @@
 
 Chosen once per run by `choose_forward`, from the model's attention and the `--padding_free`
 and `--prefix_sharing` settings, then asked by everything that depends on it: the log-prob
-function (`logps`), the collator that lays batches out on the CPU (`collator`), the length a
-pair costs (`pair_lengths`, for length grouping and the reference pass) and the run plan
+function (`token_logps`), the collator that lays batches out on the CPU (`collator`), the
+length a pair costs (`pair_lengths`, for length grouping and the reference pass) and the run plan
 (`record`). `prepare(model)` makes the one change a path needs in the model: padding-free rows
 under SDPA switch it to the per-block packed SDPA attention (the same numbers for any other
 input). Every path gives the same log-probs; tests/forward checks each against the others.
@@ -26,14 +26,14 @@ from dpo_core.forward.attention import (
     attn_implementation,
     use_packed_attention,
 )
-from dpo_core.forward.logps import LogpsFn, concatenated_forward
+from dpo_core.forward.logps import TokenLogpsFn, concatenated_token_logps
 from dpo_core.forward.masks import masks_follow_layouts
 from dpo_core.forward.packing import (
     PaddingFreeCollator,
-    padding_free_forward,
-    padding_free_prefix_shared_forward,
+    padding_free_prefix_shared_token_logps,
+    padding_free_token_logps,
 )
-from dpo_core.forward.prefix_sharing import prefix_shared_forward, prefix_sharing_when_it_pays
+from dpo_core.forward.prefix_sharing import prefix_shared_token_logps, prefix_sharing_when_it_pays
 from dpo_core.modeling.loading import base_model_of
 
 
@@ -69,16 +69,16 @@ def resolve_prefix_sharing(setting: bool | None, attention: str | None,
 
 
 # The log-prob function of each (padding-free, prefix sharing) choice; all give the same numbers.
-_LOGPS: dict[tuple[bool, PrefixSharing], LogpsFn] = {
-    (False, PrefixSharing.OFF): concatenated_forward,
+_LOGPS: dict[tuple[bool, PrefixSharing], TokenLogpsFn] = {
+    (False, PrefixSharing.OFF): concatenated_token_logps,
     (False, PrefixSharing.PER_BATCH): prefix_sharing_when_it_pays,
-    (False, PrefixSharing.ALWAYS): prefix_shared_forward,
-    (True, PrefixSharing.OFF): padding_free_forward,
-    (True, PrefixSharing.ALWAYS): padding_free_prefix_shared_forward,
+    (False, PrefixSharing.ALWAYS): prefix_shared_token_logps,
+    (True, PrefixSharing.OFF): padding_free_token_logps,
+    (True, PrefixSharing.ALWAYS): padding_free_prefix_shared_token_logps,
 }
 
 
-def logps_fn_for(prefix_sharing: PrefixSharing | str, padding_free: bool) -> LogpsFn:
+def token_logps_fn_for(prefix_sharing: PrefixSharing | str, padding_free: bool) -> TokenLogpsFn:
     """The log-prob function for a prefix-sharing mode and padding-free setting."""
     return _LOGPS[(padding_free, PrefixSharing(prefix_sharing))]
 
@@ -98,17 +98,20 @@ class Forward:
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        logps_fn_for(self.prefix_sharing, self.padding_free)  # KeyError: no such path
+        token_logps_fn_for(self.prefix_sharing, self.padding_free)  # KeyError: no such path
 
     @property
-    def logps(self) -> LogpsFn:
-        """(model, batch) -> (chosen_logps [B], rejected_logps [B]), fp32 sums."""
-        return logps_fn_for(self.prefix_sharing, self.padding_free)
+    def token_logps(self) -> TokenLogpsFn:
+        """(model, batch, *, log_sum_sq_probs=False) -> the response tokens' `TokenLogps`."""
+        return token_logps_fn_for(self.prefix_sharing, self.padding_free)
 
-    def collator(self, pad_token_id: int) -> Callable[[list[TokenizedPair]], dict]:
-        """Pairs -> a batch for `logps`: padded rows, plus (padding-free) the packed layout,
-        built on the CPU in the DataLoader so the forward needs no host sync."""
-        collator = PreferenceCollator(pad_token_id)
+    def collator(self, pad_token_id: int,
+                 pad_to_multiple_of: int | None = None) -> Callable[[list[TokenizedPair]], dict]:
+        """Pairs -> a batch for `token_logps`: padded rows, plus (padding-free) the packed
+        layout, built on the CPU in the DataLoader so the forward needs no host sync. With
+        `pad_to_multiple_of` the padded rows and the packed row are both grown to a multiple of
+        it (prefix-shared rows, built in the forward, keep their own width)."""
+        collator = PreferenceCollator(pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
         if not self.padding_free:
             return collator
         return PaddingFreeCollator(collator,

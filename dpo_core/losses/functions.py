@@ -14,6 +14,10 @@ the trainer's "sum over pairs / pairs in the step" stays the right gradient. As 
 batch is the micro-batch on one process: with gradient accumulation or several processes each
 micro-batch is sorted and pooled on its own (nothing is gathered).
 
+Two options act on the response tokens before the losses see them, and are functions here
+too: ``length_desensitized_logps`` (LD-DPO's ``--ld_alpha``: the sums each loss compares) and
+``wpo_weights`` (WPO's ``--use_weighting``: a weight per pair).
+
 Notation used in the docstrings, per example:
     pc, pr   policy log-probs of the chosen / rejected response
     rc, rr   reference log-probs of the chosen / rejected response (0 when reference-free)
@@ -609,6 +613,70 @@ def discopop_loss(
     losses = (-F.logsigmoid(x) * torch.sigmoid(-x / discopop_tau)
               + torch.exp(-x + F.logsigmoid(x / discopop_tau)))
     return (losses, *_detached_rewards(beta, chosen_ratios, rejected_ratios))
+
+
+def _token_ranks(sequence_index: Tensor, num_sequences: int) -> tuple[Tensor, Tensor]:
+    """(rank [N], counts [S]): each token's 0-based place among its sequence's tokens (they
+    come in position order), and each sequence's token count."""
+    counts = torch.bincount(sequence_index, minlength=num_sequences)
+    order = torch.argsort(sequence_index, stable=True)
+    starts = counts.cumsum(0) - counts
+    ranks = torch.empty_like(sequence_index)
+    ranks[order] = torch.arange(len(order), device=order.device) - starts[sequence_index[order]]
+    return ranks, counts
+
+
+def length_desensitized_logps(token_logps: Tensor, sequence_index: Tensor, num_pairs: int,
+                              ld_alpha: float) -> tuple[Tensor, Tensor]:
+    """LD-DPO's response log-probs (Liu et al. 2024, "Length Desensitization in Direct
+    Preference Optimization", arXiv:2409.06411), trl 1.16's ``ld_alpha``.
+
+    For pair b, with l = min(lc, lr) the length both replies share, each reply's log-prob is
+        sum of its first l tokens' log-probs + ld_alpha * sum of the rest
+    The shorter reply is unchanged; the longer one's tail (the "verbose" part) counts
+    ld_alpha times. Apply it to the policy and the reference alike (as trl does).
+
+    Worked example: chosen tokens (-1, -2, -3), rejected (-4), ld_alpha = 1/2: l = 1, chosen
+    -1 + (-2 - 3) / 2 = -3.5, rejected -4. ld_alpha = 1 gives the plain sums.
+
+    Args: token_logps [N]; sequence_index [N], b for pair b's chosen reply and B + b for its
+        rejected one, each sequence's tokens in position order; num_pairs B.
+    Returns: (chosen [B], rejected [B]), in token_logps' dtype.
+    """
+    ranks, counts = _token_ranks(sequence_index, 2 * num_pairs)
+    shared = torch.minimum(counts[:num_pairs], counts[num_pairs:]).repeat(2)
+    weights = torch.where(ranks < shared[sequence_index], 1.0, ld_alpha).to(token_logps.dtype)
+    sums = token_logps.new_zeros(2 * num_pairs).index_add(0, sequence_index,
+                                                          token_logps * weights)
+    return sums[:num_pairs], sums[num_pairs:]
+
+
+def wpo_weights(token_logps: Tensor, log_sum_sq_probs: Tensor, sequence_index: Tensor,
+                num_pairs: int) -> Tensor:
+    """WPO's per-pair weight (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference
+    Optimization", arXiv:2406.11827, Eq. 2 with its length normalisation), as trl 1.16's
+    ``use_weighting`` computes it:
+
+        w(y) = exp(mean over y's tokens of (log p(token) - log sum_v p_v^2))
+        weight = w(chosen) * w(rejected)        (detached: no gradient flows through it)
+
+    p is the policy's next-token distribution; sum_v p_v^2 is the probability that two samples
+    from it agree, so each token counts relative to how peaked its distribution is, and a
+    reply the policy would likely produce weighs more. An empty reply has mean 0 (w = 1).
+
+    Worked example: one chosen token with p = 1/2 from a distribution (1/2, 1/2): log(1/2) -
+    log(1/2) = 0, w = 1; one rejected token with p = 1/4 from (1/2, 1/4, 1/4): sum p^2 = 3/8,
+    w = (1/4) / (3/8) = 2/3; weight 2/3.
+
+    Args: token_logps, log_sum_sq_probs, sequence_index [N] (as ``length_desensitized_logps``);
+        num_pairs B.
+    Returns: [B] weights, detached.
+    """
+    aligned = (token_logps - log_sum_sq_probs).detach()
+    sums = aligned.new_zeros(2 * num_pairs).index_add(0, sequence_index, aligned)
+    counts = torch.bincount(sequence_index, minlength=2 * num_pairs).clamp(min=1)
+    weights = torch.exp(sums / counts)
+    return weights[:num_pairs] * weights[num_pairs:]
 
 
 def _log1mexp(x: Tensor) -> Tensor:

@@ -42,6 +42,8 @@ class LossKind:
     reference: str = USES_REFERENCE
     label_smoothing: bool = False  # --label_smoothing enters its formula
     f_divergence: bool = False  # --f_divergence_type applies (f-DPO)
+    nll: bool = False  # has a chosen-NLL term (which --ld_alpha must not reweigh)
+    sorted_batch: bool = False  # its terms belong to quantiles, not pairs (no --use_weighting)
     fixed: Mapping[str, object] = dataclasses.field(default_factory=dict)  # fixed arguments
 
 
@@ -53,16 +55,16 @@ LOSSES: dict[str, LossKind] = {
     "ipo": LossKind("ipo_loss", "IPO, squared and length-normalised", f_divergence=True),
     "hinge": LossKind("hinge_loss", "SLiC hinge", f_divergence=True),
     "rpo": LossKind("rpo_loss", "DPO + --rpo_alpha NLL of chosen", label_smoothing=True,
-                    f_divergence=True),
+                    f_divergence=True, nll=True),
     "exo_pair": LossKind("exo_pair_loss", "EXO; needs --label_smoothing > 0",
                          label_smoothing=True, f_divergence=True),
     "nca_pair": LossKind("nca_pair_loss", "NCA"),
     "bco_pair": LossKind("bco_pair_loss", "BCO"),
     "sppo_hard": LossKind("sppo_hard_loss", "SPPO, hard labels"),
     "aot": LossKind("aot_loss", "AOT, sorted within the micro-batch", label_smoothing=True,
-                    fixed={"paired": True}),
+                    sorted_batch=True, fixed={"paired": True}),
     "aot_unpaired": LossKind("aot_loss", "AOT, unpaired", label_smoothing=True,
-                             fixed={"paired": False}),
+                             sorted_batch=True, fixed={"paired": False}),
     "apo_zero": LossKind("apo_loss", "APO, chosen better than the model",
                          fixed={"anchor": "zero"}),
     "apo_down": LossKind("apo_loss", "APO, chosen worse than the model",
@@ -70,11 +72,11 @@ LOSSES: dict[str, LossKind] = {
     "discopop": LossKind("discopop_loss", "DiscoPOP, --discopop_tau", f_divergence=True),
     "sigmoid_norm": LossKind("sigmoid_norm_loss", "length-normalised DPO", f_divergence=True),
     "simpo": LossKind("simpo_loss", "SimPO, --simpo_gamma", reference=NEVER_REFERENCE),
-    "orpo": LossKind("orpo_loss", "ORPO, --orpo_alpha", reference=NEVER_REFERENCE),
+    "orpo": LossKind("orpo_loss", "ORPO, --orpo_alpha", reference=NEVER_REFERENCE, nll=True),
     "cpo": LossKind("cpo_loss", "CPO, --cpo_alpha", reference=NEVER_REFERENCE,
-                    label_smoothing=True),
+                    label_smoothing=True, nll=True),
     "sft": LossKind("sft_loss", "the NLL term alone", reference=NO_REFERENCE,
-                    f_divergence=True),
+                    f_divergence=True, nll=True),
 }
 LOSS_TYPES = tuple(LOSSES)
 # Defined without a reference model: they never take one.
@@ -153,6 +155,19 @@ class LossSettings:
         LOSS)
     cpo_alpha: float = setting(
         1.0, "Weight of CPO's NLL (behaviour cloning) term for --loss_type cpo, as trl.", LOSS)
+    ld_alpha: float | None = setting(
+        None,
+        "LD-DPO (arXiv 2409.06411), trl's name: each response's log-prob, policy and reference, "
+        "is the sum over the tokens both replies have in length plus ld_alpha times the sum "
+        "over the longer reply's tail; in [0, 1] (1 = plain DPO). Unset: off. Not with a loss "
+        "that has an NLL term (sft, rpo, cpo, orpo).",
+        LOSS)
+    use_weighting: bool = setting(
+        False,
+        "WPO (arXiv 2406.11827), trl's name: weigh each pair's loss by w_chosen * w_rejected, "
+        "w = exp(mean over the response of log p(token) - log sum_v p_v^2) under the policy, "
+        "detached. Not with aot or aot_unpaired (their terms are quantiles, not pairs).",
+        LOSS)
 
     def __post_init__(self) -> None:
         self.check_loss_options()
@@ -236,6 +251,19 @@ def _check_options(settings: LossSettings) -> None:
     _check(settings.f_divergence_type == "reverse_kl" or not unsupported,
            f"--f_divergence_type {settings.f_divergence_type} does not apply to --loss_type "
            f"{', '.join(unsupported)}; it applies to {', '.join(_names_with('f_divergence'))}")
+    if settings.ld_alpha is not None:
+        _check(math.isfinite(settings.ld_alpha) and 0.0 <= settings.ld_alpha <= 1.0,
+               f"--ld_alpha must be in [0, 1] (1 = plain DPO), got {settings.ld_alpha}")
+        with_nll = [n for n in names if LOSSES[n].nll]
+        _check(not with_nll,
+               f"--ld_alpha does not apply to --loss_type {', '.join(with_nll)}: it would reweigh "
+               "the tokens of its NLL term, which is no likelihood then. Drop --ld_alpha, or "
+               "the loss with the NLL term")
+    quantiles = [n for n in names if LOSSES[n].sorted_batch]
+    _check(not (settings.use_weighting and quantiles),
+           f"--use_weighting weighs each pair's loss, and --loss_type {', '.join(quantiles)} "
+           "sorts the batch, so its terms belong to quantiles, not pairs (trl refuses it too): "
+           "drop one of them")
 
 
 def validate_loss_options(

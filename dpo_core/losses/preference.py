@@ -4,7 +4,10 @@
 in `dpo_core.losses.functions` with the arguments that function names: the log-probs and
 lengths, and the options under their flag names (`beta`, `label_smoothing`, `rpo_alpha`, ...),
 plus the row's fixed arguments. Nothing is validated per call beyond the tensors' shapes: the
-options were checked when `LossSettings` was built.
+options were checked when `LossSettings` was built. The two options that need the response
+tokens themselves are applied by the caller, from `TokenLogps` (`dpo_core.forward`):
+`--ld_alpha` to the log-probs passed in (`functions.length_desensitized_logps`), and
+`--use_weighting` as `pair_weights` (`functions.wpo_weights`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from dpo_core.losses.options import LOSSES, REFERENCE_FREE_LOSSES, LossSettings
 
 class LossTerms(NamedTuple):
     """What ``preference_loss`` returns, each [B]: the weighted total (with grad), the
-    rewards of the first loss type (detached) and, for a mixture, each term unweighted."""
+    rewards of the first loss type (detached) and, for a mixture, each term without its
+    ``loss_weights`` factor (with the WPO pair weight, when on)."""
 
     losses: Tensor
     chosen_rewards: Tensor
@@ -58,10 +62,12 @@ def preference_loss(
     *,
     chosen_lengths: Tensor,
     rejected_lengths: Tensor,
+    pair_weights: Tensor | None = None,
 ) -> LossTerms:
     """The loss (or weighted mixture of losses) that ``settings`` names, on one micro-batch.
 
         loss = sum_k weight_k * loss_k      (per pair; trl's ``loss_weights``, default 1)
+        loss = w * sum_k weight_k * loss_k  (with --use_weighting: w = ``pair_weights``)
 
     Args:
         settings: the loss options (a ``TrainConfig`` is one).
@@ -71,8 +77,13 @@ def preference_loss(
             error.
         chosen_lengths, rejected_lengths: [B] response token counts (labels != -100), used by
             the length-normalised losses and the NLL terms.
+        pair_weights: [B] WPO weights (``functions.wpo_weights``), given exactly when
+            ``settings.use_weighting``; they scale every term of a pair (its components too).
     Returns: ``LossTerms``; the rewards are those of the first loss type of a mixture.
     """
+    if settings.use_weighting != (pair_weights is not None):
+        raise ValueError("pass pair_weights (dpo_core.losses.functions.wpo_weights) exactly "
+                         f"when use_weighting is on (it is {settings.use_weighting})")
     if (reference_chosen_logps is None) != (reference_rejected_logps is None):
         raise ValueError("pass both reference log-probs (chosen and rejected) or neither")
     reference_free = reference_chosen_logps is None
@@ -89,6 +100,8 @@ def preference_loss(
     if not reference_free:
         shapes["reference_chosen_logps"] = reference_chosen_logps.shape
         shapes["reference_rejected_logps"] = reference_rejected_logps.shape
+    if pair_weights is not None:
+        shapes["pair_weights"] = pair_weights.shape
     if len(set(shapes.values())) != 1 or policy_chosen_logps.dim() != 1:
         raise ValueError(f"preference_loss needs 1-D tensors of one shape [B], got {shapes}")
 
@@ -105,10 +118,11 @@ def preference_loss(
     }
     terms = [_one_loss(name, arguments) for name in settings.loss_types]
     _, chosen_rewards, rejected_rewards = terms[0]
+    scale = 1.0 if pair_weights is None else pair_weights.detach()
     total = sum(weight * losses for weight, (losses, _, _)
-                in zip(settings.weights, terms, strict=True))
+                in zip(settings.weights, terms, strict=True)) * scale
     components = ({} if len(terms) == 1 else
-                  {name: losses.detach() for name, (losses, _, _)
+                  {name: (losses * scale).detach() for name, (losses, _, _)
                    in zip(settings.loss_types, terms, strict=True)})
     return LossTerms(total, chosen_rewards, rejected_rewards, components)
 
@@ -119,6 +133,7 @@ def preference_metrics(
     rejected_rewards: Tensor,
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
+    wpo_weights: Tensor | None = None,
     **component_losses: Tensor,
 ) -> dict[str, Tensor]:
     """Batch means under the names trl and torchtune log, as detached 0-dim float32 tensors.
@@ -135,6 +150,7 @@ def preference_metrics(
         rewards/margins     mean(chosen reward - rejected reward)
         logps/chosen        mean summed log-prob of the chosen response under the policy
         logps/rejected      the same for the rejected response
+        wpo_weight          mean WPO pair weight (with --use_weighting only)
 
     Args: all inputs [B].
     """
@@ -149,4 +165,5 @@ def preference_metrics(
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
         "logps/chosen": policy_chosen_logps.detach().float().mean(),
         "logps/rejected": policy_rejected_logps.detach().float().mean(),
+        **({} if wpo_weights is None else {"wpo_weight": wpo_weights.detach().float().mean()}),
     }

@@ -1,6 +1,7 @@
 """What trains on the base model: a fresh LoRA adapter (the reference is the same
-model with its adapter disabled), an SFT adapter loaded twice on one base (a trainable policy
-copy and a frozen reference copy), or every weight (full fine-tuning).
+model with its adapter disabled, or with --sync_ref_model a frozen copy of the adapter), an SFT
+adapter loaded twice on one base (a trainable policy copy and a frozen reference copy), or every
+weight (full fine-tuning).
 
 peft is imported where it is used: importing it imports bitsandbytes, which a run without
 4-bit weights must not pay for (see `avoid_bitsandbytes`).
@@ -9,6 +10,7 @@ peft is imported where it is used: importing it imports bitsandbytes, which a ru
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import warnings
@@ -233,6 +235,30 @@ def load_trainable_adapter(
     return peft_model
 
 
+def add_reference_adapter(model: PeftModel) -> PeftModel:
+    """Add `REFERENCE_ADAPTER`, a frozen copy of the policy adapter, to `model` (TR-DPO's moving
+    reference, --sync_ref_model: it starts where the policy starts, which for a fresh adapter,
+    whose B is 0, is exactly the base model); the policy adapter stays active."""
+    with _quiet_peft():
+        model.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(model.peft_config[POLICY_ADAPTER]))
+    weights = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, weight in weights.items():
+            if policy := policy_weight_of(name):
+                weight.copy_(weights[policy])
+    model.set_adapter(POLICY_ADAPTER)  # trainable; the reference copy stays frozen
+    return model
+
+
+def policy_weight_of(name: str) -> str | None:
+    """The name of the policy adapter weight that reference-adapter weight `name` mirrors
+    ("...lora_A.reference.weight" -> "...lora_A.default.weight"); None for any other weight."""
+    parts = name.split(".")
+    if REFERENCE_ADAPTER not in parts:
+        return None
+    return ".".join(POLICY_ADAPTER if part == REFERENCE_ADAPTER else part for part in parts)
+
+
 def _check_every_weight_loaded(model: PeftModel, adapter_path: str, mismatch: str) -> None:
     """PEFT only warns about adapter weights the base has no place for, or places the file does
     not fill (e.g. an adapter of a model with fewer layers); either means another base."""
@@ -338,6 +364,8 @@ def build_policy(config: TrainConfig, dtype: torch.dtype, quantize: bool,
                          dropout=0.0 if config.disable_dropout else config.lora_dropout,
                          target_modules=config.target_modules,
                          gradient_checkpointing=gradient_checkpointing, quantized=quantize)
+        if config.sync_ref_model:
+            model = add_reference_adapter(model)
     if config.disable_dropout:
         disable_dropout(model)
     return model

@@ -298,6 +298,11 @@ def describe_backend(accelerator: Accelerator, model: torch.nn.Module) -> str:
     return ", ".join(parts) + "."
 
 
+SYNC_REF_MODEL_UNSHARDED = ("no --sync_ref_model (its moving reference is mixed and "
+                            "checkpointed whole, not sharded: use one process or the DDP "
+                            "config)")
+
+
 def check_backend(config: TrainConfig, state, quantize: bool) -> None:
     """Refuse, before any work and naming the fix, what this loop cannot do under FSDP or
     DeepSpeed (`state`: the AcceleratorState):
@@ -309,6 +314,8 @@ def check_backend(config: TrainConfig, state, quantize: bool) -> None:
     - DeepSpeed: ZeRO stages 2 and 3 are the tested ones; the engine applies each update
       inside its own step, so the loop cannot skip a non-finite one; this loop brings its own
       AdamW and learning-rate schedule; accumulation and clipping come from the flags.
+    - a moving reference (--sync_ref_model) is saved and restored whole, not as shards or
+      engine partitions (tested with one process and DDP).
     """
     if state.distributed_type == DistributedType.DEEPSPEED:
         _check_deepspeed(config, state.deepspeed_plugin, quantize)
@@ -330,6 +337,8 @@ def check_backend(config: TrainConfig, state, quantize: bool) -> None:
     if fsdp1 and not state.fsdp_plugin.use_orig_params:
         needs.append("fsdp_use_orig_params: true in the Accelerate config (frozen and LoRA "
                      "weights share FSDP units)")
+    if config.sync_ref_model:
+        needs.append(SYNC_REF_MODEL_UNSHARDED)
     if needs:
         raise ConfigError(f"under FSDP{state.fsdp_plugin.fsdp_version} this trainer needs "
                           + "; ".join(needs))
@@ -339,6 +348,8 @@ def _check_deepspeed(config: TrainConfig, plugin, quantize: bool) -> None:
     """`check_backend` under DeepSpeed (`plugin`: Accelerate's DeepSpeedPlugin)."""
     stage, ds_config = plugin.zero_stage, plugin.deepspeed_config
     needs = []
+    if config.sync_ref_model:
+        needs.append(SYNC_REF_MODEL_UNSHARDED)
     if stage not in (2, 3):
         needs.append("zero_stage: 2 or 3 in the config (the stages tested with this trainer: "
                      f"{SHIPPED_CONFIGS}/deepspeed_zero2.yaml shards what stage 1 does and "

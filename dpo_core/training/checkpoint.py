@@ -1,5 +1,6 @@
 """Resumable checkpoints: trained weights (the LoRA adapter, or the whole model under full
-fine-tuning), optimizer, position in the data order and RNG states.
+fine-tuning), optimizer, position in the data order and RNG states, and a moving reference's
+weights (`reference.safetensors`, --sync_ref_model).
 
 A checkpoint is written into a hidden temporary directory and renamed into place, and an old
 one is renamed to a hidden name before it is deleted, so a run killed mid-save or mid-rotation
@@ -31,16 +32,18 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dpo_core.errors import CheckpointError, CheckpointSaveError, first_line
 from dpo_core.modeling.adapters import POLICY_ADAPTER
 from dpo_core.modeling.backends import is_deepspeed_engine, is_fsdp2_model
+from dpo_core.modeling.reference import ReferenceSync
 from dpo_core.run_files import PARTIAL_RE, checkpoint_dirs
 
 ADAPTER_DIR, MODEL_DIR = "adapter", "model"  # what a checkpoint's weights are, by name
 
 OPTIMIZER_FILE, STATE_FILE = "optimizer.pt", "trainer_state.json"
+REFERENCE_FILE = "reference.safetensors"  # the moving reference's weights (--sync_ref_model)
 
 SHARDED_DIR = "sharded"  # FSDP2: trainable weights and optimizer state, one file per process
 # DeepSpeed: the engine's checkpoint (its partitions, one file per process), under one tag.
@@ -65,9 +68,15 @@ class TrainState:
 
 
 def started_from(config) -> dict:
-    """The model and starting adapter a run trains from, which fix its reference (`config`:
-    the TrainConfig); a checkpoint records them, and resuming from another start is refused."""
-    return {"--model_name": config.model_name, "--adapter_path": config.adapter_path}
+    """The model and starting adapter a run trains from, and how its reference moves, which
+    fix its reference (`config`: the TrainConfig); a checkpoint records them, and resuming
+    under others is refused."""
+    start = {"--model_name": config.model_name, "--adapter_path": config.adapter_path,
+             "--sync_ref_model": config.sync_ref_model}
+    if config.sync_ref_model:
+        start.update({"--ref_model_mixup_alpha": config.ref_model_mixup_alpha,
+                      "--ref_model_sync_steps": config.ref_model_sync_steps})
+    return start
 
 
 def data_order(config, num_processes: int, train_pairs: int | None) -> dict:
@@ -129,8 +138,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: TrainState,
     total_limit: int,
+    reference: ReferenceSync | None = None,
 ) -> str:
-    """Write `checkpoint-<step>` atomically; keep only the newest `total_limit` (0 = all)."""
+    """Write `checkpoint-<step>` atomically, with the moving `reference` (--sync_ref_model)
+    if there is one; keep only the newest `total_limit` (0 = all)."""
     final = os.path.join(output_dir, f"checkpoint-{state.step}")
     tmp = os.path.join(output_dir, f".checkpoint-{state.step}.tmp")
     try:
@@ -154,6 +165,8 @@ def save_checkpoint(
         if accelerator.is_main_process:
             if not per_process:
                 torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+            if reference is not None:
+                save_file(reference.state_dict(), os.path.join(tmp, REFERENCE_FILE))
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(asdict(state), f, indent=2)
     except (OSError, RuntimeError, SafetensorError) as error:
@@ -241,9 +254,10 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     data_order: dict,
     start: dict,
+    reference: ReferenceSync | None = None,
 ) -> TrainState:
-    """Restore trained weights (adapter or whole model), optimizer, RNG streams; return where
-    the run stood.
+    """Restore trained weights (adapter or whole model), optimizer, the moving `reference`
+    (--sync_ref_model), RNG streams; return where the run stood.
 
     Every file is read and checked before anything is changed: a checkpoint saved under
     another `data_order`, from another `start` (`started_from`), with another adapter shape or
@@ -258,8 +272,8 @@ def load_checkpoint(
     if changed := _changed(state.started_from, start):
         raise CheckpointError(
             f"checkpoint {path!r} was trained from {changed}; its weights and its reference "
-            "belong to that start. Resume with the checkpoint's --model_name and "
-            "--adapter_path, or start a new run in another --output_dir.")
+            "belong to that start. Resume with the checkpoint's values of these flags, or start "
+            "a new run in another --output_dir.")
     state.data_order, state.started_from = data_order, start
     unwrapped = accelerator.unwrap_model(model)
     weights_dir = _weights_dir(unwrapped)
@@ -272,6 +286,12 @@ def load_checkpoint(
         _check_adapter_shape(path, unwrapped)
     rng_file = _rng_file(path, accelerator.process_index)
     rng_state = _load_plain(rng_file, path) if os.path.isfile(rng_file) else None
+    if reference is not None:
+        if not os.path.isfile(os.path.join(path, REFERENCE_FILE)):
+            raise CheckpointError(
+                f"checkpoint {path!r} holds no moving reference ({REFERENCE_FILE}): it was "
+                "saved without --sync_ref_model. Resume it without --sync_ref_model.")
+        reference_weights = _read_weights(path, [REFERENCE_FILE])
     if is_fsdp2_model(model):
         load_sharded_state(path, model, optimizer)
     elif is_deepspeed_engine(model):
@@ -294,6 +314,8 @@ def load_checkpoint(
             optimizer.load_state_dict(optimizer_state)
         except (ValueError, KeyError, RuntimeError) as error:
             raise _damaged(path, os.path.join(path, OPTIMIZER_FILE), error) from None
+    if reference is not None:
+        reference.load_state_dict(reference_weights, path)
     if rng_state is not None:
         try:
             _set_rng_state(rng_state)

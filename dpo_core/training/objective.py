@@ -11,8 +11,10 @@ import torch
 from accelerate import Accelerator
 
 from dpo_core.data.tokenization import IGNORE_INDEX
-from dpo_core.forward.logps import LogpsFn, concatenated_forward
+from dpo_core.forward.logps import TokenLogps, TokenLogpsFn, concatenated_token_logps
+from dpo_core.forward.offloading import ActivationOffload
 from dpo_core.forward.router import router_logits_recorded
+from dpo_core.losses.functions import length_desensitized_logps, wpo_weights
 from dpo_core.losses.options import LossSettings
 from dpo_core.losses.preference import preference_loss
 from dpo_core.modeling.architecture import router_shape
@@ -40,26 +42,45 @@ class PreferenceObjective(LossSettings):
     `reference` is which network the reference pass runs (`dpo_core.modeling.reference`); None
     is the policy with its adapter switched off. The batch-wide losses (aot's sorting, the
     pooled NLL of sft/rpo/cpo/orpo) see this micro-batch on this process, as in trl: see
-    ``dpo_core.losses.functions``.
+    ``dpo_core.losses.functions``. `token_logps_fn` is the forward path (`Forward.token_logps`);
+    `activation_offloading` keeps the policy forward's saved activations in host memory.
     """
 
     reference_free: bool = False
-    logps_fn: LogpsFn = concatenated_forward
+    token_logps_fn: TokenLogpsFn = concatenated_token_logps
+    activation_offloading: bool = False
     # Weight of a mixture-of-experts router's load-balancing loss (`forward.router`) in each
     # pair's loss, as trl adds it; 0: none.
     router_aux_loss_coef: float = 0.0
 
     @classmethod
-    def from_config(cls, config: object, logps_fn: LogpsFn) -> PreferenceObjective:
-        """The loss options, --reference_free and --router_aux_loss_coef (unset counts as 0:
-        the run resolves it from the model before) of a ``TrainConfig``, with ``logps_fn``."""
+    def from_config(cls, config: object, token_logps_fn: TokenLogpsFn) -> PreferenceObjective:
+        """The loss options, --reference_free, --activation_offloading and
+        --router_aux_loss_coef (unset counts as 0: the run resolves it from the model before)
+        of a ``TrainConfig``, with ``token_logps_fn``."""
         options = {f.name: getattr(config, f.name) for f in dataclasses.fields(LossSettings)}
-        return cls(**options, reference_free=config.reference_free, logps_fn=logps_fn,
+        return cls(**options, reference_free=config.reference_free,
+                   token_logps_fn=token_logps_fn,
+                   activation_offloading=config.activation_offloading,
                    router_aux_loss_coef=config.router_aux_loss_coef or 0.0)
 
     @property
     def uses_reference(self) -> bool:
         return self.needs_reference and not self.reference_free
+
+    def sequence_logps(self, tokens: TokenLogps) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen [B], rejected [B]): the log-probs the losses compare, summed over the
+        response tokens, LD-DPO's weighted sums with --ld_alpha."""
+        if self.ld_alpha is None:
+            return tokens.sums()
+        return length_desensitized_logps(tokens.logps, tokens.sequence_index, tokens.num_pairs,
+                                         self.ld_alpha)
+
+    def logps(self, model: torch.nn.Module,
+              batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen [B], rejected [B]) under `model` as the losses compare them: one forward by
+        `token_logps_fn`, then `sequence_logps`."""
+        return self.sequence_logps(self.token_logps_fn(model, batch))
 
     def reference_logps(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
@@ -75,18 +96,25 @@ class PreferenceObjective(LossSettings):
         if "reference_chosen_logps" in batch:
             return batch["reference_chosen_logps"], batch["reference_rejected_logps"]
         with torch.no_grad(), (reference or adapter_disabled)(model) as reference_model:
-            return self.logps_fn(reference_model, batch)
+            return self.logps(reference_model, batch)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
                  reference: ReferenceContext | None = None) -> dict:
         """Per-pair tensors [B]: `losses` (with grad), detached rewards and log-probs, for
-        a mixture each unweighted term under `loss/<type>`, and with a router loss its value
-        under `loss/aux` (each pair's loss holds `router_aux_loss_coef` times it: summed over
-        a step's pairs and divided by their number, trl's `loss + coef * aux_loss`)."""
-        with router_logits_recorded() if self.router_aux_loss_coef else nullcontext() as routed:
-            policy_chosen, policy_rejected = self.logps_fn(model, batch)
+        a mixture each unweighted term under `loss/<type>`, with --use_weighting the
+        `wpo_weights`, and with a router loss its value under `loss/aux` (each pair's loss
+        holds `router_aux_loss_coef` times it: summed over a step's pairs and divided by their
+        number, trl's `loss + coef * aux_loss`)."""
+        offload = (ActivationOffload(model) if self.activation_offloading and
+                   torch.is_grad_enabled() else nullcontext())
+        routing = router_logits_recorded() if self.router_aux_loss_coef else nullcontext()
+        with offload, routing as routed:
+            tokens = self.token_logps_fn(model, batch, log_sum_sq_probs=self.use_weighting)
+        policy_chosen, policy_rejected = self.sequence_logps(tokens)
         reference_chosen, reference_rejected = self.reference_logps(model, batch, reference)
         chosen_lengths, rejected_lengths = response_lengths(batch)
+        weights = (wpo_weights(tokens.logps, tokens.log_sum_sq_probs, tokens.sequence_index,
+                               tokens.num_pairs) if self.use_weighting else None)
         terms = preference_loss(
             self,
             policy_chosen,
@@ -95,6 +123,7 @@ class PreferenceObjective(LossSettings):
             reference_rejected,
             chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths,
+            pair_weights=weights,
         )
         losses, components = terms.losses, dict(terms.components)
         if routed is not None:
@@ -108,6 +137,7 @@ class PreferenceObjective(LossSettings):
             "policy_chosen_logps": policy_chosen.detach(),
             "policy_rejected_logps": policy_rejected.detach(),
             **{f"loss/{name}": values for name, values in components.items()},
+            **({} if weights is None else {"wpo_weights": weights}),
         }
 
 

@@ -37,6 +37,7 @@ class RunPlan:
     attn_implementation: str | None = None  # the attention the model runs
     padding_free: bool | None = None  # one packed row per micro-batch
     prefix_sharing: str | None = None  # "always", "per batch" or "off"
+    activation_offloading: bool | None = None  # saved activations moved to host memory
     precompute_ref_log_probs: bool | None = None
     ref_batch_size: int | None = None
     eval_batch_size: int | None = None
@@ -94,11 +95,12 @@ def covers_every_pair(config: TrainConfig, num_pairs: int, num_processes: int) -
 
 def resolve_precompute(config: TrainConfig, uses_reference: bool, num_pairs: int | None,
                        num_processes: int) -> bool:
-    """--precompute_ref_log_probs given: as given. Unset: when the loss has a reference and
-    every pair's reference log-probs are needed anyway (never for a stream: `num_pairs`
-    None)."""
+    """--precompute_ref_log_probs given: as given. Unset: when the loss has a reference that
+    stays as it is (no --sync_ref_model) and every pair's reference log-probs are needed anyway
+    (never for a stream: `num_pairs` None)."""
     if config.precompute_ref_log_probs is not None:
         return config.precompute_ref_log_probs
     if num_pairs is None:  # streamed: the pairs are not all there before training
         return False
-    return uses_reference and covers_every_pair(config, num_pairs, num_processes)
+    return (uses_reference and not config.sync_ref_model
+            and covers_every_pair(config, num_pairs, num_processes))

@@ -281,7 +281,8 @@ def precompute_reference(config, splits: Sequence[Sequence[TokenizedPair]], *,
     """`with_reference_logps` for each of a run's `splits` (train, eval), cached under
     --ref_cache_dir (default output_dir/reference_logps) and keyed also by what else changes
     the values: the forward path and its attention (`forward`: `Forward.record()`), dtype,
-    4-bit. `config`: the run's TrainConfig; `reference`: the run's reference network."""
+    4-bit, --ld_alpha. `config`: the run's TrainConfig; `reference`: the run's reference
+    network."""
     # Full fine-tuning: the policy before its first step (and before a resumed checkpoint is
     # loaded) is the reference.
     if config.finetuning_type == "full":
@@ -289,7 +290,7 @@ def precompute_reference(config, splits: Sequence[Sequence[TokenizedPair]], *,
     # Since the masks of shared and packed rows follow the model's own mask functions
     # ("layout masks"), a windowed model's values differ from earlier caches'.
     settings = {**forward, "layout_masks": "model mask functions", "dtype": str(dtype),
-                "quantize": quantize}
+                "quantize": quantize, "ld_alpha": config.ld_alpha}
     cache_dir = config.ref_cache_dir or os.path.join(config.output_dir, "reference_logps")
     # One fingerprint for every split: it reads (under FSDP2 gathers) every weight.
     weights = weights_fingerprint(model) if any(splits) else None

@@ -26,6 +26,7 @@ from dpo_core.data.streaming import PairStream, StreamingBatches
 from dpo_core.data.templates import resolve_chat_template
 from dpo_core.data.tokenization import TokenizedPair
 from dpo_core.data.training_data import TrainingData, build_training_data
+from dpo_core.forward.offloading import STAYS
 from dpo_core.forward.strategy import Forward, choose_forward
 from dpo_core.modeling import backends
 from dpo_core.modeling.adapters import adapted_modules, build_policy, expert_note
@@ -42,7 +43,13 @@ from dpo_core.modeling.loading import (
     resolve_gradient_checkpointing,
     resolve_quantization,
 )
-from dpo_core.modeling.reference import ReferenceContext, reference_for
+from dpo_core.modeling.reference import (
+    ReferenceContext,
+    ReferenceSync,
+    reference_for,
+    reference_sync,
+    starting_model_for,
+)
 from dpo_core.reporting import trackers
 from dpo_core.run_files import clear_previous_run, truncate_log
 from dpo_core.training import checkpoint, host_memory
@@ -68,10 +75,14 @@ class Device:
 
 @dataclass(frozen=True)
 class Reference:
-    """The reference of the run: the network its pass runs (`context`) and, when precomputed,
-    the train and eval pairs with their reference log-probs."""
+    """The reference of the run: the network its pass runs (`context`), the model training
+    started from (`start`, for samples.md and a before/after evaluation: the reference itself
+    unless it moves), how it moves (`sync`, --sync_ref_model) and, when precomputed, the train
+    and eval pairs with their reference log-probs."""
 
     context: ReferenceContext
+    start: ReferenceContext
+    sync: ReferenceSync | None = None
     precomputed: tuple[ReferencePass, ReferencePass] | None = None
     batch_size: int | None = None  # pairs per batch of the precomputing pass
 
@@ -185,14 +196,16 @@ def setup_reference(config: TrainConfig, device: Device, model: torch.nn.Module,
     precompute = resolve_precompute(config, objective.uses_reference, data.num_train,
                                     accelerator.num_processes)
     context = reference_for(config, model, accelerator, precomputed=precompute)
+    start = starting_model_for(config, model, accelerator, context)
+    sync = reference_sync(config, model, context)
     if not precompute:
-        return Reference(context)
+        return Reference(context, start, sync)
     batch_size = config.ref_batch_size or 4 * config.batch_size
     train, evaluation = precompute_reference(
         config, (data.train, data.eval), model=model, objective=objective, reference=context,
         forward=forward.record(), collator=collator, accelerator=accelerator,
         batch_size=batch_size, dtype=device.dtype, quantize=device.quantize)
-    return Reference(context, (train, evaluation), batch_size)
+    return Reference(context, start, sync, (train, evaluation), batch_size)
 
 
 def setup_batches(config: TrainConfig, device: Device, forward: Forward, data: TrainingData,
@@ -235,11 +248,12 @@ def setup_schedule(config: TrainConfig, batches: Batches) -> Schedule:
 
 
 def setup_state(config: TrainConfig, device: Device, model: torch.nn.Module,
-                optimizer: torch.optim.Optimizer, num_train_pairs: int | None,
+                optimizer: torch.optim.Optimizer, reference: Reference,
+                num_train_pairs: int | None,
                 resume_path: str | None) -> checkpoint.TrainState:
     """A fresh TrainState (an earlier run's files cleared), or the checkpoint's: weights,
-    optimizer, RNG and data position restored, after checking that its data order and
-    starting point are this run's."""
+    optimizer, moving reference, RNG and data position restored, after checking that its data
+    order and starting point are this run's."""
     accelerator = device.accelerator
     order = checkpoint.data_order(config, accelerator.num_processes, num_train_pairs)
     start = checkpoint.started_from(config)
@@ -247,7 +261,8 @@ def setup_state(config: TrainConfig, device: Device, model: torch.nn.Module,
         if accelerator.is_main_process:
             clear_previous_run(config.output_dir)
         return checkpoint.TrainState(data_order=order, started_from=start)
-    state = checkpoint.load_checkpoint(resume_path, accelerator, model, optimizer, order, start)
+    state = checkpoint.load_checkpoint(resume_path, accelerator, model, optimizer, order, start,
+                                       reference.sync)
     if accelerator.is_main_process:
         truncate_log(config.output_dir, state.step)
     logger.info(f"Resumed from {resume_path} at step {state.step}.")
@@ -255,8 +270,8 @@ def setup_state(config: TrainConfig, device: Device, model: torch.nn.Module,
 
 
 def run_plan(device: Device, fit: ModelFit, use_chat_template: bool, forward: Forward,
-             data: TrainingData,
-             reference: Reference, batches: Batches, schedule: Schedule) -> RunPlan:
+             data: TrainingData, reference: Reference, batches: Batches,
+             schedule: Schedule) -> RunPlan:
     """What each "auto" setting resolved to, from the steps that resolved them."""
     accelerator = device.accelerator
     return RunPlan(
@@ -276,6 +291,9 @@ def run_plan(device: Device, fit: ModelFit, use_chat_template: bool, forward: Fo
         streaming=isinstance(data.train, PairStream),
         tokenized_cache=data.tokenized_cache,
         **forward.record(),
+        # Tensors in host memory already stay where they are (dpo_core.forward.offloading).
+        activation_offloading=(fit.config.activation_offloading
+                               and accelerator.device.type not in STAYS),
         precompute_ref_log_probs=reference.precomputed is not None,
         ref_batch_size=reference.batch_size,
         eval_batch_size=batches.eval_batch_size,

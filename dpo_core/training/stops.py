@@ -97,16 +97,17 @@ def _finish_any(started: tuple[torch.Tensor, dist.Work]) -> bool:
 
 def checkpoint_and_stop(config, accelerator, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer, state, total_steps: int,
-                        saved_now: bool) -> NoReturn:
+                        saved_now: bool, reference=None) -> NoReturn:
     """After Ctrl-C, at a step boundary: a checkpoint of this step (unless
     --no-save_on_interrupt, or one was just saved on schedule), then TrainingInterrupted
-    saying how to resume. `config`: the TrainConfig; `state`: the TrainState."""
+    saying how to resume. `config`: the TrainConfig; `state`: the TrainState; `reference`: the
+    moving reference's `ReferenceSync` (--sync_ref_model), saved with it."""
     checkpoint = None
     if saved_now or config.save_on_interrupt:
         checkpoint = os.path.join(config.output_dir, f"checkpoint-{state.step}")
         if not saved_now:
             save_checkpoint(config.output_dir, accelerator, model, optimizer, state,
-                            config.save_total_limit)
+                            config.save_total_limit, reference)
     newest = checkpoint_dirs(config.output_dir)
     raise stopped(state.step, total_steps, checkpoint, newest[-1] if newest else None)
 

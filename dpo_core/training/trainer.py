@@ -25,7 +25,7 @@ from dpo_core import run_files
 from dpo_core.config.train import TrainConfig
 from dpo_core.console import configure_console, logger
 from dpo_core.errors import DeviceMemoryError
-from dpo_core.forward.logps import LogpsFn
+from dpo_core.forward.logps import TokenLogpsFn
 from dpo_core.modeling import backends
 from dpo_core.modeling.adapters import save_merged_model
 from dpo_core.modeling.generation import generate_replies
@@ -49,7 +49,7 @@ from dpo_core.training.stops import (
 # before/after table uses it.
 EvaluationHook = Callable[[torch.nn.Module, object], dict]
 # (config, the forward's log-prob function) -> the objective a run trains on.
-ObjectiveFactory = Callable[[TrainConfig, LogpsFn], PreferenceObjective]
+ObjectiveFactory = Callable[[TrainConfig, TokenLogpsFn], PreferenceObjective]
 
 
 def train(config: TrainConfig, evaluation_hook: EvaluationHook | None = None,
@@ -113,17 +113,17 @@ class Trainer:
         self.config = config = fit.config
         self.tokenizer, self.use_chat_template = steps.setup_tokenizer(config)
         self.forward = steps.setup_forward(config, model)
-        self.objective = self.make_objective(config, self.forward.logps)
+        self.objective = self.make_objective(config, self.forward.token_logps)
         self.data = steps.setup_data(config, self.device, self.tokenizer, self.use_chat_template)
         self.model, self.optimizer = steps.setup_backend(config, self.device, model)
-        collator = self.forward.collator(self.tokenizer.pad_token_id)
+        collator = self.forward.collator(self.tokenizer.pad_token_id, config.pad_to_multiple_of)
         self.reference = steps.setup_reference(config, self.device, self.model, self.objective,
                                                self.forward, self.data, collator)
         self.batches = steps.setup_batches(config, self.device, self.forward, self.data,
                                            self.reference, collator)
         self.schedule = steps.setup_schedule(config, self.batches)
         self.state = steps.setup_state(config, self.device, self.model, self.optimizer,
-                                       self.data.num_train, resume_path)
+                                       self.reference, self.data.num_train, resume_path)
         self.plan = steps.run_plan(self.device, fit, self.use_chat_template, self.forward,
                                    self.data, self.reference, self.batches, self.schedule)
         logger.info(self.plan.describe(asked))
@@ -179,11 +179,13 @@ class Trainer:
                 self._log(last_eval)
             if saving:
                 checkpoint.save_checkpoint(config.output_dir, self.accelerator, self.model,
-                                           self.optimizer, state, config.save_total_limit)
+                                           self.optimizer, state, config.save_total_limit,
+                                           self.reference.sync)
             if interrupted:
                 progress.close()
                 checkpoint_and_stop(config, self.accelerator, self.model, self.optimizer, state,
-                                    schedule.total_steps, saved_now=saving)
+                                    schedule.total_steps, saved_now=saving,
+                                    reference=self.reference.sync)
         progress.close()
         self.interrupt.release()
         if warning := self.gradients.warning():
@@ -255,6 +257,8 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        if self.reference.sync and self.reference.sync.due(state.step):
+            self.reference.sync()  # TR-DPO: the reference moves toward the updated policy
 
     def _finite(self, loss: float, grad_norm: float) -> bool:
         """Under fp16 loss scaling an inf gradient is the scaler's business: it skips the
@@ -301,7 +305,7 @@ class Trainer:
             return
         options = {"use_chat_template": self.use_chat_template,
                    "max_new_tokens": self.config.sample_max_new_tokens}
-        with torch.no_grad(), self.reference.context(model) as before:
+        with torch.no_grad(), self.reference.start(model) as before:
             if hook is not None:
                 metrics["before"] = hook(before, self.tokenizer)
             if prompts:

@@ -411,6 +411,8 @@ REPLY_AS_WRITTEN = {
     "gemma3": lambda reply: reply.strip() + "<end_of_turn>",
     "phi3": lambda reply: reply + "<|end|>",
     "mistral": lambda reply: reply + "</s>",
+    "qwen2.5": lambda reply: reply + "<|im_end|>",
+    "llama3.1": lambda reply: reply.strip() + "<|eot_id|>",
 }
 # (family, eos): each family's own eos, and the base models' eos where it differs.
 TOKENIZERS = [(name, f["eos_token"]) for name, f in FAMILIES.items()] + [

@@ -109,7 +109,7 @@ def test_every_path_gives_the_models_own_logps_and_gradients(family, targets, pa
     weights = pair_weights(len(LENGTHS))
 
     model.zero_grad()
-    chosen, rejected = forward.logps(model, batch)
+    chosen, rejected = forward.token_logps(model, batch).sums()
     (chosen @ weights[0] + rejected @ weights[1]).backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad(), model.disable_adapter():

@@ -24,15 +24,25 @@ from dpo_core.data.batches import PreferenceCollator
 from dpo_core.data.tokenization import TokenizedPair
 from dpo_core.forward import logps as logps_module
 from dpo_core.forward.attention import PACKED_ATTENTION, use_packed_attention
-from dpo_core.forward.logps import concatenated_forward, head_label_logps
+from dpo_core.forward.logps import (
+    concatenated_forward,
+    concatenated_token_logps,
+    head_label_logps,
+)
 from dpo_core.forward.packing import (
     PaddingFreeCollator,
     pack_sequences,
     padding_free_forward,
     padding_free_prefix_shared_forward,
+    padding_free_prefix_shared_token_logps,
+    padding_free_token_logps,
 )
 from dpo_core.forward.prefix_sharing import prefix_shared_forward
-from dpo_core.forward.strategy import logps_fn_for, resolve_padding_free, resolve_prefix_sharing
+from dpo_core.forward.strategy import (
+    resolve_padding_free,
+    resolve_prefix_sharing,
+    token_logps_fn_for,
+)
 from dpo_core.testing import tiny_llama
 
 # Longer lists than PAIR_LENGTHS' so that packed rows hold sequences of very different lengths.
@@ -64,7 +74,7 @@ def test_head_label_logps_equal_full_log_softmax(monkeypatch, trainable_head):
     targets = torch.randint(0, 50, (len(rows),), generator=generator)
     weights = torch.randn(len(rows), generator=generator)
 
-    result = head_label_logps(head, hidden, rows, targets)
+    result, _ = head_label_logps(head, hidden, rows, targets)
     (result @ weights).backward()
     grads = [hidden.grad.clone()] + ([head.weight.grad.clone()] if trainable_head else [])
     hidden.grad = None
@@ -205,9 +215,9 @@ def test_padding_free_resolution():
     assert resolve_prefix_sharing(None, "sdpa", padding_free=True) == "always"
     assert resolve_prefix_sharing(False, "sdpa", padding_free=True) == "off"
     assert resolve_prefix_sharing(None, "sdpa") == "per batch"
-    assert logps_fn_for("always", True) is padding_free_prefix_shared_forward
-    assert logps_fn_for("off", True) is padding_free_forward
-    assert logps_fn_for("off", False) is concatenated_forward
+    assert token_logps_fn_for("always", True) is padding_free_prefix_shared_token_logps
+    assert token_logps_fn_for("off", True) is padding_free_token_logps
+    assert token_logps_fn_for("off", False) is concatenated_token_logps
 
 
 def test_padded_rows_cost_more_positions_than_packed():

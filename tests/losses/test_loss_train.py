@@ -19,7 +19,7 @@ from dpo_core.config.train import TrainConfig
 from dpo_core.data.batches import PreferenceCollator
 from dpo_core.data.pairs import PreferencePair
 from dpo_core.data.tokenization import tokenize_pairs
-from dpo_core.forward.logps import concatenated_forward
+from dpo_core.forward.logps import concatenated_token_logps
 from dpo_core.modeling.adapters import add_lora
 from dpo_core.training.metrics import merged_metrics
 from dpo_core.training.objective import PreferenceObjective
@@ -88,11 +88,12 @@ def test_reference_free_losses_run_no_reference_pass(tiny_tokenizer, tiny_model,
                                                      forwards):
     calls = []
 
-    def counting_forward(model, batch):
+    def counting_forward(model, batch, **options):
         calls.append(torch.is_grad_enabled())
-        return concatenated_forward(model, batch)
+        return concatenated_token_logps(model, batch, **options)
 
-    objective = PreferenceObjective(loss_type=loss_type, logps_fn=counting_forward, beta=2.0)
+    objective = PreferenceObjective(loss_type=loss_type, token_logps_fn=counting_forward,
+                                    beta=2.0)
     assert objective.uses_reference == (forwards == 2)
     stats = objective(lora(tiny_model), pair_batch(tiny_tokenizer))
     assert len(calls) == forwards and calls[0]  # the policy pass, with grad
@@ -106,7 +107,7 @@ def test_reference_free_losses_run_no_reference_pass(tiny_tokenizer, tiny_model,
 def test_reference_cache_only_for_losses_with_a_reference(loss_type, precompute):
     """A full epoch would precompute (and cache) reference log-probs unless no term uses them."""
     config = TrainConfig(loss_type=loss_type, epochs=1)
-    objective = PreferenceObjective.from_config(config, concatenated_forward)
+    objective = PreferenceObjective.from_config(config, concatenated_token_logps)
     assert resolve_precompute(config, objective.uses_reference, 36, 1) == precompute
 
 
