@@ -241,6 +241,11 @@ NO_SKIPPING = {**EVERYTHING, "skip_nonfinite_steps": 0}
     (backend_state("DEEPSPEED", zero_stage=2, ds_config={"gradient_accumulation_steps": 2,
                                                          "gradient_clipping": 0.5}),
      NO_SKIPPING, False, ["the config says 0.5, --max_grad_norm is 1"]),
+    # TR-DPO's moving reference is mixed and checkpointed whole: DDP runs it, sharding does not.
+    (backend_state("MULTI_GPU"), {"sync_ref_model": True}, False, []),
+    (backend_state("FSDP"), {"sync_ref_model": True}, False, ["no --sync_ref_model"]),
+    (backend_state("DEEPSPEED", zero_stage=2), {**NO_SKIPPING, "sync_ref_model": True}, False,
+     ["no --sync_ref_model"]),
 ])
 def test_backend_guard_names_what_fsdp_and_deepspeed_need(state, settings, quantize, needs):
     config = TrainConfig(**settings)
