@@ -17,7 +17,7 @@ from conftest import train_args, train_records
 from launching import BIN, assert_same_run, free_port, launch
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_start_from import preference_batch, save_sft_adapter
+from test_start_from import preference_batch
 from transformers import AutoModelForCausalLM
 
 import train
@@ -38,6 +38,7 @@ from dpo_core.modeling.reference import (
     reference_sync,
     starting_model_for,
 )
+from dpo_core.testing import random_lora_adapter
 from dpo_core.training.checkpoint import REFERENCE_FILE
 from dpo_core.training.objective import PreferenceObjective
 
@@ -122,7 +123,7 @@ def test_the_start_is_the_sft_adapter_read_again_after_the_reference_moved(
     the starting model (samples.md's "before") is the adapter read from disk again, equal to
     the SFT model itself; afterwards only the policy and reference adapters remain, the
     policy active."""
-    sft = save_sft_adapter(tiny_model_dir, tmp_path / "sft", seed=1)
+    sft = random_lora_adapter(tiny_model_dir, tmp_path / "sft", seed=1)
     config = TrainConfig(model_name=tiny_model_dir, adapter_path=sft, sync_ref_model=True,
                          ref_model_mixup_alpha=1.0)
     model = load_trainable_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sft,
@@ -244,7 +245,7 @@ def test_every_kind_of_reference_moves(start, tiny_model_dir, pairs_file, tmp_pa
     from disk again): after the sync of step 2 the loss is ln 2 again."""
     flags = {"qlora": ["--quantization", "4bit"], "full": ["--finetuning_type", "full"],
              "sft adapter": ["--adapter_path",
-                             save_sft_adapter(tiny_model_dir, tmp_path / "sft", seed=1),
+                             random_lora_adapter(tiny_model_dir, tmp_path / "sft", seed=1),
                              "--num_sample_prompts", "1"]}[start]
     out = tmp_path / "run"
     assert train.main(train_args(tiny_model_dir, pairs_file, out, "--max_steps", "3",
@@ -273,5 +274,5 @@ def test_fsdp_is_refused_naming_the_flag():
     fsdp2 = SimpleNamespace(distributed_type=DistributedType.FSDP,
                             fsdp_plugin=SimpleNamespace(fsdp_version=2, use_orig_params=True))
     with pytest.raises(ConfigError, match="no --sync_ref_model .its moving reference is "
-                                          "checkpointed whole"):
+                                          "mixed and checkpointed whole"):
         check_backend(TrainConfig(sync_ref_model=True), fsdp2, quantize=False)
