@@ -19,11 +19,14 @@ from typing import Any
 @dataclass(frozen=True)
 class TrlKey:
     """One trl key: our setting `ours` (None: none), its value converted by `convert` (None:
-    taken as it is; a converter returning None drops the key), or `why` it has no counterpart."""
+    taken as it is; a converter returning None drops the key), or `why` it has no counterpart.
+    `null_is_default`: whether null means trl's default there (left out) or is read as given
+    (and refused like any null setting)."""
 
     ours: str | None
     convert: Callable[[Any], Any] | None = None
     why: str = ""
+    null_is_default: bool = True
 
 
 def _dtype_if(name: str) -> Callable[[Any], str | None]:
@@ -65,8 +68,9 @@ TRL_KEYS: dict[str, TrlKey] = {
     "use_peft": TrlKey("finetuning_type", lambda value: "lora" if value else "full"),
     "load_in_4bit": TrlKey("quantization", lambda value: "4bit" if value else "none"),
     "precompute_ref_batch_size": TrlKey("ref_batch_size"),
+    "dataset_num_proc": TrlKey("tokenize_num_proc"),  # null (trl's default): ours, every core
     # Our names too, where trl writes its default differently (null: left out).
-    "max_steps": TrlKey("max_steps", _no_limit),
+    "max_steps": TrlKey("max_steps", _no_limit, null_is_default=False),  # trl's default: -1
     "eval_steps": TrlKey("eval_steps"),
     "save_total_limit": TrlKey("save_total_limit"),
     "pad_to_multiple_of": TrlKey("pad_to_multiple_of", _drop_auto),
@@ -84,7 +88,6 @@ TRL_KEYS: dict[str, TrlKey] = {
                                 "(--eval_fraction, --eval_dataset)"),
     "truncation_mode": TrlKey(None, why="this project cuts a prompt's start first and keeps "
                                         "at least --max_prompt_length prompt tokens"),
-    "dataset_num_proc": TrlKey(None, why="tokenization runs in one process, batched"),
     "dataloader_num_workers": TrlKey(None, why="batches are built in the training process"),
     "model_init_kwargs": TrlKey(None, why="use --dtype, --attn_implementation, "
                                           "--quantization and --trust_remote_code"),
@@ -129,7 +132,7 @@ def from_trl_names(values: dict[str, Any], fields: set[str],
                              f"{trl.why or 'this program has no such setting'}; remove "
                              f"it{closest}")
         converted = value if trl.convert is None or value is None else trl.convert(value)
-        if converted is None:
+        if converted is None and (value is not None or trl.null_is_default):
             notices.append(f"{key}: {value!r} left out (trl's default)")
             continue
         if trl.ours != key and (trl.ours in values or trl.ours in settings):

@@ -46,6 +46,8 @@ sync_ref_model: false
 ref_model_mixup_alpha: 0.6
 max_steps: -1
 eval_steps: null
+dataset_num_proc: 2
+router_aux_loss_coef: 0.001
 """
 
 
@@ -63,6 +65,7 @@ def test_trl_style_yaml_is_read_with_each_mapping_said(tmp_path, capsys):
                                                                              32)
     assert config.pad_to_multiple_of is None and config.use_weighting
     assert (config.max_steps, config.eval_steps) == (0, 50)  # 50: our default
+    assert (config.tokenize_num_proc, config.router_aux_loss_coef) == (2, 0.001)
     out = capsys.readouterr().out
     for said in ("model_name_or_path -> model_name", "dataset_train_split -> dataset_split",
                  "per_device_train_batch_size -> batch_size",
@@ -71,7 +74,7 @@ def test_trl_style_yaml_is_read_with_each_mapping_said(tmp_path, capsys):
                  "fp16: False left out", "use_peft -> finetuning_type 'full'",
                  "precompute_ref_batch_size -> ref_batch_size",
                  "pad_to_multiple_of: 'auto' left out", "max_steps -> max_steps 0",
-                 "eval_steps: None left out"):
+                 "eval_steps: None left out", "dataset_num_proc -> tokenize_num_proc"):
         assert said in out
     assert "beta ->" not in out  # trl's name and ours: nothing to say
 

@@ -27,7 +27,7 @@ from transformers import LlamaForCausalLM, LlamaModel
 from transformers.models.llama import modeling_llama
 
 from dpo_core.data.tokenization import TokenizedPair
-from dpo_core.forward.logps import concatenated_forward
+from dpo_core.forward.logps import concatenated_token_logps
 from dpo_core.forward.masks import LayoutNotHonoured
 from dpo_core.forward.prefix_sharing import prefix_shared_forward
 from dpo_core.forward.router import router_logits_recorded
@@ -113,7 +113,7 @@ def test_every_path_gives_the_models_own_logps_and_gradients(family, targets, pa
     (chosen @ weights[0] + rejected @ weights[1]).backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad(), model.disable_adapter():
-        reference = forward.logps(model, batch)
+        reference = forward.token_logps(model, batch).sums()
 
     close = dict(atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chosen.double(), want_chosen, **close)
@@ -129,8 +129,9 @@ def test_precomputed_reference_is_the_models_own(family):
     collator lays out; here the default path, packed and prefix-shared) gives the model's own
     log-probs with the adapter off."""
     model, forward = prepared_forward(family, "padding-free+prefix-shared")
+    objective = PreferenceObjective(token_logps_fn=forward.token_logps)
     values = compute_reference_logps(
-        model, pairs(), objective=PreferenceObjective(logps_fn=forward.logps),
+        model, pairs(), logps=objective.reference_logps,  # the adapter switched off
         collator=forward.collator(pad_token_id=0), accelerator=Accelerator(cpu=True),
         batch_size=2)
     _, _, (want_chosen, want_rejected) = own_logps(family)
@@ -170,12 +171,13 @@ def test_router_loss_is_the_models_own_on_every_path(family):
         forward = choose_forward(model, *PATHS[path][0])
         forward.prepare(model)
         with router_logits_recorded() as recorded:
-            forward.logps(model, batch)
+            forward.token_logps(model, batch)
         torch.testing.assert_close(recorded.load_balancing_loss(*router_shape(model.config)),
                                    want, atol=1e-6, rtol=1e-6)
     coef = 0.25
-    with_router = PreferenceObjective(logps_fn=concatenated_forward, router_aux_loss_coef=coef)
-    without = PreferenceObjective(logps_fn=concatenated_forward)
+    with_router = PreferenceObjective(token_logps_fn=concatenated_token_logps,
+                                      router_aux_loss_coef=coef)
+    without = PreferenceObjective(token_logps_fn=concatenated_token_logps)
     stats = with_router(routed, batch)
     torch.testing.assert_close(stats["loss/aux"], want.expand(len(LENGTHS)), atol=1e-6, rtol=0)
     torch.testing.assert_close(stats["losses"], without(routed, batch)["losses"] + coef * want,

@@ -100,7 +100,8 @@ def test_checkpoint_holds_adapter_optimizer_position_and_rng(uninterrupted, tiny
                      "data_order": {"--batch_size": 2, "--gradient_accumulation_steps": 2,
                                     "--seed": 42, "--group_by_length": False, "processes": 1,
                                     "training pairs": 36, "--streaming": False},
-                     "started_from": {"--model_name": tiny_model_dir, "--adapter_path": None},
+                     "started_from": {"--model_name": tiny_model_dir, "--adapter_path": None,
+                                      "--sync_ref_model": False},
                      "stream_position": None}
     # Step 10 is also the final step: the checkpoint's adapter is the saved final adapter.
     weights = adapter(os.path.join(last, "adapter"))

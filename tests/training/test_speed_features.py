@@ -34,6 +34,7 @@ from dpo_core.data.batches import (
 from dpo_core.data.pairs import PreferencePair
 from dpo_core.data.tokenization import TokenizedPair, tokenize_pairs
 from dpo_core.errors import ConfigError
+from dpo_core.forward.logps import concatenated_forward
 from dpo_core.modeling.adapters import add_lora
 from dpo_core.modeling.loading import load_base_model, resolve_gradient_checkpointing
 from dpo_core.training.objective import PreferenceObjective
@@ -147,23 +148,23 @@ def test_prefix_sharing_is_chosen_per_batch_where_it_saves_tokens(tiny_tokenizer
     def spy(name: str):
         function = getattr(prefix_sharing, name)
 
-        def recorded(model, batch):
+        def recorded(model, batch, **options):
             calls.append(name)
-            return function(model, batch)
+            return function(model, batch, **options)
 
         return recorded
 
-    for name in ("prefix_shared_forward", "concatenated_forward"):
+    for name in ("prefix_shared_token_logps", "concatenated_token_logps"):
         monkeypatch.setattr(prefix_sharing, name, spy(name))
     collator = PreferenceCollator(tiny_tokenizer.eos_token_id)
     long_prompts = collator(tokenized_pairs(tiny_tokenizer, 4))  # template + prompt > reply
     prompt, reply = [1] * 5, [7] * 20
     short_prompts = collator([TokenizedPair(prompt, reply, reply[:-1])] * 2)
-    for batch, expected in ((long_prompts, "prefix_shared_forward"),
-                            (short_prompts, "concatenated_forward")):
-        chosen, rejected = prefix_sharing.prefix_sharing_when_it_pays(tiny_model, batch)
+    for batch, expected in ((long_prompts, "prefix_shared_token_logps"),
+                            (short_prompts, "concatenated_token_logps")):
+        chosen, rejected = prefix_sharing.prefix_sharing_when_it_pays(tiny_model, batch).sums()
         assert calls[-1] == expected
-        reference = prefix_sharing.concatenated_forward(tiny_model, batch)
+        reference = concatenated_forward(tiny_model, batch)
         torch.testing.assert_close(chosen, reference[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rejected, reference[1], rtol=1e-5, atol=1e-5)
 
