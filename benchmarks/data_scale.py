@@ -5,7 +5,9 @@ at max_length 1024: medians ~80 / 250 / 200 words, heavy tails; rows in UltraFee
 the prompt repeated in both message lists; 61,135 pairs are ~280 MB of JSON Lines), a tiny
 2-layer Llama with a chat template, `--max_length 1024`, `--max_steps 1`. Each run is its own
 process tree, timed from its start until its first optimizer step is logged, with the resident
-memory of the whole tree (every process's RSS, summed) sampled every 0.1 s.
+memory of the whole tree sampled every 0.1 s: every process's RSS summed, and every process's
+PSS summed (proportional set size: a page shared by forked processes, as the tokenizing
+workers share their parent's, counted once over the tree, not once per process).
 
 Variants, at each size: this trainer with an empty tokenized cache (cold) and again with the
 cache it left (warm), in one process and in two (`accelerate launch`, gloo on the CPU); trl 1.16's
@@ -97,14 +99,16 @@ def build_model(workdir: Path) -> Path:
     return model_dir
 
 
-def _tree_rss(process) -> dict[int, tuple[str, int]]:
-    """pid -> (what it runs, resident bytes) of `process` and all its descendants."""
+def _tree_memory(process) -> dict[int, tuple[str, int, int]]:
+    """pid -> (what it runs, resident bytes, proportional bytes) of `process` and all its
+    descendants."""
     import psutil
 
     sizes = {}
     for member in [process, *process.children(recursive=True)]:
         try:
-            sizes[member.pid] = (" ".join(member.cmdline())[:200], member.memory_info().rss)
+            memory = member.memory_full_info()
+            sizes[member.pid] = (" ".join(member.cmdline())[:200], memory.rss, memory.pss)
         except psutil.Error:
             pass
     return sizes
@@ -115,24 +119,25 @@ def measure(command: list[str], first_step: Path, env: dict | None = None,
     """Run `command` from the repository root: seconds until `first_step` (a file the run
     writes after its first optimizer step) holds a train record, the CPU seconds of the
     whole run (every process of it; on a shared machine steadier than wall time), and the
-    peak resident memory of the whole process tree (sum over its processes, sampled every
-    0.1 s) and of each training process. Raises if the command fails."""
+    peak resident memory of the whole process tree (sum over its processes of RSS, and of
+    PSS, sampled every 0.1 s) and of each training process. Raises if the command fails."""
     import psutil
 
     started = time.perf_counter()
     with open(log or os.devnull, "w") as out:
         child = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})},
                                  stdout=out, stderr=subprocess.STDOUT)
-    process, peak, to_first_step = psutil.Process(child.pid), 0, None
+    process, peak, peak_pss, to_first_step = psutil.Process(child.pid), 0, 0, None
     peaks: dict[int, tuple[str, int]] = {}
     while True:
         # wait4: the run's CPU time, its reaped descendants' (the tokenizing workers) included.
         pid, status, usage = os.wait4(child.pid, os.WNOHANG)
         if pid:
             break
-        sizes = _tree_rss(process)
-        peak = max(peak, sum(rss for _, rss in sizes.values()))
-        for pid, (what, rss) in sizes.items():
+        sizes = _tree_memory(process)
+        peak = max(peak, sum(rss for _, rss, _ in sizes.values()))
+        peak_pss = max(peak_pss, sum(pss for _, _, pss in sizes.values()))
+        for pid, (what, rss, _) in sizes.items():
             peaks[pid] = (what, max(rss, peaks.get(pid, (what, 0))[1]))
         if to_first_step is None and first_step.is_file() and '"train"' in first_step.read_text():
             to_first_step = time.perf_counter() - started
@@ -148,7 +153,8 @@ def measure(command: list[str], first_step: Path, env: dict | None = None,
                        and "accelerate" not in what), reverse=True)
     return {"first_step_s": round(to_first_step or total, 2), "total_s": round(total, 2),
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-            "peak_rss_mb": round(peak / 2**20), "process_peaks_mb": [round(r / 2**20)
+            "peak_rss_mb": round(peak / 2**20), "peak_pss_mb": round(peak_pss / 2**20),
+            "process_peaks_mb": [round(r / 2**20)
                                                                    for r in trainers],
             "loadavg": round(os.getloadavg()[0], 2)}
 
@@ -298,12 +304,14 @@ def slopes(rows: list[dict]) -> dict[str, dict]:
 
 def markdown(rows: list[dict], fits: dict[str, dict]) -> str:
     lines = ["| pairs (JSONL MB) | system | processes | cache | first step (s) | CPU s, whole "
-             "run | peak RSS, tree (MB) | peak RSS per training process (MB) | load avg |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "run | peak RSS, tree (MB) | peak PSS, tree (MB) | peak RSS per training process "
+             "(MB) | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['pairs']:,} ({r['data_mb']}) | {r['system']} | {r['processes']} | "
                      f"{r['cache']} | {r['first_step_s']:.1f} | {r.get('cpu_s', '-')} | "
-                     f"{r['peak_rss_mb']:,} | {', '.join(map(str, r['process_peaks_mb']))} | "
+                     f"{r['peak_rss_mb']:,} | {r.get('peak_pss_mb', '-')} | "
+                     f"{', '.join(map(str, r['process_peaks_mb']))} | "
                      f"{r['loadavg']} |")
     lines += ["", "| variant | s per 10k pairs | MB per 10k pairs | 1M pairs: first step (s) "
               "| 1M pairs: peak RSS (MB) |", "|---|---|---|---|---|"]
