@@ -60,11 +60,18 @@ class RunPlan:
             asked = _asked(config, name)
             shown = ({True: "on", False: "off"}[value] if isinstance(value, bool)
                      else "-" if value is None else value)
-            note = ("" if asked is None or value is None or asked == value
+            note = ("" if asked is None or value is None or _same(asked, value)
                     else f"  (asked: {asked})")
             lines.append(f"  {name:<26}{shown}{note}")
         lines.extend(f"  note: {note}" for note in notes)
         return "\n".join(lines)
+
+
+def _same(asked, value) -> bool:
+    """Whether a resolved value is what was asked; comma lists (LoRA targets) in any order."""
+    if isinstance(asked, str) and isinstance(value, str) and "," in value:
+        return set(asked.split(",")) == set(value.split(","))
+    return asked == value
 
 
 def _asked(config: TrainConfig, name: str):

@@ -3,6 +3,7 @@ finished run's training_config.json reproduces it."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -123,3 +124,18 @@ def test_console_scripts_are_the_entry_points(script, entry):
     from_checkout = subprocess.run([sys.executable, *entry.split(), "--help"], **run).stdout
     # argparse names the program after argv[0] in the usage block; what follows is the same.
     assert from_script.split("\n\n", 1)[1] == from_checkout.split("\n\n", 1)[1]
+
+
+def test_run_plan_says_asked_only_where_the_value_differs():
+    """The console block names what was asked beside a resolved value only when they differ:
+    LoRA targets resolved to the names asked, in another order, are what was asked."""
+    from dpo_core.training.plan import RunPlan
+
+    fields = {f.name: None for f in dataclasses.fields(RunPlan) if f.name != "notes"}
+    plan = RunPlan(**{**fields, "lora_target_modules": "k_proj,o_proj,q_proj,v_proj",
+                      "max_length": 512, "total_steps": 2})
+    shown = plan.describe(TrainConfig(lora_target_modules="q_proj,k_proj,v_proj,o_proj",
+                                      max_length=1024, max_steps=2)).splitlines()
+    assert "  lora_target_modules       k_proj,o_proj,q_proj,v_proj" in shown
+    assert "  max_length                512  (asked: 1024)" in shown
+    assert "  total_steps               2  (asked: --max_steps 2)" in shown
