@@ -6,8 +6,9 @@ the prompt repeated in both message lists; 61,135 pairs are ~280 MB of JSON Line
 2-layer Llama with a chat template, `--max_length 1024`, `--max_steps 1`. Each run is its own
 process tree, timed from its start until its first optimizer step is logged, with the resident
 memory of the whole tree sampled every 0.1 s: every process's RSS summed, and every process's
-PSS summed (proportional set size: a page shared by forked processes, as the tokenizing
-workers share their parent's, counted once over the tree, not once per process).
+PSS summed (proportional set size: a page several processes share, such as the libraries the
+spawned tokenizing workers and their parent all map, counted once over the tree, not once per
+process).
 
 Variants, at each size: this trainer with an empty tokenized cache (cold) and again with the
 cache it left (warm), in one process and in two (`accelerate launch`, gloo on the CPU); trl 1.16's

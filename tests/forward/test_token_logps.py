@@ -18,6 +18,7 @@ from dpo_core.forward.attention import PACKED_ATTENTION, use_packed_attention
 from dpo_core.forward.logps import TokenLogps, concatenated_token_logps
 from dpo_core.forward.offloading import ActivationOffload
 from dpo_core.forward.packing import (
+    PackedRow,
     PaddingFreeCollator,
     padding_free_prefix_shared_token_logps,
     padding_free_token_logps,
@@ -120,8 +121,9 @@ def test_every_path_gives_the_same_tokens_and_ld_gradients(path):
                          ids=["padding-free", "padding-free dense mask", "padded"])
 @pytest.mark.parametrize("prefix_shared", [False, True], ids=["standard", "prefix-shared"])
 def test_pad_to_multiple_of_rounds_every_row_and_changes_no_logp(attention, prefix_shared):
-    """Padded rows and the packed row come out a multiple of 8 wide (the packed row by one
-    padding block that predicts nothing) and every log-prob is as without rounding."""
+    """Padded rows and the packed row come out a multiple of 8 (or 5) wide (the packed row by
+    one padding block that predicts nothing and weighs nothing) and every log-prob is as
+    without rounding."""
     model = lora_model("eager" if attention is None else "sdpa")
     if attention == PACKED_ATTENTION:
         use_packed_attention(model.get_base_model())
@@ -129,7 +131,7 @@ def test_pad_to_multiple_of_rounds_every_row_and_changes_no_logp(attention, pref
     fn = (concatenated_token_logps if attention is None else
           padding_free_prefix_shared_token_logps if prefix_shared else padding_free_token_logps)
     tokens = []
-    for multiple in (None, 8):
+    for multiple in (None, 8, 5):  # 5: the standard row (128 tokens) needs padding too
         collator = PreferenceCollator(pad_token_id=0, pad_to_multiple_of=multiple)
         if attention is not None:
             collator = PaddingFreeCollator(collator, prefix_shared)
@@ -140,10 +142,16 @@ def test_pad_to_multiple_of_rounds_every_row_and_changes_no_logp(attention, pref
                 width = batch["packed_input_ids"].shape[1]
                 start, *sizes = batch["packed_blocks"][-1]
                 assert width % multiple == 0 and sizes == [0, width - start, 0]
+                # The padding is no sequence: it weighs nothing (e.g. in a router's loss).
+                padding = batch["packed_padding"]
+                weights = PackedRow.from_batch(batch).layout().token_weights()[0]
+                assert weights[width - padding:].eq(0).all()
+                assert weights[:width - padding].gt(0).all()
         with torch.no_grad():
             tokens.append(fn(model, batch))
-    torch.testing.assert_close(tokens[1].logps, tokens[0].logps, atol=1e-6, rtol=0)
-    assert torch.equal(tokens[1].sequence_index, tokens[0].sequence_index)
+    for rounded in tokens[1:]:
+        torch.testing.assert_close(rounded.logps, tokens[0].logps, atol=1e-6, rtol=0)
+        assert torch.equal(rounded.sequence_index, tokens[0].sequence_index)
 
 
 # ---------------------------------------------------------------- --activation_offloading
