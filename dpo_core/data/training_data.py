@@ -26,7 +26,7 @@ from dpo_core.data.pairs import PreferencePair, load_pairs, split_pairs
 from dpo_core.data.streaming import PairStream
 from dpo_core.data.templates import pair_view
 from dpo_core.data.token_store import StoreWriter, TokenStore, tokenize_to_store
-from dpo_core.data.tokenization import TokenizedPair, tokenize_pairs
+from dpo_core.data.tokenization import TokenizedPair
 from dpo_core.data.tokenized_cache import (
     EVAL_PROMPTS,
     TokenizedCache,
@@ -148,18 +148,10 @@ def _tokenize(config: TrainConfig, tokenizer, use_chat_template: bool, directory
     if config.num_sample_prompts and not eval_pairs:
         notes.say("warning", f"No {SAMPLES_FILE}: its prompts come from the eval set, and this "
                   "run has none (--eval_fraction 0 and no --eval_dataset).")
-    options = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
-               "use_chat_template": use_chat_template, "skip_bad_rows": config.skip_bad_rows}
     prompts = [pair_view(pair, use_chat_template)[0] for pair in eval_pairs]
-    stores = {}
-    for name, split in (("train", train_pairs), ("eval", eval_pairs)):
-        stores[name], drops, identical = tokenize_to_store(
-            tokenizer, split, StoreWriter(directory, name), num_proc=config.tokenize_num_proc,
-            desc=f"Tokenizing {name}", disable=not show_progress, **options)
-        _report_drops(notes, f"the {name} pairs", drops)
-        if warning := check_identical_pairs(identical, len(stores[name]), name,
-                                            config.max_length):
-            notes.say("warning", warning)
+    stores = {name: tokenize_split(config, tokenizer, split, name, use_chat_template,
+                                   show_progress, directory, notes)
+              for name, split in (("train", train_pairs), ("eval", eval_pairs))}
     train = "streamed" if config.streaming else len(stores["train"])
     notes.say("info", f"Pairs: {train} train, {len(stores['eval'])} eval.")
     if not config.streaming and not len(stores["train"]):
@@ -198,19 +190,21 @@ def load_eval_pairs(name_or_path: str, seed: int, skip_bad_rows: bool,
 
 
 def tokenize_split(config: TrainConfig, tokenizer, pairs: Sequence[PreferencePair], name: str,
-                   use_chat_template: bool, show_progress: bool = True) -> list[TokenizedPair]:
-    """`pairs` tokenized and truncated as the run's settings say, held as lists (dpo-eval's
-    held-out pairs); what was dropped, and pairs left identical by truncation, are said out
-    loud (`name`: which split, for the messages)."""
-    tokenized, drops = tokenize_pairs(
-        tokenizer, pairs, max_length=config.max_length,
+                   use_chat_template: bool, show_progress: bool = True,
+                   directory: Path | None = None, notes: _Notes | None = None) -> TokenStore:
+    """`pairs` tokenized and truncated as the run's settings say, into a `TokenStore` in
+    `directory` (None: in memory); what was dropped, and pairs left identical by truncation,
+    are said out loud (`name`: which split, for the messages and the store's files)."""
+    notes = notes or _Notes()
+    store, drops, identical = tokenize_to_store(
+        tokenizer, pairs, StoreWriter(directory, name), num_proc=config.tokenize_num_proc,
+        desc=f"Tokenizing {name}", disable=not show_progress, max_length=config.max_length,
         max_prompt_length=config.max_prompt_length, use_chat_template=use_chat_template,
-        skip_bad_rows=config.skip_bad_rows, desc=f"Tokenizing {name}", disable=not show_progress)
-    _report_drops(_Notes(), f"the {name} pairs", drops)
-    identical = sum(pair.chosen_ids == pair.rejected_ids for pair in tokenized)
-    if warning := check_identical_pairs(identical, len(tokenized), name, config.max_length):
-        logger.warning(warning)
-    return tokenized
+        skip_bad_rows=config.skip_bad_rows)
+    _report_drops(notes, f"the {name} pairs", drops)
+    if warning := check_identical_pairs(identical, len(store), name, config.max_length):
+        notes.say("warning", warning)
+    return store
 
 
 def _say_what_streams(notes: _Notes, config: TrainConfig) -> None:

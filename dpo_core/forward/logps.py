@@ -62,6 +62,7 @@ PAIR_FIELDS = (
     "rejected_labels",
 )
 
+
 @dataclass(frozen=True)
 class TokenLogps:
     """The response tokens' log-probs of a micro-batch of B pairs, before they are summed.
